@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Start the StepSearch retrieval server for an index folder (Redis cache included).
+#
+#   bash launch_retrieval.sh INDEX_DIR [extra server flags...]
+#
+# Environment: HOST (127.0.0.1), PORT (8000), REDIS_PORT (6379), REDIS_URL (default redis://127.0.0.1:$REDIS_PORT/0),
+# NO_REDIS=1 to serve with the in-process LRU only, PYTHON (.venv/bin/python).
+# Starts redis-server when nothing answers on REDIS_PORT, checks the index (missing, stale corpus or encoder
+# mismatch -> exit 2 with the reason), then runs the server in the foreground and prints its URL.
+# Bind another HOST only with a token: export STEPSEARCH_RETRIEVAL_TOKEN=... (clients send "Authorization: Bearer ...").
+set -euo pipefail
+cd "$(dirname "$0")"
+
+INDEX_DIR="${1:-}"
+if [ -z "$INDEX_DIR" ]; then
+  echo "usage: bash launch_retrieval.sh INDEX_DIR [server flags]; build an index with" >&2
+  echo "  python -m stepsearch.search.build_index --corpus data/samples/wiki18_sample_1000.jsonl --out INDEX_DIR" >&2
+  exit 2
+fi
+shift
+HOST="${HOST:-127.0.0.1}"
+PORT="${PORT:-8000}"
+REDIS_PORT="${REDIS_PORT:-6379}"
+REDIS_URL="${REDIS_URL:-redis://127.0.0.1:${REDIS_PORT}/0}"
+PYTHON="${PYTHON:-.venv/bin/python}"
+[ -x "$PYTHON" ] || PYTHON=python3
+export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" TRANSFORMERS_OFFLINE="${TRANSFORMERS_OFFLINE:-1}"
+export TOKENIZERS_PARALLELISM=false
+
+if [ ! -f "$INDEX_DIR/manifest.json" ]; then
+  echo "[launch_retrieval] no index at '$INDEX_DIR' (manifest.json missing); build it first:" >&2
+  echo "  $PYTHON -m stepsearch.search.build_index --corpus CORPUS.jsonl --out $INDEX_DIR" >&2
+  exit 2
+fi
+# Refuse a stale or mismatched index before touching Redis or the port.
+if ! "$PYTHON" -m stepsearch.search.server --index_dir "$INDEX_DIR" --check_only "$@" >/dev/null; then
+  echo "[launch_retrieval] index check failed for '$INDEX_DIR' (see above); rebuild it with build_index" >&2
+  exit 2
+fi
+
+REDIS_ARGS=()
+if [ "${NO_REDIS:-0}" != "1" ]; then
+  if command -v redis-cli >/dev/null 2>&1 && redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; then
+    echo "[launch_retrieval] using the Redis already running on port $REDIS_PORT"
+  elif command -v redis-server >/dev/null 2>&1; then
+    redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --daemonize yes --save "" --appendonly no >/dev/null
+    echo "[launch_retrieval] started redis-server on 127.0.0.1:$REDIS_PORT (stop it with: redis-cli -p $REDIS_PORT shutdown)"
+  else
+    echo "[launch_retrieval] redis-server not installed: serving with the in-process cache only" >&2
+    echo "  (apt-get install -y redis-server for a cache that survives restarts)" >&2
+    REDIS_URL=""
+  fi
+  [ -n "$REDIS_URL" ] && REDIS_ARGS=(--redis_url "$REDIS_URL")
+fi
+
+echo "[launch_retrieval] retrieval server: http://$HOST:$PORT/retrieve (health: http://$HOST:$PORT/health)"
+exec "$PYTHON" -m stepsearch.search.server --index_dir "$INDEX_DIR" --host "$HOST" --port "$PORT" "${REDIS_ARGS[@]}" "$@"

@@ -1,0 +1,114 @@
+"""The conversions behind scripts/data_process/*.py: input files -> seed-format parquet (SPEC.md §4.3-4.4)."""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from stepsearch.data.formats import QAExample, to_row, write_rows_parquet
+from stepsearch.data.io import check_unique_ids, iter_records
+from stepsearch.data.musique import ConvertStats, convert_musique
+from stepsearch.data.prompts import TEMPLATES
+from stepsearch.data.qa_sets import DATASETS, convert_qa_file
+
+log = logging.getLogger(__name__)
+
+# train.sh reads {local_dir}/musi_answerable_{train,test}.parquet; the released script defaulted to
+# "musi_stepsearch", which train.sh never finds (SPEC.md §4.3 "Naming mismatch").
+DEFAULT_SAVE_NAME = "musi_answerable"
+
+
+@dataclass(frozen=True)
+class MusiConfig:
+    """musi_search.py options."""
+
+    local_dir: str
+    input: str | None = None          # default: {local_dir}/musi_answerable_{train|dev}.jsonl (released names)
+    test: bool = False
+    save_name: str = DEFAULT_SAVE_NAME
+    template: str = "paper"
+    sample_num: int | None = None
+    seed: int = 1234
+    data_source: str = "musi"
+    answer_field: str = "final_answer"
+    drop_evidence: bool = False       # released --test behaviour: empty search_keys and support_docs
+
+    def __post_init__(self):
+        if self.template not in TEMPLATES:
+            raise ValueError(f"[musi_search] template {self.template!r} unknown; valid: {sorted(TEMPLATES)}")
+        if self.sample_num is not None and self.sample_num <= 0:
+            raise ValueError(f"[musi_search] sample_num must be positive, got {self.sample_num}")
+
+    @property
+    def split(self) -> str:
+        return "test" if self.test else "train"
+
+    def input_path(self) -> str:
+        return self.input or os.path.join(self.local_dir, f"musi_answerable_{'dev' if self.test else 'train'}.jsonl")
+
+    def output_path(self) -> str:
+        suffix = f"_{self.sample_num}" if self.sample_num else ""
+        return os.path.join(self.local_dir, f"{self.save_name}_{self.split}{suffix}.parquet")
+
+
+def sample_examples(examples: list[QAExample], sample_num: int | None, seed: int) -> list[QAExample]:
+    """A seeded random subset of size sample_num, kept in input order (deterministic for a given seed)."""
+    if not sample_num or sample_num >= len(examples):
+        return examples
+    keep = np.sort(np.random.default_rng(seed).choice(len(examples), size=sample_num, replace=False))
+    return [examples[i] for i in keep]
+
+
+def write_examples(examples: list[QAExample], path: str, data_source: str, split: str, template: str,
+                   keep_evidence: bool) -> int:
+    """Check ids are unique, render rows (index = position) and write the parquet atomically."""
+    check_unique_ids([(ex.id, ex.where) for ex in examples])
+    rows = [to_row(ex, data_source, split, i, template, keep_evidence) for i, ex in enumerate(examples)]
+    write_rows_parquet(rows, path)
+    return len(rows)
+
+
+def build_musi(cfg: MusiConfig) -> tuple[str, ConvertStats]:
+    examples, stats = convert_musique(iter_records(cfg.input_path()), cfg.split, cfg.answer_field)
+    examples = sample_examples(examples, cfg.sample_num, cfg.seed)
+    out = cfg.output_path()
+    stats.kept = write_examples(examples, out, cfg.data_source, cfg.split, cfg.template, not cfg.drop_evidence)
+    log.info("musi_search: read %d, skipped %d unanswerable, wrote %d rows to %s",
+             stats.read, stats.skipped_unanswerable, stats.kept, out)
+    return out, stats
+
+
+@dataclass(frozen=True)
+class EvalSetConfig:
+    """qa_test_sets.py options for one input file."""
+
+    input: str
+    dataset: str
+    local_dir: str
+    template: str = "paper"
+    split: str = "test"
+    keep_evidence: bool = False  # evaluation rows carry no keys/docs by default (reward = answer F1)
+    sample_num: int | None = None
+    seed: int = 1234
+
+    def __post_init__(self):
+        if self.dataset not in DATASETS:
+            raise ValueError(f"[qa_test_sets] dataset {self.dataset!r} unknown; valid: {list(DATASETS)}")
+        if self.template not in TEMPLATES:
+            raise ValueError(f"[qa_test_sets] template {self.template!r} unknown; valid: {sorted(TEMPLATES)}")
+
+    def output_path(self) -> str:
+        suffix = f"_{self.sample_num}" if self.sample_num else ""
+        return os.path.join(self.local_dir, f"{self.dataset}_{self.split}{suffix}.parquet")
+
+
+def build_test_set(cfg: EvalSetConfig) -> tuple[str, ConvertStats]:
+    examples, stats = convert_qa_file(cfg.input)
+    examples = sample_examples(examples, cfg.sample_num, cfg.seed)
+    out = cfg.output_path()
+    stats.kept = write_examples(examples, out, cfg.dataset, cfg.split, cfg.template, cfg.keep_evidence)
+    log.info("qa_test_sets: %s: read %d, skipped %d unanswerable, wrote %d rows to %s",
+             cfg.dataset, stats.read, stats.skipped_unanswerable, stats.kept, out)
+    return out, stats

@@ -1,0 +1,150 @@
+"""The dataset row format (docs/CONTRACTS.md "Dataset rows", SPEC.md §4.3) and its parquet I/O.
+
+A converter turns any input record into a `QAExample`; `to_row` renders it in the seed's format:
+
+    {"data_source", "prompt": [{"role": "user", "content"}], "ability": "fact-reasoning",
+     "reward_model": {"style": "rule", "ground_truth": {"target": [...], "search_keys": [[...], ...]}},
+     "extra_info": {"split", "index", "support_docs": [{"title", "text"}, ...]}, "id"}
+
+The parquet is written with an explicit arrow schema, so that empty `search_keys` / `support_docs`
+(test splits) keep their list types and every file has the same schema.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from stepsearch.data.io import DataError, atomic_path
+from stepsearch.data.prompts import make_prompt
+
+ABILITY = "fact-reasoning"
+
+SUPPORT_DOC_TYPE = pa.struct([("title", pa.string()), ("text", pa.string())])
+ROW_SCHEMA = pa.schema([
+    ("data_source", pa.string()),
+    ("prompt", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
+    ("ability", pa.string()),
+    ("reward_model", pa.struct([
+        ("style", pa.string()),
+        ("ground_truth", pa.struct([
+            ("target", pa.list_(pa.string())),
+            ("search_keys", pa.list_(pa.list_(pa.string()))),
+        ])),
+    ])),
+    ("extra_info", pa.struct([
+        ("split", pa.string()),
+        ("index", pa.int64()),
+        ("support_docs", pa.list_(SUPPORT_DOC_TYPE)),
+    ])),
+    ("id", pa.string()),
+])
+
+
+@dataclass(frozen=True)
+class SupportDoc:
+    """A gold evidence passage; must equal a corpus passage (title and text) for information gain to work."""
+
+    title: str
+    text: str
+
+
+@dataclass(frozen=True)
+class QAExample:
+    """One question, converted from any input format.
+
+    answers: the gold answer first, then its aliases (deduplicated, order kept) -> ground_truth.target.
+    search_keys: one group of alternative queries per sub-question (M groups x N_i queries).
+    """
+
+    id: str
+    question: str
+    answers: tuple[str, ...]
+    search_keys: tuple[tuple[str, ...], ...] = ()
+    support_docs: tuple[SupportDoc, ...] = ()
+    where: str = ""  # file:line of the source record, for error messages
+    sub_answers: tuple[str, ...] = field(default=(), compare=False)  # per decomposition step, when known
+
+
+def dedup_keep_order(items) -> tuple[str, ...]:
+    seen, out = set(), []
+    for x in items:
+        if x not in seen:
+            seen.add(x)
+            out.append(x)
+    return tuple(out)
+
+
+def to_row(ex: QAExample, data_source: str, split: str, index: int, template: str = "paper",
+           keep_evidence: bool = True) -> dict:
+    """Render one example as a dataset row (the seed's format). keep_evidence=False empties keys and docs."""
+    if not ex.answers:
+        raise DataError(f"{ex.where}: example {ex.id!r} has no answer; ground_truth.target must be non-empty")
+    return {
+        "data_source": data_source,
+        "prompt": [{"role": "user", "content": make_prompt(ex.question, template)}],
+        "ability": ABILITY,
+        "reward_model": {"style": "rule", "ground_truth": {
+            "target": list(ex.answers),
+            "search_keys": [list(g) for g in ex.search_keys] if keep_evidence else [],
+        }},
+        "extra_info": {
+            "split": split,
+            "index": int(index),
+            "support_docs": [{"title": d.title, "text": d.text} for d in ex.support_docs] if keep_evidence else [],
+        },
+        "id": ex.id,
+    }
+
+
+def write_rows_parquet(rows: list[dict], path: str) -> None:
+    """Write rows atomically with ROW_SCHEMA (never a partial parquet)."""
+    table = pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
+    with atomic_path(path, suffix=".parquet") as tmp:
+        pq.write_table(table, tmp)
+
+
+def read_rows_parquet(path: str) -> list[dict]:
+    """Read rows back as plain Python dicts (validating the format)."""
+    rows = pq.read_table(path).to_pylist()
+    for i, row in enumerate(rows):
+        validate_row(row, f"{path}:row {i}")
+    return rows
+
+
+def validate_row(row: dict, where: str) -> None:
+    """Check one row against the seed format; raise DataError naming the field."""
+    def need(obj, key, kind, ctx):
+        if not isinstance(obj, dict) or key not in obj:
+            raise DataError(f"{where}: missing field {ctx}{key!r}")
+        if not isinstance(obj[key], kind):
+            raise DataError(f"{where}: field {ctx}{key!r} must be {kind}, got {type(obj[key]).__name__}")
+        return obj[key]
+
+    need(row, "data_source", str, "")
+    prompt = need(row, "prompt", list, "")
+    if not prompt or not isinstance(prompt[0], dict) or not isinstance(prompt[0].get("content"), str):
+        raise DataError(f"{where}: field 'prompt' must be [{{'role': 'user', 'content': str}}]")
+    gt = need(need(row, "reward_model", dict, ""), "ground_truth", dict, "reward_model.")
+    target = need(gt, "target", list, "reward_model.ground_truth.")
+    if not target or not all(isinstance(t, str) for t in target):
+        raise DataError(f"{where}: reward_model.ground_truth.target must be a non-empty list of str, got {target!r}")
+    keys = need(gt, "search_keys", list, "reward_model.ground_truth.")
+    if not all(isinstance(g, list) and all(isinstance(k, str) for k in g) for g in keys):
+        raise DataError(f"{where}: reward_model.ground_truth.search_keys must be a list of lists of str")
+    extra = need(row, "extra_info", dict, "")
+    need(extra, "index", int, "extra_info.")
+    for d in need(extra, "support_docs", list, "extra_info."):
+        if not (isinstance(d, str) or isinstance(d, dict) and isinstance(d.get("text"), str)):
+            raise DataError(f"{where}: extra_info.support_docs items must be str or {{'title','text'}}, got {d!r}")
+
+
+def support_doc_text(doc) -> tuple[str, str]:
+    """(title, text) of a support doc stored as {'title','text'}, the released {'title','paragraph_text'}, or str."""
+    if isinstance(doc, str):
+        return "", doc
+    text = doc.get("text", doc.get("paragraph_text"))
+    if not isinstance(text, str):
+        raise DataError(f"support doc {doc!r} has no 'text' (or 'paragraph_text') string")
+    return doc.get("title") or "", text

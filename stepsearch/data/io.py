@@ -1,0 +1,164 @@
+"""Reading records with file:line locations, and atomic writes (temp file + os.replace).
+
+Every bad-input error is a `DataError` (a ValueError) whose message starts with ``file:line`` and names the
+field, so a user can open the offending line directly.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+
+class DataError(ValueError):
+    """Bad input data; the message names file:line and the field."""
+
+
+@dataclass(frozen=True)
+class Located:
+    """One input record and where it came from (line = 1-based line for JSONL, record number for JSON)."""
+
+    record: dict
+    path: str
+    line: int
+
+    @property
+    def where(self) -> str:
+        return f"{self.path}:{self.line}"
+
+
+def _progress(it, total: int | None, desc: str, show: bool):
+    return tqdm(it, total=total, desc=desc, unit="rec", disable=not show, leave=False, mininterval=1.0)
+
+
+def iter_records(path: str | os.PathLike, show_progress: bool = True) -> Iterator[Located]:
+    """Yield the dict records of a JSONL file (one object a line) or a JSON file holding a list of objects.
+
+    Blank lines are skipped. A malformed line or a non-object record raises DataError with file:line.
+    """
+    path = str(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"input file {path} does not exist")
+    with open(path, encoding="utf-8") as f:
+        head = f.read(1 << 16).lstrip()
+    if head.startswith("["):
+        yield from _iter_json_list(path, show_progress)
+    else:
+        yield from _iter_jsonl(path, show_progress)
+
+
+def _iter_jsonl(path: str, show_progress: bool) -> Iterator[Located]:
+    size = os.path.getsize(path)
+    with open(path, encoding="utf-8") as f, tqdm(total=size, unit="B", unit_scale=True, desc=os.path.basename(path),
+                                                 disable=not show_progress or size < (8 << 20), leave=False) as bar:
+        for lineno, line in enumerate(f, start=1):
+            bar.update(len(line.encode("utf-8")))
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno}); "
+                                "each line must be one JSON object") from None
+            if not isinstance(rec, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+            yield Located(rec, path, lineno)
+
+
+def _iter_json_list(path: str, show_progress: bool) -> Iterator[Located]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+    for i, rec in enumerate(_progress(data, len(data), os.path.basename(path), show_progress and len(data) > 5000), 1):
+        if not isinstance(rec, dict):
+            raise DataError(f"{path}:{i}: record {i} is a {type(rec).__name__}, expected a JSON object")
+        yield Located(rec, path, i)
+
+
+def require(loc: Located, field: str, kind: type | tuple[type, ...], allow_empty: bool = True) -> Any:
+    """Return ``loc.record[field]``, raising DataError (file:line + field) if missing or of the wrong type."""
+    if field not in loc.record:
+        raise DataError(f"{loc.where}: missing field {field!r} (present: {sorted(loc.record)})")
+    value = loc.record[field]
+    if not isinstance(value, kind) or isinstance(value, bool) and bool not in _as_tuple(kind):
+        names = "/".join(k.__name__ for k in _as_tuple(kind))
+        raise DataError(f"{loc.where}: field {field!r} must be {names}, got {type(value).__name__}: {_short(value)}")
+    if not allow_empty and not value:
+        raise DataError(f"{loc.where}: field {field!r} is empty")
+    return value
+
+
+def _as_tuple(kind) -> tuple:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def _short(value: Any, n: int = 80) -> str:
+    s = repr(value)
+    return s if len(s) <= n else s[: n - 3] + "..."
+
+
+def check_unique_ids(items: list[tuple[str, str]]) -> None:
+    """items: (id, where). Raise DataError naming both locations of the first duplicate id."""
+    seen: dict[str, str] = {}
+    for rid, where in items:
+        if rid in seen:
+            raise DataError(f"{where}: duplicate id {rid!r} (first seen at {seen[rid]}); ids must be unique")
+        seen[rid] = where
+
+
+@contextmanager
+def atomic_path(final_path: str | os.PathLike, suffix: str = "") -> Iterator[str]:
+    """Yield a temp path in the target's folder; on success it is renamed onto final_path, else removed.
+
+    Readers never see a partial file: os.replace is atomic on one filesystem.
+    """
+    final_path = str(final_path)
+    folder = os.path.dirname(os.path.abspath(final_path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(final_path) + ".", suffix=suffix + ".tmp")
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, final_path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_jsonl_atomic(path: str | os.PathLike, rows, show_progress: bool = False) -> int:
+    """Write an iterable of dicts as JSONL atomically; returns the number of rows."""
+    n = 0
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for row in _progress(rows, None, f"write {os.path.basename(str(path))}", show_progress):
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            n += 1
+    return n
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, ensure_ascii=False, indent=1)
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    return [loc.record for loc in iter_records(path, show_progress=False)]
+
+
+def map_records(path: str | os.PathLike, fn: Callable[[Located], Any], show_progress: bool = True) -> list:
+    return [fn(loc) for loc in iter_records(path, show_progress)]
+
+
+def ensure_parent(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    return p

@@ -1,0 +1,91 @@
+"""A scripted, deliberately noisy search policy for the synthetic world, as a real `RolloutBackend`.
+
+It produces the warm-start (SFT) trajectories. Running it through `stepsearch.agent.loop.run_rollout` means the
+warm-start data has exactly the token layout, observation format and masks that RL rollouts will have.
+
+The policy knows the *format* and the *procedure* (search the innermost relation first, one hop per search,
+answer after the last hop) but it is unreliable about *which* retrieved passage to trust: whenever it copies a
+name out of an `<information>` block (into its next query, or into its answer) it takes the object of the
+top-ranked passage with probability `copy_correct_prob`, and otherwise the object of the second-ranked passage
+(a distractor that talks about the same person). A model cloned from it therefore searches in the right shape
+but follows the distractor under greedy decoding; RL has to discover, from rewards, which passage to copy.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from dataclasses import dataclass
+
+from verl.workers.rollout.base import GenerationOutput, RolloutBackend, SamplingConfig
+
+from stepsearch.envs.world import hop_query
+
+_QUESTION_RE = re.compile(r"Question:\s*Who is (.+?) of ([A-Z][a-z]+)\?")
+_RELATION_RE = re.compile(r"the (\w+)")
+_DOC_RE = re.compile(r"The (\w+) of ([A-Z][a-z]+) is ([A-Z][a-z]+)\.")
+_INFO_RE = re.compile(r"<information>(.*?)</information>", re.S)
+
+
+@dataclass(frozen=True)
+class ScriptedPolicyConfig:
+    # probability of copying the name from the top-ranked passage (else the second-ranked one)
+    copy_correct_prob: float = 0.4
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 0.0 <= self.copy_correct_prob <= 1.0:
+            raise ValueError(f"[scripted] copy_correct_prob ({self.copy_correct_prob}) must lie in [0, 1]")
+
+
+def parse_question(context: str) -> tuple[str, list[str]]:
+    """(start entity, relations innermost first) from the prompt text of a world question."""
+    m = _QUESTION_RE.search(context)
+    if m is None:
+        raise ValueError(f"context has no world question 'Question: Who is the R of ... of Name?': {context[:200]!r}")
+    relations_outer_first = _RELATION_RE.findall(m.group(1))
+    return m.group(2), list(reversed(relations_outer_first))
+
+
+def parse_objects(information: str) -> list[str]:
+    """Objects of the passages in one `<information>` block, in rank order."""
+    return [obj for _, _, obj in _DOC_RE.findall(information)]
+
+
+class ScriptedSearchBackend(RolloutBackend):
+    """Emits the scripted policy's next action for each context; deterministic given (seed, context)."""
+
+    def __init__(self, tokenizer, cfg: ScriptedPolicyConfig = ScriptedPolicyConfig()):
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+
+    def generate(self, prompt_ids: list[list[int]], params: SamplingConfig) -> list[GenerationOutput]:
+        outs = []
+        for ids in prompt_ids:
+            text = self.next_action(self.tokenizer.decode(ids, skip_special_tokens=False))
+            token_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"][: params.max_new_tokens]
+            outs.append(GenerationOutput(token_ids=token_ids, log_probs=None, finish_reason="stop"))
+        return outs
+
+    def load_weights(self, state_dict) -> None:
+        """A script has no weights; nothing to load."""
+
+    def next_action(self, context: str) -> str:
+        """The text of the next turn: a search for the next hop, or the final answer."""
+        start, relations = parse_question(context)
+        blocks = _INFO_RE.findall(context.split("assistant", 1)[-1])
+        rng = random.Random(int(hashlib.sha256(f"{self.cfg.seed}|{context}".encode()).hexdigest()[:12], 16))
+        subject = start if not blocks else self._copy_name(blocks[-1], rng)
+        if subject is None:   # the retriever returned nothing parseable: give up with an answer
+            return "<answer> unknown </answer>"
+        if len(blocks) < len(relations):
+            return f"<search> {hop_query(relations[len(blocks)], subject)} </search>"
+        return f"<answer> {subject} </answer>"
+
+    def _copy_name(self, information: str, rng: random.Random) -> str | None:
+        objects = parse_objects(information)
+        if not objects:
+            return None
+        if len(objects) == 1 or rng.random() < self.cfg.copy_correct_prob:
+            return objects[0]
+        return objects[1]

@@ -1,0 +1,53 @@
+"""`python -m stepsearch.eval`: see stepsearch/eval/harness.py for what it writes."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+from stepsearch.eval.harness import EvalConfig, evaluate, rescore
+from stepsearch.eval.metrics import markdown_table
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Greedy multi-turn evaluation with EM / F1 / cover-EM per data_source")
+    p.add_argument("--data", nargs="+", default=[], help="parquet test set(s) in the seed format")
+    p.add_argument("--model", help="HF folder of the policy (model + tokenizer)")
+    p.add_argument("--retriever_url", help="retrieval server base URL, e.g. http://127.0.0.1:8000")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--from-predictions", dest="from_predictions", help="re-score this predictions JSONL; no generation")
+    p.add_argument("--backend", default="auto", choices=("auto", "hf", "vllm"))
+    p.add_argument("--batch_size", type=int, default=EvalConfig.batch_size)
+    p.add_argument("--max_prompt_length", type=int, default=EvalConfig.max_prompt_length)
+    p.add_argument("--max_turns", type=int, default=EvalConfig.max_turns)
+    p.add_argument("--topk", type=int, default=EvalConfig.topk)
+    p.add_argument("--max_new_tokens", type=int, default=EvalConfig.max_new_tokens, help="new tokens per turn")
+    p.add_argument("--max_obs_length", type=int, default=EvalConfig.max_obs_length)
+    p.add_argument("--max_samples", type=int, default=-1, help="first N rows of each file (-1: all)")
+    p.add_argument("--index_dir", help="index folder, to record the manifest hash (else the server's identity)")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    a = parse_args(argv)
+    if a.from_predictions:
+        summary = rescore(a.from_predictions, a.out)
+    else:
+        missing = [n for n in ("data", "model", "retriever_url") if not getattr(a, n)]
+        if missing:
+            raise SystemExit(f"[eval] missing --{', --'.join(missing)} (or pass --from-predictions FILE)")
+        cfg = EvalConfig(data=tuple(a.data), model=a.model, retriever_url=a.retriever_url, out=a.out,
+                         backend=a.backend, batch_size=a.batch_size, max_prompt_length=a.max_prompt_length,
+                         max_turns=a.max_turns, topk=a.topk, max_new_tokens=a.max_new_tokens,
+                         max_obs_length=a.max_obs_length, max_samples=a.max_samples, index_dir=a.index_dir,
+                         seed=a.seed)
+        summary = evaluate(cfg)
+    print(markdown_table(summary["per_source"]))
+    print(json.dumps({"out": a.out, "all": summary["per_source"]["all"]}))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

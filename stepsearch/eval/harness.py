@@ -1,0 +1,200 @@
+"""The evaluation harness: greedy multi-turn rollouts over parquet test sets, scored per data_source.
+
+    python -m stepsearch.eval --data test.parquet [more.parquet ...] --model PATH --retriever_url URL --out DIR
+    python -m stepsearch.eval --from-predictions DIR/predictions.jsonl --out DIR2      # re-score only
+
+Writes `predictions.jsonl` (one scored record per question, input order), `summary.json` (per-source means,
+model path, data and index hashes, settings; no timestamps, so two runs with the same inputs give identical
+files), `metrics.md` (the table) and `run_info.json` (wall time: the one thing that varies between runs).
+Rollouts go through `stepsearch.agent.loop.run_rollout`, exactly as in training, with greedy decoding.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import httpx
+
+from stepsearch.data.io import read_jsonl, write_json_atomic, write_jsonl_atomic
+from stepsearch.eval.metrics import aggregate, markdown_table, score_prediction
+from stepsearch.rewards import RewardConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    data: tuple[str, ...]
+    model: str
+    retriever_url: str
+    out: str
+    backend: str = "auto"            # auto (vllm when importable, else hf) | hf | vllm
+    batch_size: int = 32
+    max_prompt_length: int = 512
+    max_turns: int = 5
+    topk: int = 3
+    max_new_tokens: int = 64          # per turn
+    max_obs_length: int = 256
+    max_samples: int = -1             # first N rows of each file (-1: all)
+    index_dir: str | None = None      # to hash the index manifest; else the server's /health identity is used
+    seed: int = 0
+    extra_agent: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.data:
+            raise ValueError("[eval] --data needs at least one parquet file")
+        for path in self.data:
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"[eval] --data file {path} does not exist")
+        if self.backend not in ("auto", "hf", "vllm"):
+            raise ValueError(f"[eval] --backend {self.backend!r} is unknown; valid: auto, hf, vllm")
+        if self.batch_size < 1 or self.max_turns < 1 or self.topk < 1:
+            raise ValueError(f"[eval] batch_size ({self.batch_size}), max_turns ({self.max_turns}) and topk "
+                             f"({self.topk}) must be >= 1")
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def index_hash(cfg: EvalConfig) -> str | None:
+    """sha256 of the index manifest (from --index_dir), else of the identity the server reports on /health."""
+    if cfg.index_dir:
+        return sha256_file(os.path.join(cfg.index_dir, "manifest.json"))
+    try:
+        health = httpx.get(cfg.retriever_url.rstrip("/").removesuffix("/retrieve") + "/health", timeout=10.0).json()
+    except (httpx.HTTPError, ValueError) as e:
+        logger.warning("[eval] could not read %s/health (%s); summary has no index hash", cfg.retriever_url, e)
+        return None
+    ident = health.get("identity")
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest() if ident is not None else None
+
+
+def make_backend(cfg: EvalConfig, tokenizer):
+    """(backend, name): vLLM when asked for (or available under auto), HF transformers otherwise."""
+    kind = cfg.backend
+    if kind == "auto":
+        try:
+            import vllm  # noqa: F401
+            kind = "vllm"
+        except ImportError:
+            kind = "hf"
+    if kind == "vllm":
+        from verl.workers.rollout.vllm import VLLMRolloutBackend
+        return VLLMRolloutBackend(cfg.model, tokenizer), "vllm"
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from verl.workers.rollout.hf import HFRolloutBackend
+    model = AutoModelForCausalLM.from_pretrained(cfg.model, torch_dtype=torch.float32).eval()
+    return HFRolloutBackend(model, tokenizer), "hf"
+
+
+def question_of(prompt_text: str) -> str:
+    """The question itself: the text after the last "Question:" of the prompt (the whole prompt otherwise)."""
+    return prompt_text.rsplit("Question:", 1)[-1].strip()
+
+
+def raw_predictions(gen) -> list[dict]:
+    """One raw prediction per row of a rollout output DataProto (CONTRACTS.md "Rollout output")."""
+    nt = gen.non_tensor_batch
+    generated = gen.batch["response_mask"].sum(-1).tolist()
+    out = []
+    for i in range(len(gen)):
+        gt = nt["ground_truth"][i]
+        out.append({
+            "id": str(nt["id"][i]), "data_source": str(nt["data_source"][i]), "question": question_of(nt["question"][i]),
+            "trajectory": nt["response_text"][i], "targets": [str(t) for t in gt["target"]],
+            "search_keys": [list(map(str, g)) for g in (gt.get("search_keys") or [])],
+            "support_docs": [_plain(d) for d in (nt["support_docs"][i] or [])],
+            "rounds": [{"query": r["query"], "docs": [{k: d.get(k) for k in ("id", "title", "text")} for d in r["docs"]]}
+                       for r in nt["rounds"][i]],
+            "num_turns": int(nt["num_turns"][i]), "num_searches": int(nt["num_searches"][i]),
+            "num_tokens": int(generated[i]), "finished": bool(nt["finished"][i]),
+        })
+    return out
+
+
+def _plain(doc):
+    return {str(k): v for k, v in doc.items()} if isinstance(doc, dict) else str(doc)
+
+
+def generate_predictions(cfg: EvalConfig) -> tuple[list[dict], str]:
+    """Greedy rollouts over every file; returns (raw predictions in input order, backend name)."""
+    from transformers import AutoTokenizer
+
+    from stepsearch.agent.loop import run_rollout
+    from stepsearch.search.client import RetrievalClient
+    from verl.utils.dataset import RLHFDataset
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    backend, name = make_backend(cfg, tokenizer)
+    client = RetrievalClient(cfg.retriever_url)
+    agent_cfg = build_agent_config(cfg)
+    preds = []
+    for path in cfg.data:
+        ds = RLHFDataset(path, tokenizer, cfg.max_prompt_length, cfg.batch_size, shuffle=False, drop_last=False,
+                         max_samples=cfg.max_samples)
+        for b, batch in enumerate(ds.iter_epoch()):
+            preds += raw_predictions(run_rollout(batch, backend, client, tokenizer, agent_cfg))
+            logger.info("[eval] %s: batch %d/%d done", os.path.basename(path), b + 1, ds.batches_per_epoch())
+    return preds, name
+
+
+def build_agent_config(cfg: EvalConfig):
+    """The rollout settings of evaluation: greedy decoding, the configured turn and length budgets."""
+    from stepsearch.agent.loop import AgentConfig
+
+    return AgentConfig(max_turns=cfg.max_turns, topk=cfg.topk, max_obs_length=cfg.max_obs_length,
+                       max_new_tokens=cfg.max_new_tokens, greedy=True, seed=cfg.seed, **cfg.extra_agent)
+
+
+def write_outputs(out_dir: str, scored: list[dict], meta: dict) -> dict:
+    """predictions.jsonl, summary.json and metrics.md under out_dir; returns the summary."""
+    per_source = aggregate(scored)
+    summary = {**meta, "num_predictions": len(scored), "per_source": per_source}
+    os.makedirs(out_dir, exist_ok=True)
+    write_jsonl_atomic(os.path.join(out_dir, "predictions.jsonl"), scored)
+    write_json_atomic(os.path.join(out_dir, "summary.json"), summary)
+    table = markdown_table(per_source)
+    with open(os.path.join(out_dir, "metrics.md.tmp"), "w") as f:
+        f.write(f"# Evaluation of `{meta.get('model_path')}`\n\n{table}")
+    os.replace(os.path.join(out_dir, "metrics.md.tmp"), os.path.join(out_dir, "metrics.md"))
+    return summary
+
+
+def evaluate(cfg: EvalConfig, reward_cfg: RewardConfig = RewardConfig()) -> dict:
+    """Generate, score and write; returns the summary dict."""
+    start = time.perf_counter()
+    raw, backend_name = generate_predictions(cfg)
+    scored = [score_prediction(p, reward_cfg, f"{p['id']}") for p in raw]
+    meta = {"model_path": os.path.abspath(cfg.model), "backend": backend_name,
+            "data_files": {os.path.abspath(p): sha256_file(p) for p in cfg.data},
+            "index_manifest_sha256": index_hash(cfg),
+            "settings": {k: v for k, v in asdict(cfg).items() if k not in ("data", "model", "out", "retriever_url")},
+            "reward_config": asdict(reward_cfg)}
+    summary = write_outputs(cfg.out, scored, meta)
+    write_json_atomic(os.path.join(cfg.out, "run_info.json"), {"wall_s": round(time.perf_counter() - start, 2),
+                                                               "retriever_url": cfg.retriever_url})
+    return summary
+
+
+def rescore(predictions_path: str, out_dir: str, reward_cfg: RewardConfig = RewardConfig()) -> dict:
+    """Re-score a predictions file (no generation); keeps the source summary's metadata when it is beside it."""
+    preds = read_jsonl(predictions_path)
+    scored = [score_prediction(p, reward_cfg, f"{predictions_path}:{i + 1}") for i, p in enumerate(preds)]
+    src_summary = os.path.join(os.path.dirname(os.path.abspath(predictions_path)), "summary.json")
+    meta = {}
+    if os.path.exists(src_summary):
+        with open(src_summary) as f:
+            meta = {k: v for k, v in json.load(f).items() if k not in ("per_source", "num_predictions")}
+    meta.update(rescored_from=os.path.abspath(predictions_path), reward_config=asdict(reward_cfg))
+    return write_outputs(out_dir, scored, meta)

@@ -1,0 +1,108 @@
+"""Scoring of evaluation predictions and their aggregation per data_source (SPEC.md §6.1).
+
+A *raw* prediction is what a rollout produced for one question (id, data_source, question, trajectory text,
+rounds with queries and docs, counters, targets, gold docs). `score_prediction` adds EM / F1 / cover-EM on the
+extracted answer, the format gate, per-round G^t / P^t / step reward from `stepsearch.rewards`, and support-doc
+recall. Scoring only reads the raw fields, so `--from-predictions` re-scores a file without generating.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Mapping, Sequence
+
+from stepsearch.rewards import (RewardConfig, cover_exact_match, exact_match, extract_eval_prediction, f1_score,
+                                normalize_answer, score_trajectory)
+
+RAW_FIELDS = ("id", "data_source", "question", "trajectory", "targets", "rounds", "num_turns", "num_searches",
+              "num_tokens")
+SUMMARY_KEYS = ("em", "f1", "cover_em", "format_ok", "num_searches", "num_turns", "num_tokens", "support_recall")
+
+
+def _doc_key(doc: Any) -> str:
+    """Identity of a document: its id when it has one, else its normalized title + text."""
+    if isinstance(doc, Mapping):
+        if doc.get("id") not in (None, ""):
+            return f"id:{doc['id']}"
+        return "text:" + normalize_answer(f"{doc.get('title', '')} {doc.get('text', doc.get('paragraph_text', ''))}")
+    return "text:" + normalize_answer(str(doc))
+
+
+def _doc_keys(doc: Any) -> set[str]:
+    """Every key a document can be matched by (id and text), so an id-less gold doc still matches a corpus row."""
+    keys = {_doc_key(doc)}
+    if isinstance(doc, Mapping) and doc.get("id") not in (None, ""):
+        keys.add(_doc_key({k: v for k, v in doc.items() if k != "id"}))
+    return keys
+
+
+def support_recall(rounds: Sequence[Mapping], support_docs: Sequence[Any]) -> float | None:
+    """Share of gold docs retrieved in any round; None when the question has no gold docs."""
+    if not support_docs:
+        return None
+    retrieved = set().union(*[_doc_keys(d) for r in rounds for d in r.get("docs", [])]) if rounds else set()
+    hits = sum(1 for g in support_docs if _doc_keys(g) & retrieved)
+    return hits / len(support_docs)
+
+
+def check_raw(pred: Mapping, where: str) -> None:
+    missing = [k for k in RAW_FIELDS if k not in pred]
+    if missing:
+        raise KeyError(f"{where}: prediction lacks fields {missing}; a prediction needs {list(RAW_FIELDS)}")
+    if not isinstance(pred["rounds"], list):
+        raise TypeError(f"{where}: field 'rounds' must be a list of {{query, docs}}, got {type(pred['rounds']).__name__}")
+
+
+def score_prediction(pred: Mapping, reward_cfg: RewardConfig, where: str = "prediction") -> dict:
+    """A new dict: the raw fields plus answer, em, f1, cover_em, format_ok, overall, support_recall and, per
+    round, doc_ids, gold_hits, info_gain (G^t), redundancy (P^t) and step_reward."""
+    check_raw(pred, where)
+    support_docs = list(pred.get("support_docs") or [])
+    ground_truth = {"target": list(pred["targets"]), "search_keys": list(pred.get("search_keys") or [])}
+    score = score_trajectory(pred["trajectory"], pred["rounds"], ground_truth, support_docs, reward_cfg)
+    answer = extract_eval_prediction(pred["trajectory"])
+    gold_keys = set().union(*[_doc_keys(g) for g in support_docs]) if support_docs else set()
+    rounds = []
+    for t, rnd in enumerate(pred["rounds"]):
+        docs = list(rnd.get("docs", []))
+        rounds.append({
+            "query": rnd.get("query", ""), "docs": docs, "doc_ids": [d.get("id") for d in docs],
+            "gold_hits": [bool(_doc_keys(d) & gold_keys) for d in docs],
+            "info_gain": score.info_gain[t] if t < len(score.info_gain) else None,
+            "redundancy": score.redundancy[t] if t < len(score.redundancy) else None,
+            "step_reward": score.step_rewards[t] if t < len(score.step_rewards) else None,
+        })
+    return {**pred, "rounds": rounds, "answer": answer, "em": exact_match(answer, pred["targets"]),
+            "f1": f1_score(answer, pred["targets"]), "cover_em": cover_exact_match(answer, pred["targets"]),
+            "format_ok": bool(score.format_ok), "overall": score.overall, "key_reward": score.key_reward,
+            "support_recall": support_recall(pred["rounds"], support_docs)}
+
+
+def _mean(values: list) -> float | None:
+    vals = [float(v) for v in values if v is not None]
+    return round(sum(vals) / len(vals), 4) if vals else None
+
+
+def aggregate(preds: Sequence[Mapping]) -> "OrderedDict[str, dict]":
+    """Per data_source (sorted) and "all": n and the mean of every SUMMARY_KEYS field (None when undefined)."""
+    groups: dict[str, list[Mapping]] = {}
+    for p in preds:
+        groups.setdefault(p["data_source"], []).append(p)
+    out: OrderedDict[str, dict] = OrderedDict()
+    for name in sorted(groups) + ["all"]:
+        rows = list(preds) if name == "all" else groups[name]
+        out[name] = {"n": len(rows), **{k: _mean([r.get(k) for r in rows]) for k in SUMMARY_KEYS}}
+    return out
+
+
+def markdown_table(per_source: Mapping[str, Mapping]) -> str:
+    """The summary as a markdown table (one row per data_source, then "all")."""
+    head = ("| data_source | n | EM | F1 | cover-EM | format ok | searches | turns | tokens | support recall |\n"
+            "|---|---|---|---|---|---|---|---|---|---|\n")
+
+    def cell(v, fmt="{:.3f}"):
+        return "–" if v is None else fmt.format(v)
+
+    lines = [f"| {name} | {m['n']} | {cell(m['em'])} | {cell(m['f1'])} | {cell(m['cover_em'])} | "
+             f"{cell(m['format_ok'])} | {cell(m['num_searches'], '{:.2f}')} | {cell(m['num_turns'], '{:.2f}')} | "
+             f"{cell(m['num_tokens'], '{:.1f}')} | {cell(m['support_recall'])} |" for name, m in per_source.items()]
+    return head + "\n".join(lines) + "\n"

@@ -1,0 +1,96 @@
+"""The ``<information>`` document format (SPEC.md §2.3, item 7) and its parser, plus document field access.
+
+Format, per retrieved doc of rank i = 1..k:  ``Doc i<## Title: {title} ##> {body}`` followed by "\\n".
+The rollout renders observations with :func:`format_docs`; the reward and the scoring CLI read them back with
+:func:`parse_information_blocks`. Unlike the released parser (SPEC §1.6), a doc's body here stops at the next
+``Doc k<## Title:`` header, so it never carries the next doc's rank label.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping, Sequence
+
+__all__ = [
+    "format_docs", "parse_information_blocks", "rounds_from_response", "doc_title_text", "support_doc_text",
+]
+
+# One search round: a <search> span (that does not itself contain </search>) followed by whitespace and an
+# <information> block. Rounds whose search produced no <information> (forced final turn) do not match.
+_ROUND_RE = re.compile(r"<search>((?:(?!</search>).)*)</search>\s*<information>(.*?)</information>", re.DOTALL)
+_DOC_HEADER_RE = re.compile(r"(?m)^Doc (\d+)<## Title: (.*?) ##>")
+
+
+def _split_contents(contents: str) -> tuple[str, str]:
+    """``"Title"\\ntext`` (wiki-18 ``contents``) -> (title without the surrounding quotes, text)."""
+    first, _, rest = contents.partition("\n")
+    title = first.strip()
+    if len(title) >= 2 and title[0] == '"' and title[-1] == '"':
+        title = title[1:-1]
+    return title, rest.strip()
+
+
+def doc_title_text(doc: Mapping[str, Any], where: str = "doc") -> tuple[str, str]:
+    """(title, body text) of a corpus row or a retrieval hit ``{"document": row, "score": s}``.
+
+    Prefers ``title`` + ``text``; else ``content``; else splits ``contents`` ("Title"\\ntext).
+    """
+    if not isinstance(doc, Mapping):
+        raise TypeError(f"{where} must be a dict with 'title' and 'text' (or 'contents'), got {type(doc).__name__}")
+    if "document" in doc and isinstance(doc["document"], Mapping):
+        doc = doc["document"]
+    for body_key in ("text", "content"):
+        if isinstance(doc.get(body_key), str):
+            title = doc.get("title")
+            if not isinstance(title, str):
+                title = _split_contents(doc["contents"])[0] if isinstance(doc.get("contents"), str) else ""
+            return title, doc[body_key]
+    if isinstance(doc.get("contents"), str):
+        return _split_contents(doc["contents"])
+    raise KeyError(f"{where} has no 'text', 'content' or 'contents' field (keys: {sorted(doc)}); "
+                   f"give each document a body text")
+
+
+def support_doc_text(doc: Any, where: str = "support_docs") -> str:
+    """Body text of one gold document: a string, or a dict with ``paragraph_text`` / ``text`` / ``content`` /
+    ``contents`` (title dropped: similarity uses the body only, SPEC §1.6)."""
+    if isinstance(doc, str):
+        return doc
+    if isinstance(doc, Mapping):
+        if isinstance(doc.get("paragraph_text"), str):
+            return doc["paragraph_text"]
+        return doc_title_text(doc, where)[1]
+    raise TypeError(f"{where} must be a string or a dict with 'paragraph_text' or 'text', "
+                    f"got {type(doc).__name__}: {doc!r}")
+
+
+def format_docs(docs: Sequence[Mapping[str, Any]]) -> str:
+    """Render retrieved docs (corpus rows or ``{"document", "score"}`` hits) as
+    ``Doc i<## Title: {title} ##> {body}\\n`` for i = 1..k, concatenated (SPEC §2.3 item 7)."""
+    parts = []
+    for i, doc in enumerate(docs, start=1):
+        title, text = doc_title_text(doc, f"docs[{i - 1}]")
+        parts.append(f"Doc {i}<## Title: {title} ##> {text}\n")
+    return "".join(parts)
+
+
+def _parse_block(body: str) -> list[dict]:
+    """Docs of one ``<information>`` body: each header ``Doc i<## Title: t ##>`` up to the next header."""
+    text = body.strip()
+    headers = list(_DOC_HEADER_RE.finditer(text))
+    docs = []
+    for n, h in enumerate(headers):
+        end = headers[n + 1].start() if n + 1 < len(headers) else len(text)
+        docs.append({"id": None, "title": h.group(2).strip(), "text": text[h.end():end].strip(), "rank": int(h.group(1))})
+    return docs
+
+
+def parse_information_blocks(text: str) -> list[list[dict]]:
+    """Docs of every search round in ``text`` (a response): one list per ``<search>…</search>`` followed by an
+    ``<information>`` block, in order. Each doc is ``{"id": None, "title", "text", "rank"}``; ids are not in the
+    text, so redundancy falls back to comparing normalized title + text."""
+    return [_parse_block(m.group(2)) for m in _ROUND_RE.finditer(text)]
+
+
+def rounds_from_response(text: str) -> list[dict]:
+    """``[{"query", "docs"}]`` per search round of a response in our format (the rollout's ``rounds`` shape)."""
+    return [{"query": m.group(1).strip(), "docs": _parse_block(m.group(2))} for m in _ROUND_RE.finditer(text)]

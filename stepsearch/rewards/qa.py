@@ -1,0 +1,136 @@
+"""Answer scoring: SQuAD normalization, EM / F1 / cover-EM, answer extraction and the format gate.
+
+SPEC.md §1.3 (training reward) and §6.1 (evaluation). Every F1/EM in the project goes through these functions.
+"""
+from __future__ import annotations
+
+import re
+import string
+from collections import Counter
+from typing import Iterable
+
+__all__ = [
+    "normalize_answer", "token_f1", "f1_score", "exact_match", "cover_exact_match",
+    "extract_answer", "extract_eval_prediction", "check_format", "extract_queries", "as_str_list",
+]
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT_TABLE = str.maketrans("", "", string.punctuation)
+# Non-greedy, across newlines (SPEC §1.3). Tags are matched literally.
+_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_SEARCH_RE = re.compile(r"<search>(.*?)</search>", re.DOTALL)
+# End-of-turn markers a decoder may leave at the very end of a response; they count as whitespace for the gate.
+_TRAILING_END_MARKERS = ("<|im_end|>", "<|endoftext|>")
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD normalization (SPEC §1.3): lower-case, drop ASCII punctuation, drop a/an/the, collapse whitespace."""
+    text = text.lower()
+    text = text.translate(_PUNCT_TABLE)
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+def as_str_list(value, what: str) -> list[str]:
+    """Gold strings as a list: accepts a str, a list/tuple or a numpy array (parquet gives arrays)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if hasattr(value, "tolist") and not isinstance(value, (list, tuple)):
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"{what} must be a string or a list of strings, got {type(value).__name__}: {value!r}")
+    out = []
+    for v in value:
+        if not isinstance(v, str):
+            raise TypeError(f"{what} must contain strings only, got {type(v).__name__}: {v!r}")
+        out.append(v)
+    return out
+
+
+def token_f1(prediction: str, gold: str) -> float:
+    """Word-level F1 of one normalized pair (paper: F1 = 2·IN/(PN+RN)); the overlap is a multiset intersection."""
+    pred_tokens = normalize_answer(prediction).split()
+    gold_tokens = normalize_answer(gold).split()
+    overlap = sum((Counter(pred_tokens) & Counter(gold_tokens)).values())
+    if overlap == 0:
+        return 0.0
+    precision = overlap / len(pred_tokens)
+    recall = overlap / len(gold_tokens)
+    return 2 * precision * recall / (precision + recall)
+
+
+def f1_score(prediction: str | None, golds: Iterable[str], ndigits: int | None = 4) -> float:
+    """Max token F1 over the gold strings (answer + aliases), rounded to ``ndigits`` as the released reward does.
+
+    A missing prediction (no ``<answer>``) scores 0. ``ndigits=None`` keeps full precision.
+    """
+    if prediction is None:
+        return 0.0
+    best = max((token_f1(prediction, g) for g in golds), default=0.0)
+    return best if ndigits is None else round(best, ndigits)
+
+
+def exact_match(prediction: str | None, golds: Iterable[str]) -> float:
+    """1.0 if the normalized prediction equals any normalized gold string (SPEC §6.1), else 0.0."""
+    if prediction is None:
+        return 0.0
+    pred = normalize_answer(prediction)
+    return float(any(pred == normalize_answer(g) for g in golds))
+
+
+def cover_exact_match(prediction: str | None, golds: Iterable[str]) -> float:
+    """1.0 if some normalized gold appears in the normalized prediction as a contiguous word sequence.
+
+    Word-level (not character-level) containment, so gold "he" does not cover prediction "hen".
+    An empty normalized gold never covers.
+    """
+    if prediction is None:
+        return 0.0
+    pred = f" {normalize_answer(prediction)} "
+    for g in golds:
+        gold = normalize_answer(g)
+        if gold and f" {gold} " in pred:
+            return 1.0
+    return 0.0
+
+
+def extract_answer(response: str) -> str | None:
+    """Content of the LAST ``<answer>…</answer>`` in the response, stripped; None when there is none (SPEC §1.3).
+
+    Pass the response only (never prompt + response): the prompt itself contains ``<answer> Beijing </answer>``.
+    """
+    matches = _ANSWER_RE.findall(response)
+    return matches[-1].strip() if matches else None
+
+
+def extract_eval_prediction(response: str) -> str:
+    """Evaluation prediction (SPEC §6.1): last ``<answer>`` stripped; if it contains "{", the text after the last
+    "{" up to the following "}" (``\\boxed{…}``-style answers); "" when there is no answer tag."""
+    answer = extract_answer(response)
+    if answer is None:
+        return ""
+    if "{" in answer:
+        tail = answer[answer.rindex("{") + 1:]
+        answer = tail.split("}", 1)[0].strip()
+    return answer
+
+
+def check_format(response: str) -> bool:
+    """The released format gate (SPEC §1.3): at least one closed ``<answer>…</answer>`` block and nothing but
+    whitespace after the last one. Trailing ``<|im_end|>``/``<|endoftext|>`` markers count as whitespace."""
+    last_end = None
+    for m in _ANSWER_RE.finditer(response):
+        last_end = m.end()
+    if last_end is None:
+        return False
+    tail = response[last_end:]
+    for marker in _TRAILING_END_MARKERS:
+        tail = tail.replace(marker, "")
+    return tail.strip() == ""
+
+
+def extract_queries(response: str) -> list[str]:
+    """Every ``<search>…</search>`` span of the response, tags removed and stripped, in order (SPEC §1.4)."""
+    return [q.strip() for q in _SEARCH_RE.findall(response)]

@@ -1,0 +1,140 @@
+"""Re-score saved rollouts: ``python -m stepsearch.rewards.score --input IN.jsonl --output OUT.jsonl [--skip-bad]``.
+
+Input row:  {"response": str, "ground_truth": {"target": [...], "search_keys": [[...], ...]},
+             "support_docs": [str | {"paragraph_text"|"text", "title"?}, ...],
+             "rounds": [{"query", "docs": [{"id","title","text"}]}]  (optional; else parsed from <information>)}
+Output row: {"line", "id" (when the input has one), "answer", "answer_f1", "answer_em", "format_ok", "key_reward",
+             "info_gain": [...], "redundancy": [...], "step_rewards": [...], "overall"}
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .config import ABLATIONS, RewardConfig
+from .scoring import TrajectoryScore, reward_metrics, score_trajectory
+
+__all__ = ["BadRowError", "ScoreSummary", "parse_row", "score_file", "main"]
+
+
+class BadRowError(ValueError):
+    """A row of the input file that cannot be scored; the message starts with FILE:LINE."""
+
+
+@dataclass
+class ScoreSummary:
+    num_scored: int = 0
+    bad_lines: list[int] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _check_rounds(rounds: Any) -> list[dict]:
+    if not isinstance(rounds, list):
+        raise ValueError(f"'rounds' must be a list of {{'query', 'docs'}} objects, got {type(rounds).__name__}")
+    for t, rnd in enumerate(rounds):
+        if not isinstance(rnd, Mapping) or not isinstance(rnd.get("docs"), list):
+            raise ValueError(f"rounds[{t}] must be an object with a 'docs' list, got {rnd!r}")
+    return rounds
+
+
+def parse_row(row: Any) -> tuple[str, list[dict] | None, Mapping, list]:
+    """(response, rounds or None, ground_truth, support_docs) of one input row; ValueError names the bad field."""
+    if not isinstance(row, Mapping):
+        raise ValueError(f"a row must be a JSON object, got {type(row).__name__}")
+    if not isinstance(row.get("response"), str):
+        raise ValueError(f"field 'response' must be a string, got {row.get('response')!r}")
+    ground_truth = row.get("ground_truth")
+    if not isinstance(ground_truth, Mapping) or "target" not in ground_truth:
+        raise ValueError(f"field 'ground_truth' must be an object with 'target' (a list of answers), "
+                         f"got {ground_truth!r}")
+    support_docs = row.get("support_docs", [])
+    if not isinstance(support_docs, list):
+        raise ValueError(f"field 'support_docs' must be a list, got {type(support_docs).__name__}")
+    rounds = _check_rounds(row["rounds"]) if row.get("rounds") is not None else None
+    return row["response"], rounds, ground_truth, support_docs
+
+
+def _score_line(text: str, where: str, cfg: RewardConfig) -> tuple[TrajectoryScore, Mapping]:
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise BadRowError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+    try:
+        return score_trajectory(*parse_row(row), cfg=cfg), row
+    except (KeyError, TypeError, ValueError) as err:
+        raise BadRowError(f"{where}: {err}") from None
+
+
+def score_file(input_path: str, output_path: str, cfg: RewardConfig, skip_bad: bool = False) -> ScoreSummary:
+    """Score every non-blank line of ``input_path`` into ``output_path`` (written atomically).
+
+    A bad row raises :class:`BadRowError` naming FILE:LINE (nothing is written), or with ``skip_bad`` is counted
+    in ``ScoreSummary.bad_lines`` and left out of the output.
+    """
+    summary, scores = ScoreSummary(), []
+    out_dir = os.path.dirname(os.path.abspath(output_path))
+    fd, tmp_path = tempfile.mkstemp(prefix=".score-", suffix=".jsonl", dir=out_dir)
+    try:
+        with open(input_path, encoding="utf-8") as fin, os.fdopen(fd, "w", encoding="utf-8") as fout:
+            for line_no, text in enumerate(fin, start=1):
+                if not text.strip():
+                    continue
+                try:
+                    score, row = _score_line(text, f"{input_path}:{line_no}", cfg)
+                except BadRowError:
+                    if not skip_bad:
+                        raise
+                    summary.bad_lines.append(line_no)
+                    continue
+                out = {"line": line_no, **({"id": row["id"]} if "id" in row else {}), **score.to_dict()}
+                fout.write(json.dumps(out, ensure_ascii=False) + "\n")
+                scores.append(score)
+        os.replace(tmp_path, output_path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.unlink(tmp_path)
+        raise
+    summary.num_scored = len(scores)
+    summary.metrics = reward_metrics(scores)
+    return summary
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m stepsearch.rewards.score", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", required=True, help="JSONL file of saved rollouts")
+    p.add_argument("--output", required=True, help="JSONL file to write (atomically)")
+    p.add_argument("--skip-bad", action="store_true", help="count bad rows and go on instead of stopping")
+    p.add_argument("--ablation", default="full", choices=sorted(ABLATIONS), help="paper setting (docs/rewards.md)")
+    p.add_argument("--format-fail-score", type=float, help="outcome reward on a format failure (default -1)")
+    p.add_argument("--answer-metric", choices=["f1", "em"])
+    p.add_argument("--key-reward-mode", choices=["max", "latest"])
+    p.add_argument("--search-key-coef", type=float, help="gamma_key (default 0.618)")
+    p.add_argument("--step-reward-scale", type=float, help="default 0.6")
+    p.add_argument("--step-rewards-on-format-fail", action="store_true", default=None)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items()
+                 if k not in ("input", "output", "skip_bad", "ablation") and v is not None}
+    cfg = RewardConfig.for_ablation(args.ablation, **overrides)
+    try:
+        summary = score_file(args.input, args.output, cfg, skip_bad=args.skip_bad)
+    except (BadRowError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"scored {summary.num_scored} rows into {args.output}; bad rows skipped: {len(summary.bad_lines)}"
+          + (f" (lines {summary.bad_lines[:20]})" if summary.bad_lines else ""), file=sys.stderr)
+    print(json.dumps(summary.metrics, indent=1), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

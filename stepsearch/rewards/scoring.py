@@ -1,0 +1,128 @@
+"""Scoring one trajectory: outcome reward (format gate, r_answer, r_key) and per-round step rewards.
+
+SPEC.md §1.1–1.8:
+    r_overall = r_answer + γ_key · r_key       if the format is valid, else format_fail_score
+    s_t       = G^t − P^t                      (each term behind its flag)
+    step_t    = step_reward_scale · s_t
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from .config import RewardConfig
+from .docs import doc_title_text, rounds_from_response, support_doc_text
+from .info_gain import GoldTfidf, info_gain
+from .qa import as_str_list, check_format, exact_match, extract_answer, extract_queries, f1_score
+from .redundancy import redundancy_penalty
+from .search_key import search_key_reward
+
+__all__ = ["TrajectoryScore", "score_trajectory", "reward_metrics", "combine_step_rewards", "gold_texts", "round_doc_texts"]
+
+
+@dataclass(frozen=True)
+class TrajectoryScore:
+    answer_f1: float
+    answer_em: float
+    format_ok: bool
+    key_reward: float
+    """r_key, computed for logging even when the key reward is off or the format fails."""
+    info_gain: list = field(default_factory=list)
+    """G^t per round ([] without gold docs)."""
+    redundancy: list = field(default_factory=list)
+    """P^t per round ([] without gold docs)."""
+    step_rewards: list = field(default_factory=list)
+    """step_reward_scale · s_t per round, as placed in the token rewards ([] when none are placed)."""
+    overall: float = 0.0
+    """The outcome reward placed at the last generated token."""
+    answer: str | None = None
+    """The extracted answer (last <answer> of the response), None when there is none."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def gold_texts(support_docs: Sequence[Any] | None) -> list[str]:
+    """Body texts of the gold docs (strings or dicts with paragraph_text/text)."""
+    if support_docs is None:
+        return []
+    if hasattr(support_docs, "tolist") and not isinstance(support_docs, (list, tuple)):
+        support_docs = support_docs.tolist()
+    return [support_doc_text(d, f"support_docs[{i}]") for i, d in enumerate(support_docs)]
+
+
+def round_doc_texts(rounds: Sequence[Mapping]) -> list[list[str]]:
+    """Body texts (no title, SPEC §1.6) of each round's docs."""
+    out = []
+    for t, rnd in enumerate(rounds):
+        if not isinstance(rnd, Mapping) or "docs" not in rnd:
+            raise KeyError(f"rounds[{t}] must be a dict with 'docs' (and 'query'), got {rnd!r}")
+        out.append([doc_title_text(d, f"rounds[{t}].docs[{j}]")[1] for j, d in enumerate(rnd["docs"])])
+    return out
+
+
+def _answer_rewards(answer: str | None, ground_truth: Mapping) -> tuple[float, float]:
+    """(F1 rounded to 4 decimals, EM) of the extracted answer against ``ground_truth.target``."""
+    if not isinstance(ground_truth, Mapping) or "target" not in ground_truth:
+        raise KeyError(f"ground_truth must be a dict with 'target' (a list of gold answers), got {ground_truth!r}")
+    targets = as_str_list(ground_truth["target"], "ground_truth.target")
+    return f1_score(answer, targets), exact_match(answer, targets)
+
+
+def combine_step_rewards(gains: list[float], penalties: list[float], cfg: RewardConfig) -> list[float]:
+    """step_t = scale · ((G^t if info gain on) − (P^t if penalty on)); [] when step rewards are off."""
+    if not cfg.use_step_rewards:
+        return []
+    return [cfg.step_reward_scale * ((g if cfg.use_info_gain else 0.0) - (p if cfg.use_redundancy_penalty else 0.0))
+            for g, p in zip(gains, penalties)]
+
+
+def score_trajectory(response_text: str, rounds: Sequence[Mapping] | None, ground_truth: Mapping,
+                     support_docs: Sequence[Any] | None, cfg: RewardConfig) -> TrajectoryScore:
+    """Score one trajectory. ``response_text`` is the response only (never the prompt). ``rounds`` are the
+    rollout's ``[{"query", "docs": [{"id","title","text"}]}]``; None parses them from the response's
+    ``<information>`` blocks. Without gold docs, G and P are empty and no step rewards are produced (§1.6)."""
+    if not isinstance(response_text, str):
+        raise TypeError(f"response_text must be a string, got {type(response_text).__name__}")
+    if rounds is None:
+        rounds = rounds_from_response(response_text)
+    answer = extract_answer(response_text)
+    answer_f1, answer_em = _answer_rewards(answer, ground_truth)
+    format_ok = check_format(response_text)
+    key_reward = search_key_reward(extract_queries(response_text), ground_truth.get("search_keys"),
+                                   cfg.key_reward_mode)
+    golds = gold_texts(support_docs)
+    gains, penalties = [], []
+    if golds:
+        gains = info_gain(round_doc_texts(rounds), GoldTfidf(golds))
+        penalties = redundancy_penalty([rnd["docs"] for rnd in rounds])
+    if format_ok:
+        r_answer = answer_f1 if cfg.answer_metric == "f1" else answer_em
+        overall = r_answer + (cfg.search_key_coef * key_reward if cfg.use_search_key_reward else 0.0)
+    else:
+        overall = cfg.format_fail_score
+    steps = combine_step_rewards(gains, penalties, cfg) if (format_ok or cfg.step_rewards_on_format_fail) else []
+    return TrajectoryScore(answer_f1=answer_f1, answer_em=answer_em, format_ok=format_ok, key_reward=key_reward,
+                           info_gain=gains, redundancy=penalties, step_rewards=steps, overall=float(overall),
+                           answer=answer)
+
+
+def _mean(values: list[float]) -> float:
+    return float(np.mean(values)) if values else 0.0
+
+
+def reward_metrics(scores: Sequence[TrajectoryScore]) -> dict[str, float]:
+    """Batch means. Per-trajectory keys average over samples; info_gain, redundancy and step_reward average over
+    all search rounds of the batch that have a value (0.0 when there is none)."""
+    return {
+        "reward/answer_f1/mean": _mean([s.answer_f1 for s in scores]),
+        "reward/answer_em/mean": _mean([s.answer_em for s in scores]),
+        "reward/format_ok/mean": _mean([float(s.format_ok) for s in scores]),
+        "reward/key_reward/mean": _mean([s.key_reward for s in scores]),
+        "reward/info_gain/mean": _mean([g for s in scores for g in s.info_gain]),
+        "reward/redundancy/mean": _mean([p for s in scores for p in s.redundancy]),
+        "reward/step_reward/mean": _mean([r for s in scores for r in s.step_rewards]),
+        "reward/overall/mean": _mean([s.overall for s in scores]),
+    }

@@ -1,0 +1,260 @@
+"""Index builder: `python -m stepsearch.search.build_index --corpus PATH --out DIR [--encoder NAME|PATH]
+[--index_factory Flat|HNSW32|IVF4096,PQ64 ...] [--method dense|bm25|hybrid]`.
+
+Steps (each resumable or cheap to redo):
+1. stream the corpus into `corpus.arrow` (the served, memory-mapped table) and hash it (sha256);
+2. print a memory estimate;
+3. dense: encode passages ('"Title"\\ntext', passage prefix added by the encoder) into `emb.memmap` (N, D) float32;
+   `emb.progress.json` records how many rows are done, so an interrupted build resumes where it stopped;
+4. dense: `faiss.index_factory(D, factory, inner product)`, train if needed, add, write `dense.faiss`;
+5. bm25: bm25s over the same '"Title"\\ntext' strings into `bm25/`;
+6. write `manifest.json` last (atomically): a folder without a manifest is not an index.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from stepsearch.search.corpus import ArrowCorpus, build_arrow_corpus, file_sha256, format_contents
+from stepsearch.search.index import (BM25_DIR, CORPUS_TABLE, DENSE_INDEX, EMBEDDINGS, ENCODER_IDENTITY_KEYS,
+                                     MANIFEST, MANIFEST_VERSION, METHODS, write_json_atomic)
+
+PROGRESS = "emb.progress.json"
+CORPUS_STATE = "corpus.arrow.json"
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Validated builder settings (CLI boundary)."""
+
+    corpus: str
+    out: str
+    method: str = "dense"
+    encoder: str = "minilm"
+    pooling: str = "mean"
+    # None: the encoder's default ("query: "/"passage: " for e5, "" otherwise)
+    query_prefix: str | None = None
+    passage_prefix: str | None = None
+    max_length: int = 256
+    index_factory: str = "Flat"
+    # passages per encoder forward pass
+    batch_size: int = 64
+    # passages encoded between two memmap flushes (the resume granularity)
+    chunk_size: int = 4096
+    # vectors used to train IVF/PQ factories (sampled with `seed`)
+    train_size: int = 262144
+    device: str = "cpu"
+    encoder_mode: str = "exact"
+    seed: int = 0
+    quiet: bool = False
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"[build_index] --method must be one of {METHODS}, got {self.method!r}")
+        for name in ("batch_size", "chunk_size", "train_size", "max_length"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"[build_index] --{name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def parts(self) -> list[str]:
+        return ["dense", "bm25"] if self.method == "hybrid" else [self.method]
+
+
+def log(cfg: BuildConfig, msg: str) -> None:
+    if not cfg.quiet:
+        print(f"[build_index] {msg}", file=sys.stderr, flush=True)
+
+
+def corpus_record(path: Path) -> dict:
+    stat = path.stat()
+    return {"path": str(path.resolve()), "sha256": file_sha256(path), "size": stat.st_size,
+            "mtime": int(stat.st_mtime)}
+
+
+def prepare_corpus(cfg: BuildConfig, out: Path) -> tuple[dict, ArrowCorpus]:
+    """Write (or reuse, if built from the same sha256) corpus.arrow; return the corpus record and the table."""
+    rec = corpus_record(Path(cfg.corpus))
+    state_path = out / CORPUS_STATE
+    if state_path.is_file() and (out / CORPUS_TABLE).is_file():
+        state = json.loads(state_path.read_text())
+        if state.get("sha256") == rec["sha256"]:
+            rec["num_passages"] = state["num_passages"]
+            log(cfg, f"reusing {CORPUS_TABLE} ({rec['num_passages']} passages)")
+            return rec, ArrowCorpus(out / CORPUS_TABLE)
+    with tqdm(desc="corpus rows", unit="row", disable=cfg.quiet) as bar:
+        rec["num_passages"] = build_arrow_corpus(cfg.corpus, out / CORPUS_TABLE, progress=bar.update)
+    write_json_atomic(state_path, {"sha256": rec["sha256"], "num_passages": rec["num_passages"]})
+    return rec, ArrowCorpus(out / CORPUS_TABLE)
+
+
+def estimate_index_bytes(factory: str, n: int, dim: int) -> int:
+    """Rough resident size of a FAISS index: Flat 4·N·D, SQ8 N·D, PQm N·m (+8 B id for IVF), HNSWm adds 8·m·N."""
+    spec = factory.replace(" ", "")
+    per_vec = 4 * dim
+    if m := re.search(r"PQ(\d+)", spec):
+        per_vec = int(m.group(1))
+    elif "SQ8" in spec:
+        per_vec = dim
+    elif "SQfp16" in spec or "SQ16" in spec:
+        per_vec = 2 * dim
+    if "IVF" in spec:
+        per_vec += 8
+    if m := re.search(r"HNSW(\d+)", spec):
+        per_vec += 8 * int(m.group(1))
+    return n * per_vec
+
+
+def print_memory_estimate(cfg: BuildConfig, n: int, dim: int | None, corpus_bytes: int) -> None:
+    gib = 1 / 2**30
+    lines = [f"{n} passages; corpus table ~{corpus_bytes * gib:.2f} GiB on disk (memory-mapped when serving)"]
+    if dim is not None:
+        lines.append(f"embeddings memmap {n * dim * 4 * gib:.2f} GiB on disk (N={n} x D={dim} x 4 B)")
+        lines.append(f"FAISS {cfg.index_factory}: ~{estimate_index_bytes(cfg.index_factory, n, dim) * gib:.2f} GiB "
+                     "of RAM to build and to serve")
+    if "bm25" in cfg.parts:
+        lines.append(f"BM25: tokenizing holds every passage in RAM (~{2 * corpus_bytes * gib:.2f} GiB peak)")
+    for line in lines:
+        log(cfg, "memory estimate: " + line)
+
+
+def make_encoder(cfg: BuildConfig):
+    from stepsearch.search.encoders import Encoder
+
+    return Encoder(model=cfg.encoder, pooling=cfg.pooling, query_prefix=cfg.query_prefix,
+                   passage_prefix=cfg.passage_prefix, max_length=cfg.max_length, device=cfg.device,
+                   mode=cfg.encoder_mode, batch_size=cfg.batch_size)
+
+
+def encoder_identity(described: dict) -> dict:
+    return {k: described.get(k) for k in ENCODER_IDENTITY_KEYS}
+
+
+def encode_corpus(cfg: BuildConfig, out: Path, corpus: ArrowCorpus, encoder, sha: str) -> np.ndarray:
+    """Fill `emb.memmap` (N, D) float32, resuming from `emb.progress.json` when it matches corpus and encoder."""
+    n, dim = len(corpus), encoder.dim
+    ident = {"corpus_sha256": sha, "encoder": encoder_identity(encoder.describe()), "shape": [n, dim]}
+    progress_path, emb_path = out / PROGRESS, out / EMBEDDINGS
+    done = 0
+    if progress_path.is_file() and emb_path.is_file():
+        state = json.loads(progress_path.read_text())
+        if {k: state.get(k) for k in ident} == ident:
+            done = int(state["rows_done"])
+            log(cfg, f"resuming embeddings at row {done}/{n}")
+    mode = "r+" if done else "w+"
+    emb = np.memmap(emb_path, dtype=np.float32, mode=mode, shape=(n, dim))
+    with tqdm(total=n, initial=done, desc="encode passages", unit="psg", disable=cfg.quiet) as bar:
+        for start in range(done, n, cfg.chunk_size):
+            stop = min(start + cfg.chunk_size, n)
+            titles, texts = corpus.column("title", start, stop), corpus.column("text", start, stop)
+            emb[start:stop] = encoder.encode_passages([format_contents(t, x) for t, x in zip(titles, texts)])
+            emb.flush()
+            write_json_atomic(progress_path, {**ident, "rows_done": stop})
+            bar.update(stop - start)
+    return emb
+
+
+def build_faiss(cfg: BuildConfig, emb: np.ndarray, out: Path) -> None:
+    """index_factory(D, factory, METRIC_INNER_PRODUCT): cosine on L2-normalized vectors (Search-R1's metric)."""
+    import faiss
+
+    n, dim = emb.shape
+    index = faiss.index_factory(dim, cfg.index_factory, faiss.METRIC_INNER_PRODUCT)
+    if not index.is_trained:
+        rng = np.random.default_rng(cfg.seed)
+        sample = np.sort(rng.choice(n, size=min(n, cfg.train_size), replace=False))
+        log(cfg, f"training {cfg.index_factory} on {len(sample)} vectors")
+        index.train(np.ascontiguousarray(emb[sample]))
+    step = 65536
+    for start in tqdm(range(0, n, step), desc="faiss add", unit="chunk", disable=cfg.quiet):
+        index.add(np.ascontiguousarray(emb[start:start + step]))
+    tmp = out / (DENSE_INDEX + ".tmp")
+    faiss.write_index(index, str(tmp))
+    os.replace(tmp, out / DENSE_INDEX)
+
+
+def build_bm25(cfg: BuildConfig, corpus: ArrowCorpus, out: Path) -> None:
+    import bm25s
+
+    texts = [format_contents(t, x) for t, x in zip(corpus.column("title"), corpus.column("text"))]
+    tokens = bm25s.tokenize(texts, stopwords="en", show_progress=not cfg.quiet)
+    del texts
+    model = bm25s.BM25()
+    model.index(tokens, show_progress=not cfg.quiet)
+    tmp = out / (BM25_DIR + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save(str(tmp), show_progress=False)
+    shutil.rmtree(out / BM25_DIR, ignore_errors=True)
+    os.replace(tmp, out / BM25_DIR)
+
+
+def build_index(cfg: BuildConfig) -> Path:
+    """Build (or resume building) the index folder `cfg.out`; return its path."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)  # the folder is not a valid index until the new manifest lands
+    t0 = time.perf_counter()
+    rec, corpus = prepare_corpus(cfg, out)
+    encoder = make_encoder(cfg) if "dense" in cfg.parts else None
+    print_memory_estimate(cfg, len(corpus), encoder.dim if encoder else None, (out / CORPUS_TABLE).stat().st_size)
+    manifest = {"version": MANIFEST_VERSION, "methods": cfg.parts, "corpus": rec, "metric": None,
+                "encoder": None, "index_factory": None, "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "build_config": asdict(cfg)}
+    if encoder is not None:
+        emb = encode_corpus(cfg, out, corpus, encoder, rec["sha256"])
+        build_faiss(cfg, emb, out)
+        described = encoder.describe()
+        manifest.update(encoder=described, index_factory=cfg.index_factory, metric="inner_product",
+                        dim=encoder.dim, pooling=described["pooling"], max_length=described["max_length"],
+                        query_prefix=described["query_prefix"], passage_prefix=described["passage_prefix"])
+    if "bm25" in cfg.parts:
+        build_bm25(cfg, corpus, out)
+        manifest["bm25"] = {"library": "bm25s", "tokenizer": "bm25s.tokenize(stopwords='en')"}
+    manifest["num_passages"] = rec["num_passages"]
+    write_json_atomic(out / MANIFEST, manifest)
+    log(cfg, f"index ready at {out} ({rec['num_passages']} passages, {cfg.method}) in {time.perf_counter() - t0:.1f}s")
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> BuildConfig:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--corpus", required=True, help="JSONL or .jsonl.gz corpus (one passage per line)")
+    p.add_argument("--out", required=True, help="index folder to create or resume")
+    p.add_argument("--method", default="dense", choices=METHODS, help="dense (FAISS), bm25 (bm25s) or hybrid (both)")
+    p.add_argument("--encoder", default="minilm", help="minilm (bundled), e5, a local folder or a hub id")
+    p.add_argument("--pooling", default="mean", choices=("mean", "cls"))
+    p.add_argument("--query_prefix", default=None, help="default: 'query: ' for e5, '' otherwise")
+    p.add_argument("--passage_prefix", default=None, help="default: 'passage: ' for e5, '' otherwise")
+    p.add_argument("--max_length", type=int, default=256)
+    p.add_argument("--index_factory", default="Flat", help="FAISS factory string: Flat, HNSW32, IVF4096,PQ64, ...")
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--chunk_size", type=int, default=4096)
+    p.add_argument("--train_size", type=int, default=262144)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--encoder_mode", default="exact", help="encoder speed mode (see encoders.py); exact by default")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    return BuildConfig(**vars(p.parse_args(argv)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    try:
+        build_index(cfg)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"[build_index] error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""Passage corpus: read JSONL(.gz) rows in the three Search-R1 shapes and serve rows from a memory-mapped Arrow copy.
+
+Accepted row shapes (one JSON object per line):
+- `{"id", "contents": "\"Title\"\\ntext"}`  (wiki-18, FlashRAG)
+- `{"id", "title", "content"}`               (Search-R1 README)
+- `{"id", "title", "text"}`                  (Search-R1 index_builder)
+
+Every served document row carries `id`, `title`, `text` and `contents` (`"Title"\\ntext`, the field Search-R1's
+rollout client splits) plus the corpus' original fields. For serving, `build_arrow_corpus` streams the JSONL into
+an Arrow IPC file (columns `id`, `title`, `text`, `raw`); `ArrowCorpus` memory-maps it, so wiki-18's 21M passages are
+looked up with a vectorized `take` and no Python object per passage is held.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+
+ARROW_SCHEMA = pa.schema([("id", pa.string()), ("title", pa.string()), ("text", pa.string()), ("raw", pa.string())])
+
+
+@dataclass(frozen=True)
+class Passage:
+    """One normalized corpus row. `raw` is the original JSON line (kept so served rows carry every original field)."""
+
+    id: str
+    title: str
+    text: str
+    raw: str
+
+    @property
+    def contents(self) -> str:
+        return format_contents(self.title, self.text)
+
+
+def format_contents(title: str, text: str) -> str:
+    """Search-R1's `contents` field: the quoted title, a newline, then the text."""
+    return f'"{title}"\n{text}'
+
+
+def split_contents(contents: str) -> tuple[str, str]:
+    """Inverse of `format_contents`: first line (quotes stripped) is the title, the rest the text."""
+    first, _, rest = contents.partition("\n")
+    title = first.strip()
+    if len(title) >= 2 and title[0] == '"' and title[-1] == '"':
+        title = title[1:-1]
+    return title, rest
+
+
+def parse_row(obj: object, where: str) -> tuple[str, str, str]:
+    """Return `(id, title, text)` of one decoded JSON row; `where` ("file:line") names the row in errors."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: expected a JSON object per line, got {type(obj).__name__}")
+    if "id" not in obj:
+        raise ValueError(f"{where}: row has no 'id' field (keys: {sorted(obj)}); every passage needs an id")
+    pid = str(obj["id"])
+    if "title" in obj and ("text" in obj or "content" in obj):
+        body = obj["text"] if "text" in obj else obj["content"]
+        title = obj["title"]
+        if not isinstance(title, str) or not isinstance(body, str):
+            raise ValueError(f"{where}: 'title' and 'text'/'content' must be strings")
+        return pid, title, body
+    if "contents" in obj:
+        if not isinstance(obj["contents"], str):
+            raise ValueError(f"{where}: 'contents' must be a string, got {type(obj['contents']).__name__}")
+        title, text = split_contents(obj["contents"])
+        return pid, title, text
+    raise ValueError(
+        f"{where}: unrecognized row shape (keys: {sorted(obj)}); expected "
+        "{'id','contents'}, {'id','title','content'} or {'id','title','text'}"
+    )
+
+
+def _open_text(path: Path) -> io.TextIOBase:
+    if path.suffix == ".gz":
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def iter_passages(path: str | os.PathLike) -> Iterator[Passage]:
+    """Yield every passage of a JSONL or .jsonl.gz corpus; a malformed row raises ValueError naming file:line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"corpus file not found: {path}")
+    with _open_text(path) as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+            pid, title, text = parse_row(obj, where)
+            yield Passage(pid, title, text, line.rstrip("\n"))
+
+
+def file_sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
+    """sha256 hex digest of a file's bytes (the corpus identity stored in the index manifest)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def build_arrow_corpus(src: str | os.PathLike, dst: str | os.PathLike, batch_rows: int = 8192, progress=None) -> int:
+    """Stream `src` (JSONL/.jsonl.gz) into an Arrow IPC file at `dst` (written atomically); return the row count.
+
+    `progress`, if given, is called with the number of rows written after each batch (a tqdm `update`).
+    """
+    dst = Path(dst)
+    tmp = dst.with_name(dst.name + ".tmp")
+    n_rows = 0
+    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, ARROW_SCHEMA) as writer:
+        cols: dict[str, list[str]] = {name: [] for name in ARROW_SCHEMA.names}
+        for passage in iter_passages(src):
+            for name in ARROW_SCHEMA.names:
+                cols[name].append(getattr(passage, name))
+            if len(cols["id"]) >= batch_rows:
+                n_rows += _write_batch(writer, cols, progress)
+        n_rows += _write_batch(writer, cols, progress)
+    if n_rows == 0:
+        tmp.unlink()
+        raise ValueError(f"corpus {src} has no passages; expected one JSON object per line")
+    os.replace(tmp, dst)
+    return n_rows
+
+
+def _write_batch(writer, cols: dict[str, list[str]], progress) -> int:
+    n = len(cols["id"])
+    if n:
+        writer.write_batch(pa.record_batch([pa.array(cols[k], pa.string()) for k in ARROW_SCHEMA.names], ARROW_SCHEMA))
+        for values in cols.values():
+            values.clear()
+        if progress is not None:
+            progress(n)
+    return n
+
+
+class ArrowCorpus:
+    """Memory-mapped, read-only passage table. `rows(indices)` returns served document rows (dicts)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"corpus table not found: {self.path}; rebuild the index with build_index")
+        # memory_map + read_all is zero-copy: the OS pages passages in on demand.
+        self._table = pa.ipc.open_file(pa.memory_map(str(self.path), "r")).read_all()
+
+    def __len__(self) -> int:
+        return self._table.num_rows
+
+    def column(self, name: str, start: int = 0, stop: int | None = None) -> list[str]:
+        """Python strings of one column over rows [start, stop) (used to batch passages at index build)."""
+        stop = len(self) if stop is None else stop
+        return self._table.column(name).slice(start, stop - start).to_pylist()
+
+    def rows(self, indices) -> list[dict]:
+        """Document rows for corpus row numbers `indices` (N,), in that order: original fields + id/title/text/contents."""
+        idx = np.asarray(indices, dtype=np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"corpus row out of range [0, {len(self)}): {idx.min()}..{idx.max()}")
+        picked = self._table.take(pa.array(idx))
+        return [
+            make_document(raw, pid, title, text)
+            for raw, pid, title, text in zip(
+                picked.column("raw").to_pylist(),
+                picked.column("id").to_pylist(),
+                picked.column("title").to_pylist(),
+                picked.column("text").to_pylist(),
+            )
+        ]
+
+
+def make_document(raw: str, pid: str, title: str, text: str) -> dict:
+    """The served row: the original JSON object, with `id` (as str), `title`, `text` and `contents` filled in."""
+    doc = json.loads(raw)
+    doc["id"] = pid
+    doc.setdefault("title", title)
+    doc.setdefault("text", text)
+    doc.setdefault("contents", format_contents(title, text))
+    return doc

@@ -1,0 +1,256 @@
+"""Index folder layout, manifest checks and the in-process retrievers (dense FAISS, BM25, hybrid RRF).
+
+An index folder (written by `build_index`) holds:
+- `manifest.json`  what was built: methods, encoder settings, dim, metric, corpus identity, number of passages
+- `corpus.arrow`   the memory-mapped passage table served back (`corpus.ArrowCorpus`)
+- `dense.faiss`    FAISS index (inner product over L2-normalized embeddings = cosine), when method has dense
+- `emb.memmap`     float32 (N, D) embeddings (resumable build; reusable for other index factories)
+- `bm25/`          bm25s index, when method has bm25
+
+Every retriever maps a batch of queries to corpus row numbers and scores, `search(queries, topk) -> (ids, scores)`
+with ids (N, k) int64 and scores (N, k) float32; the server turns rows into documents with `ArrowCorpus.rows`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from stepsearch.search.corpus import ArrowCorpus, file_sha256
+
+MANIFEST = "manifest.json"
+CORPUS_TABLE = "corpus.arrow"
+DENSE_INDEX = "dense.faiss"
+EMBEDDINGS = "emb.memmap"
+BM25_DIR = "bm25"
+MANIFEST_VERSION = 1
+METHODS = ("dense", "bm25", "hybrid")
+# Encoder settings that define the embedding space; an index must be queried with exactly these.
+ENCODER_IDENTITY_KEYS = ("model", "pooling", "query_prefix", "passage_prefix", "max_length", "dim", "normalize")
+# Reciprocal-rank fusion constant (Cormack et al. 2009, k = 60).
+RRF_K = 60
+
+
+class IndexLoadError(ValueError):
+    """The index folder is missing, incomplete, stale or does not match the requested encoder/corpus."""
+
+
+def read_manifest(index_dir: str | os.PathLike) -> dict:
+    path = Path(index_dir) / MANIFEST
+    if not path.is_file():
+        raise IndexLoadError(f"no index at {index_dir}: {MANIFEST} is missing; build one with "
+                          f"`python -m stepsearch.search.build_index --corpus PATH --out {index_dir}`")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise IndexLoadError(f"{path}: corrupt manifest ({exc}); rebuild the index") from None
+    if manifest.get("version") != MANIFEST_VERSION:
+        raise IndexLoadError(f"{path}: manifest version {manifest.get('version')} != {MANIFEST_VERSION}; rebuild the index")
+    return manifest
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def index_identity(manifest: dict, method: str) -> str:
+    """Short stable id of (index build, served method), used in cache keys so two indexes never share entries."""
+    import hashlib
+
+    ident = {k: manifest.get(k) for k in ("corpus", "encoder", "index_factory", "methods", "built_at")}
+    ident["served_method"] = method
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_encoder(manifest: dict, described: dict) -> None:
+    """Raise unless the live encoder's identity matches the one the index was built with."""
+    built = manifest.get("encoder") or {}
+    diffs = [f"{k}: index has {built.get(k)!r}, encoder has {described.get(k)!r}"
+             for k in ENCODER_IDENTITY_KEYS if built.get(k) != described.get(k)]
+    if diffs:
+        raise IndexLoadError("encoder does not match the index manifest (queries would land in a different "
+                          "embedding space): " + "; ".join(diffs) + ". Use the encoder the index was built with "
+                          "or rebuild the index.")
+
+
+def check_corpus(manifest: dict, corpus_path: str | os.PathLike | None) -> None:
+    """Raise if `corpus_path` (or, when None, the corpus recorded at build time, if it still exists) has changed.
+
+    A size+mtime match is trusted; otherwise the sha256 decides (hashing wiki-18 takes about a minute).
+    """
+    rec = manifest["corpus"]
+    explicit = corpus_path is not None
+    path = Path(corpus_path if explicit else rec["path"])
+    if not path.is_file():
+        if explicit:
+            raise IndexLoadError(f"corpus {path} not found")
+        return  # the source moved away; the served table (corpus.arrow) is self-contained
+    stat = path.stat()
+    if stat.st_size == rec["size"] and int(stat.st_mtime) == rec["mtime"]:
+        return
+    sha = file_sha256(path)
+    if sha != rec["sha256"]:
+        raise IndexLoadError(f"index is stale: corpus {path} has sha256 {sha[:12]}..., the index was built from "
+                          f"{rec['sha256'][:12]}... ({rec['num_passages']} passages); rebuild the index")
+
+
+def check_files(index_dir: Path, manifest: dict, method: str) -> None:
+    if method not in METHODS:
+        raise IndexLoadError(f"unknown method {method!r}; expected one of {METHODS}")
+    needed = {"dense": [DENSE_INDEX], "bm25": [BM25_DIR], "hybrid": [DENSE_INDEX, BM25_DIR]}[method]
+    built = manifest.get("methods", [])
+    for part in ("dense", "bm25"):
+        if method in (part, "hybrid") and part not in built:
+            raise IndexLoadError(f"{index_dir}: method {method!r} needs a {part} index, but this index has {built}; "
+                              f"rebuild with --method {method}")
+    for name in [CORPUS_TABLE, *needed]:
+        if not (index_dir / name).exists():
+            raise IndexLoadError(f"{index_dir}: {name} is missing (interrupted build?); rebuild the index")
+
+
+@dataclass
+class SearchResult:
+    """ids (N, k) int64 corpus rows (-1 = no hit), scores (N, k) float32."""
+
+    ids: np.ndarray
+    scores: np.ndarray
+
+
+class DenseRetriever:
+    """FAISS inner-product search over L2-normalized embeddings (score = cosine, as Search-R1)."""
+
+    def __init__(self, index_path: Path, encoder):
+        import faiss
+
+        self.index = faiss.read_index(str(index_path))
+        self.encoder = encoder
+        if self.index.d != encoder.dim:
+            raise IndexLoadError(f"{index_path}: index dim {self.index.d} != encoder dim {encoder.dim}")
+
+    def search(self, queries: list[str], topk: int) -> SearchResult:
+        emb = self.encoder.encode_queries(queries)  # (N, D) float32
+        return self.search_embeddings(emb, topk)
+
+    def search_embeddings(self, emb: np.ndarray, topk: int) -> SearchResult:
+        scores, ids = self.index.search(np.ascontiguousarray(emb, dtype=np.float32), topk)  # (N, k) each
+        return SearchResult(ids.astype(np.int64), scores.astype(np.float32))
+
+
+class BM25Retriever:
+    """bm25s (Lucene-style BM25) over `"Title"\\ntext`; score = BM25."""
+
+    def __init__(self, bm25_dir: Path, num_passages: int):
+        import bm25s
+
+        self.model = bm25s.BM25.load(str(bm25_dir))
+        self.num_passages = num_passages
+
+    def search(self, queries: list[str], topk: int) -> SearchResult:
+        import bm25s
+
+        k = min(topk, self.num_passages)
+        tokens = bm25s.tokenize(queries, stopwords="en", show_progress=False)
+        ids, scores = self.model.retrieve(tokens, k=k, show_progress=False, n_threads=1)  # (N, k) each
+        return pad_result(SearchResult(np.asarray(ids, np.int64), np.asarray(scores, np.float32)), topk)
+
+
+class HybridRetriever:
+    """Dense + BM25 fused with reciprocal-rank fusion: score(d) = sum_r 1 / (RRF_K + rank_r(d)), rank from 1."""
+
+    def __init__(self, dense: DenseRetriever, bm25: BM25Retriever, depth: int = 50):
+        self.dense, self.bm25, self.depth = dense, bm25, depth
+
+    def search(self, queries: list[str], topk: int) -> SearchResult:
+        depth = max(self.depth, topk)
+        return rrf_fuse([self.dense.search(queries, depth), self.bm25.search(queries, depth)], topk)
+
+
+def rrf_fuse(results: list[SearchResult], topk: int, k: int = RRF_K) -> SearchResult:
+    """Fuse ranked lists per query; ties broken by the first list's order. Returns (N, topk)."""
+    n = results[0].ids.shape[0]
+    ids = np.full((n, topk), -1, np.int64)
+    scores = np.zeros((n, topk), np.float32)
+    for q in range(n):
+        fused: dict[int, float] = {}
+        for res in results:
+            for rank, doc in enumerate(res.ids[q], start=1):
+                if doc >= 0:
+                    fused[int(doc)] = fused.get(int(doc), 0.0) + 1.0 / (k + rank)
+        best = sorted(fused.items(), key=lambda kv: -kv[1])[:topk]  # stable: insertion order breaks ties
+        for j, (doc, s) in enumerate(best):
+            ids[q, j], scores[q, j] = doc, s
+    return SearchResult(ids, scores)
+
+
+def pad_result(res: SearchResult, topk: int) -> SearchResult:
+    """Pad (N, k<topk) results with id -1 / score 0 so every retriever returns (N, topk)."""
+    n, k = res.ids.shape
+    if k >= topk:
+        return res
+    ids = np.full((n, topk), -1, np.int64)
+    scores = np.zeros((n, topk), np.float32)
+    ids[:, :k], scores[:, :k] = res.ids, res.scores
+    return SearchResult(ids, scores)
+
+
+def encoder_from_manifest(manifest: dict, model: str | None = None, mode: str = "exact", device: str = "cpu",
+                          batch_size: int = 64):
+    """Build the query encoder the index was built with (or `model`, which must match it) and check identity."""
+    from stepsearch.search.encoders import Encoder
+
+    built = manifest["encoder"]
+    encoder = Encoder(model=model or built["model"], pooling=built["pooling"], query_prefix=built["query_prefix"],
+                      passage_prefix=built["passage_prefix"], max_length=built["max_length"], device=device,
+                      mode=mode, batch_size=batch_size, normalize=built.get("normalize", True))
+    check_encoder(manifest, encoder.describe())
+    return encoder
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to open an index folder for serving."""
+
+    method: str | None = None  # None: dense if built, else bm25
+    encoder: str | None = None  # override the manifest's model (must describe the same embedding space)
+    encoder_mode: str = "exact"
+    device: str = "cpu"
+    corpus: str | None = None  # if given, must match the manifest's corpus sha256
+
+
+@dataclass
+class LoadedIndex:
+    manifest: dict
+    method: str
+    corpus: ArrowCorpus
+    retriever: object  # DenseRetriever | BM25Retriever | HybridRetriever
+    identity: str
+
+
+def load_index(index_dir: str | os.PathLike, opts: LoadOptions = LoadOptions()) -> LoadedIndex:
+    """Open an index folder, refusing on a missing/stale/mismatched index (IndexLoadError with the fix)."""
+    index_dir = Path(index_dir)
+    manifest = read_manifest(index_dir)
+    method = opts.method or ("dense" if "dense" in manifest["methods"] else "bm25")
+    check_files(index_dir, manifest, method)
+    check_corpus(manifest, opts.corpus)
+    corpus = ArrowCorpus(index_dir / CORPUS_TABLE)
+    if len(corpus) != manifest["corpus"]["num_passages"]:
+        raise IndexLoadError(f"{index_dir}: corpus table has {len(corpus)} rows, manifest says "
+                          f"{manifest['corpus']['num_passages']}; rebuild the index")
+    dense = bm25 = None
+    if method in ("dense", "hybrid"):
+        encoder = encoder_from_manifest(manifest, opts.encoder, opts.encoder_mode, opts.device)
+        dense = DenseRetriever(index_dir / DENSE_INDEX, encoder)
+        if dense.index.ntotal != len(corpus):
+            raise IndexLoadError(f"{index_dir}: FAISS index holds {dense.index.ntotal} vectors for {len(corpus)} "
+                              "passages; rebuild the index")
+    if method in ("bm25", "hybrid"):
+        bm25 = BM25Retriever(index_dir / BM25_DIR, len(corpus))
+    retriever = {"dense": dense, "bm25": bm25, "hybrid": None}[method] or HybridRetriever(dense, bm25)
+    return LoadedIndex(manifest, method, corpus, retriever, index_identity(manifest, method))

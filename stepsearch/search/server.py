@@ -1,0 +1,398 @@
+"""Retrieval server: `python -m stepsearch.search.server --index_dir DIR [--host 127.0.0.1] [--port 8000]
+[--redis_url redis://127.0.0.1:6379/0]`, or `--online serper` for web search behind the same contract.
+
+`POST /retrieve` keeps Search-R1's contract (SPEC §3.2):
+    request  {"queries": [str, ...], "topk": 3, "return_scores": true}
+    response {"result": [[{"document": row, "score": float}, ...] per query]}   (return_scores true)
+             {"result": [[row, ...] per query]}                                (return_scores false)
+Every row has `id`, `title`, `text`, `contents` ('"Title"\\ntext') plus the corpus' original fields.
+`GET /health` (no auth) and `GET /stats` (requests, queries, cache hits/misses, latency percentiles, batch sizes).
+
+Layout: `main` parses flags into a frozen `ServerConfig`, opens the backend (refusing a missing, stale or
+mismatched index before the port is bound), then `create_app` wires the routes to a `RetrievalService` that does
+validation-free work (cache, dedupe, backend call, formatting). Local search runs on one owner thread
+(`batcher.MicroBatcher`) that coalesces concurrent requests.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import json
+import logging
+import os
+import sys
+import time
+from collections import deque
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import numpy as np
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr
+
+from stepsearch.search.batcher import BatcherConfig, MicroBatcher
+from stepsearch.search.cache import CacheConfig, RetrievalCache
+from stepsearch.search.index import IndexLoadError, LoadedIndex, LoadOptions, load_index
+from stepsearch.search.online import SerperBackend, SerperConfig, UpstreamError
+
+logger = logging.getLogger("stepsearch.search.server")
+TOKEN_ENV = "STEPSEARCH_RETRIEVAL_TOKEN"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything the server needs, validated once at start-up."""
+
+    index_dir: str | None = None
+    online: str | None = None  # None (local index) or "serper"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    method: str | None = None  # dense | bm25 | hybrid; None: dense when built
+    encoder: str | None = None  # must match the manifest's encoder
+    encoder_mode: str = "exact"
+    device: str = "cpu"
+    corpus: str | None = None  # if given, must match the manifest's corpus sha256
+    redis_url: str | None = None
+    cache_ttl_s: int = 7 * 24 * 3600
+    lru_size: int = 100_000
+    cache_normalization: str = "whitespace"
+    default_topk: int = 3
+    max_topk: int = 100
+    max_queries: int = 4096
+    max_query_chars: int = 4096
+    max_batch_queries: int = 256
+    max_wait_ms: float = 2.0
+    coalesce: bool = True
+    token: str | None = None
+    serper_api_key: str | None = None
+    serper_url: str = "https://google.serper.dev/search"
+
+    def __post_init__(self):
+        if (self.index_dir is None) == (self.online is None):
+            raise ValueError("[server] give exactly one of --index_dir DIR or --online serper")
+        if self.online not in (None, "serper"):
+            raise ValueError(f"[server] --online must be 'serper', got {self.online!r}")
+        for name in ("default_topk", "max_topk", "max_queries", "max_query_chars"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"[server] --{name} must be positive, got {getattr(self, name)}")
+        if self.default_topk > self.max_topk:
+            raise ValueError(f"[server] --default_topk ({self.default_topk}) exceeds --max_topk ({self.max_topk})")
+
+
+# ---------------------------------------------------------------- request / response models (Search-R1 contract)
+class RetrieveRequest(BaseModel):
+    """`topk_retrieval` and other extra fields sent by Search-R1 clients are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+    queries: list[StrictStr]
+    topk: StrictInt | None = None
+    return_scores: StrictBool = False
+
+
+class ScoredDocument(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    document: dict
+    score: float
+
+
+class RetrieveResponse(BaseModel):
+    """`result[i]` is query i's hits: ScoredDocument when return_scores, else bare document rows."""
+
+    result: list[list[ScoredDocument | dict]]
+
+
+def validate_request(req: RetrieveRequest, cfg: ServerConfig) -> tuple[list[str], int]:
+    """Checks pydantic cannot express with the server's caps; raises HTTPException(422) naming the field."""
+    queries, topk = req.queries, cfg.default_topk if req.topk is None else req.topk
+    if not queries:
+        raise HTTPException(422, "queries is empty; send at least one query string")
+    if len(queries) > cfg.max_queries:
+        raise HTTPException(422, f"too many queries: {len(queries)} > max {cfg.max_queries}; split the request")
+    if not 1 <= topk <= cfg.max_topk:
+        raise HTTPException(422, f"topk must be in [1, {cfg.max_topk}], got {topk}")
+    for i, q in enumerate(queries):
+        if not q.strip():
+            raise HTTPException(422, f"queries[{i}] is empty or whitespace; every query needs text")
+        if len(q) > cfg.max_query_chars:
+            raise HTTPException(422, f"queries[{i}] has {len(q)} characters > max {cfg.max_query_chars}")
+    return queries, topk
+
+
+# ---------------------------------------------------------------- backends
+class LocalBackend:
+    """A local index searched on one owner thread; rows come from the memory-mapped corpus table."""
+
+    def __init__(self, loaded: LoadedIndex, batcher_cfg: BatcherConfig):
+        self.loaded = loaded
+        self.identity = loaded.identity
+        self.batcher_cfg = batcher_cfg
+        self.batcher: MicroBatcher | None = None
+
+    def start(self) -> None:
+        self.batcher = MicroBatcher(self.search_ids, self.batcher_cfg)
+
+    def search_ids(self, queries: list[str], topk: int) -> tuple[np.ndarray, np.ndarray]:
+        """(N,) queries -> ids (N, topk) int64, scores (N, topk) float32. Runs on the owner thread only."""
+        res = self.loaded.retriever.search(queries, topk)
+        return res.ids, res.scores
+
+    def hits(self, ids: np.ndarray, scores: np.ndarray) -> list[list[dict]]:
+        """ids/scores (N, k) -> per query [{"document": row, "score": float}] (id -1 = no hit, dropped)."""
+        valid = ids >= 0
+        rows = iter(self.loaded.corpus.rows(ids[valid]))
+        return [[{"document": next(rows), "score": float(s)} for i, s, ok in zip(ids[q], scores[q], valid[q]) if ok]
+                for q in range(ids.shape[0])]
+
+    async def search(self, queries: list[str], topk: int) -> list[list[dict]]:
+        ids, scores = await self.batcher.submit(queries, topk)
+        return self.hits(ids, scores)
+
+    def search_sync(self, queries: list[str], topk: int) -> list[list[dict]]:
+        """The same encode+search+lookup, in-process, without HTTP or the batcher (benchmark baseline)."""
+        return self.hits(*self.search_ids(queries, topk))
+
+    def health(self) -> dict:
+        m = self.loaded.manifest
+        return {"backend": "local", "method": self.loaded.method, "num_passages": len(self.loaded.corpus),
+                "encoder": (m.get("encoder") or {}).get("model"), "index_factory": m.get("index_factory"),
+                "identity": self.identity}
+
+    def batch_stats(self) -> dict:
+        sizes = np.asarray(self.batcher.batch_sizes if self.batcher else [], dtype=np.float64)
+        if sizes.size == 0:
+            return {"batches": 0}
+        return {"batches": self.batcher.num_batches, "mean": float(sizes.mean()), "p50": float(np.median(sizes)),
+                "max": int(sizes.max()), "coalesce": self.batcher_cfg.coalesce,
+                "max_batch_queries": self.batcher_cfg.max_batch_queries, "max_wait_ms": self.batcher_cfg.max_wait_ms}
+
+    async def aclose(self) -> None:
+        if self.batcher is not None:
+            await asyncio.to_thread(self.batcher.close)
+
+
+class OnlineBackend:
+    """Adapter giving SerperBackend the LocalBackend interface."""
+
+    def __init__(self, serper: SerperBackend):
+        self.serper = serper
+        self.identity = serper.identity
+
+    def start(self) -> None:
+        pass
+
+    async def search(self, queries: list[str], topk: int) -> list[list[dict]]:
+        return await self.serper.search(queries, topk)
+
+    def health(self) -> dict:
+        return self.serper.health()
+
+    def batch_stats(self) -> dict:
+        return {"batches": 0, "note": "online backend: one upstream call per query"}
+
+    async def aclose(self) -> None:
+        await self.serper.aclose()
+
+
+def open_backend(cfg: ServerConfig):
+    """Load the index (or online client) for cfg; IndexLoadError/ValueError explain what is wrong."""
+    if cfg.online == "serper":
+        return OnlineBackend(SerperBackend(SerperConfig.from_args(cfg.serper_api_key, url=cfg.serper_url)))
+    loaded = load_index(cfg.index_dir, LoadOptions(method=cfg.method, encoder=cfg.encoder,
+                                                   encoder_mode=cfg.encoder_mode, device=cfg.device,
+                                                   corpus=cfg.corpus))
+    return LocalBackend(loaded, BatcherConfig(cfg.max_batch_queries, cfg.max_wait_ms, cfg.coalesce))
+
+
+# ---------------------------------------------------------------- the service (the work behind /retrieve)
+class RetrievalService:
+    """Cache lookup, de-duplication, backend search, cache fill, statistics."""
+
+    def __init__(self, cfg: ServerConfig, backend):
+        self.cfg = cfg
+        self.backend = backend
+        self.cache = RetrievalCache(CacheConfig(cfg.redis_url, cfg.cache_ttl_s, cfg.lru_size, cfg.cache_normalization),
+                                    backend.identity)
+        self.started_at = time.time()
+        self.requests = self.queries = self.errors = 0
+        self.latencies_ms: deque[float] = deque(maxlen=20000)
+
+    async def retrieve(self, queries: list[str], topk: int) -> list[list[dict]]:
+        cached = await self._cache_call(self.cache.get_many, queries, topk)
+        missing = list(dict.fromkeys(q for q, hit in zip(queries, cached) if hit is None))  # unique, in order
+        if missing:
+            fresh = dict(zip(missing, await self.backend.search(missing, topk)))
+            await self._cache_call(self.cache.put_many, missing, topk, [fresh[q] for q in missing])
+            cached = [fresh[q] if hit is None else hit for q, hit in zip(queries, cached)]
+        return cached
+
+    async def _cache_call(self, fn, *args):
+        # Redis I/O blocks; without Redis the LRU alone is cheap enough for the event loop.
+        return await asyncio.to_thread(fn, *args) if self.cache.redis is not None else fn(*args)
+
+    def record(self, n_queries: int, latency_ms: float) -> None:
+        self.requests += 1
+        self.queries += n_queries
+        self.latencies_ms.append(latency_ms)
+
+    def health(self) -> dict:
+        cache = self.cache.health()
+        degraded = ["redis down: serving uncached"] if cache["redis"] == "down" else []
+        return {"status": "degraded" if degraded else "ok", "problems": degraded, **self.backend.health(),
+                "cache": cache, "uptime_s": round(time.time() - self.started_at, 1)}
+
+    def stats(self) -> dict:
+        lat = np.asarray(self.latencies_ms, dtype=np.float64)
+        pct = {f"p{p}": float(np.percentile(lat, p)) for p in (50, 90, 99)} if lat.size else {}
+        return {"requests": self.requests, "queries": self.queries, "errors": self.errors,
+                "cache": self.cache.stats(), "latency_ms": {**pct, "window": int(lat.size)},
+                "batch_sizes": self.backend.batch_stats()}
+
+
+# ---------------------------------------------------------------- app
+def get_service(request: Request) -> RetrievalService:
+    return request.app.state.service
+
+
+def check_token(request: Request) -> None:
+    """Bearer-token guard; a no-op unless the server was started with a token."""
+    token = request.app.state.config.token
+    if token is None:
+        return
+    got = request.headers.get("authorization", "")
+    if not hmac.compare_digest(got.encode(), f"Bearer {token}".encode()):
+        raise HTTPException(401, "missing or wrong bearer token: send 'Authorization: Bearer <token>'",
+                            headers={"WWW-Authenticate": "Bearer"})
+
+
+def format_result(hits: list[list[dict]], return_scores: bool) -> dict:
+    if return_scores:
+        return {"result": hits}
+    return {"result": [[h["document"] for h in per_query] for per_query in hits]}
+
+
+async def validation_error_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """Malformed JSON -> 400, schema errors -> 422; the detail names the field ('queries[2]') and the problem."""
+    errors = exc.errors()
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return JSONResponse({"detail": "malformed JSON body: " + str(errors[0].get("ctx", {}).get("error", ""))},
+                            status_code=400)
+    parts = []
+    for e in errors:
+        loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+        field = "".join(f"[{x}]" if x.isdigit() else (f".{x}" if i else x) for i, x in enumerate(loc)) or "body"
+        parts.append(f"{field}: {e.get('msg')} (got {e.get('input')!r:.80})")
+    return JSONResponse({"detail": "; ".join(parts), "errors": json.loads(json.dumps(errors, default=str))},
+                        status_code=422)
+
+
+def create_app(cfg: ServerConfig, backend) -> FastAPI:
+    """App over an opened backend (`open_backend(cfg)`); the batcher and cache start in the lifespan."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        backend.start()
+        service = RetrievalService(cfg, backend)
+        app.state.service = service
+        if isinstance(backend, LocalBackend):
+            await backend.search(["warm-up query"], 1)  # first encode allocates; keep it off the first request
+        logger.info("retrieval server ready: %s", backend.health())
+        yield
+        await backend.aclose()
+
+    app = FastAPI(title="StepSearch retrieval", lifespan=lifespan)
+    app.state.config = cfg
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
+
+    @app.post("/retrieve", response_model=RetrieveResponse, dependencies=[Depends(check_token)])
+    async def retrieve(req: RetrieveRequest, service: RetrievalService = Depends(get_service)) -> Response:
+        t0 = time.perf_counter()
+        queries, topk = validate_request(req, cfg)
+        try:
+            hits = await service.retrieve(queries, topk)
+        except UpstreamError as exc:
+            service.errors += 1
+            raise HTTPException(502, f"online search failed: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - a failed search must not take the server down
+            service.errors += 1
+            logger.exception("retrieve failed")
+            raise HTTPException(500, f"retrieval failed: {type(exc).__name__}: {exc}") from exc
+        body = json.dumps(format_result(hits, req.return_scores), ensure_ascii=False).encode()
+        service.record(len(queries), (time.perf_counter() - t0) * 1000)
+        return Response(body, media_type="application/json")
+
+    @app.get("/health")
+    async def health(service: RetrievalService = Depends(get_service)) -> dict:
+        return await asyncio.to_thread(service.health)
+
+    @app.get("/stats", dependencies=[Depends(check_token)])
+    async def stats(service: RetrievalService = Depends(get_service)) -> dict:
+        return service.stats()
+
+    return app
+
+
+# ---------------------------------------------------------------- CLI
+def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Namespace]:
+    d = ServerConfig.__dataclass_fields__
+    p = argparse.ArgumentParser(description="StepSearch retrieval server (Search-R1 /retrieve contract)")
+    p.add_argument("--index_dir", help="index folder written by stepsearch.search.build_index")
+    p.add_argument("--online", choices=("serper",), help="serve web search results instead of a local index")
+    p.add_argument("--host", default="127.0.0.1", help="bind address; keep 127.0.0.1 unless you set a token")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--method", choices=("dense", "bm25", "hybrid"), help="default: dense if the index has it")
+    p.add_argument("--encoder", help="query encoder; must match the index manifest (default: the manifest's)")
+    p.add_argument("--encoder_mode", default="exact", help="encoder speed mode: exact, sorted, int8, fp16, fast")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--corpus", help="corpus file; refuse to start unless it matches the manifest's sha256")
+    p.add_argument("--redis_url", help="e.g. redis://127.0.0.1:6379/0; omit for the in-process LRU only")
+    p.add_argument("--cache_ttl_s", type=int, default=d["cache_ttl_s"].default)
+    p.add_argument("--lru_size", type=int, default=d["lru_size"].default)
+    p.add_argument("--cache_normalization", default="whitespace", choices=("whitespace", "squad"))
+    p.add_argument("--default_topk", type=int, default=3)
+    p.add_argument("--max_topk", type=int, default=d["max_topk"].default)
+    p.add_argument("--max_queries", type=int, default=d["max_queries"].default)
+    p.add_argument("--max_query_chars", type=int, default=d["max_query_chars"].default)
+    p.add_argument("--max_batch_queries", type=int, default=d["max_batch_queries"].default)
+    p.add_argument("--max_wait_ms", type=float, default=d["max_wait_ms"].default)
+    p.add_argument("--no_coalesce", action="store_true", help="run each request alone (benchmark baseline)")
+    p.add_argument("--token_env", default=TOKEN_ENV, help="env var holding an optional bearer token")
+    p.add_argument("--serper_api_key", help=f"Serper key (default: $SERPER_API_KEY)")
+    p.add_argument("--serper_url", default=d["serper_url"].default)
+    p.add_argument("--check_only", action="store_true", help="verify the index and encoder, then exit")
+    p.add_argument("--log_level", default="info")
+    a = p.parse_args(argv)
+    cfg = ServerConfig(index_dir=a.index_dir, online=a.online, host=a.host, port=a.port, method=a.method,
+                       encoder=a.encoder, encoder_mode=a.encoder_mode, device=a.device, corpus=a.corpus,
+                       redis_url=a.redis_url, cache_ttl_s=a.cache_ttl_s, lru_size=a.lru_size,
+                       cache_normalization=a.cache_normalization, default_topk=a.default_topk, max_topk=a.max_topk,
+                       max_queries=a.max_queries, max_query_chars=a.max_query_chars,
+                       max_batch_queries=a.max_batch_queries, max_wait_ms=a.max_wait_ms, coalesce=not a.no_coalesce,
+                       token=os.environ.get(a.token_env) or None, serper_api_key=a.serper_api_key,
+                       serper_url=a.serper_url)
+    return cfg, a
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg, args = parse_args(argv)
+        logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        backend = open_backend(cfg)
+    except (IndexLoadError, ValueError, FileNotFoundError, OSError) as exc:
+        print(f"[server] refusing to start: {exc}", file=sys.stderr)
+        return 2
+    if args.check_only:
+        print(f"[server] index ok: {json.dumps(backend.health())}")
+        return 0
+    if cfg.host not in ("127.0.0.1", "localhost", "::1") and cfg.token is None:
+        logger.warning("binding %s without a bearer token: anyone who can reach this port can query", cfg.host)
+    import uvicorn
+
+    uvicorn.run(create_app(cfg, backend), host=cfg.host, port=cfg.port, log_level="warning", access_log=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""Hydra entry point of the PPO trainer.
+
+    python -m verl.trainer.main_ppo --config-name stepsearch_qwen2.5_3b trainer.total_training_steps=2
+
+The Hydra tree is converted once into frozen dataclasses (``build_run_config``); below that boundary nothing sees
+a DictConfig. The rollout and reward hooks are loaded by dotted path (``trainer.rollout_fn``/``reward_fn``); each
+is a factory ``f(config: dict, tokenizer) -> callable``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from verl.utils.config import (AlgorithmConfig, DataConfig, FSDPConfig, ModelConfig, OptimConfig, RayConfig,
+                               RolloutConfig, TrainerConfig, load_object, to_container, to_dataclass)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["RunConfig", "build_run_config", "run_ppo", "main"]
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The whole typed configuration of a run."""
+    data: DataConfig
+    model: ModelConfig
+    trainer: TrainerConfig
+    algorithm: AlgorithmConfig
+    ray: RayConfig
+    rollout: RolloutConfig
+    fsdp: FSDPConfig
+    actor_optim: OptimConfig
+    critic_optim: OptimConfig
+    actor: Any   # verl.workers.config.ActorConfig
+    critic: Any  # verl.workers.config.CriticConfig
+    weight_bucket_mb: int
+
+
+def _section(cfg: dict, path: str) -> dict:
+    node = cfg
+    for key in path.split("."):
+        if not isinstance(node, dict) or key not in node:
+            raise KeyError(f"[config] missing section '{path}' (at '{key}'); start from configs/ppo_trainer.yaml")
+        node = node[key]
+    return dict(node)
+
+
+def _role_config(cls, section: dict, where: str, world_size: int, rollout_n: int):
+    """ActorConfig/CriticConfig with the derived fields world_size and rollout_n computed here."""
+    for derived in ("world_size", "rollout_n"):
+        if derived in section:
+            raise KeyError(f"[{where}] '{derived}' is derived from trainer/rollout settings; remove it from the YAML")
+    return to_dataclass(cls, {**section, "world_size": world_size, "rollout_n": rollout_n}, where)
+
+
+def build_run_config(cfg: Any) -> RunConfig:
+    """Validate the tree and build every frozen config (errors name the key)."""
+    from verl.workers.config import ActorConfig, CriticConfig
+
+    cfg = to_container(cfg)
+    arr = _section(cfg, "actor_rollout_ref")
+    critic = _section(cfg, "critic")
+    critic_optim = critic.pop("optim", {})
+    trainer = to_dataclass(TrainerConfig, cfg["trainer"], "trainer")
+    rollout = to_dataclass(RolloutConfig, arr.get("rollout", {}), "actor_rollout_ref.rollout")
+    algorithm = to_dataclass(AlgorithmConfig, cfg["algorithm"], "algorithm")
+    if algorithm.adv_estimator == "grpo" and rollout.n < 2:
+        raise ValueError("[algorithm] adv_estimator=grpo needs actor_rollout_ref.rollout.n >= 2 (group size)")
+    unknown = sorted(set(arr) - {"actor", "optim", "fsdp", "rollout", "weight_bucket_mb"})
+    if unknown:
+        raise KeyError(f"[actor_rollout_ref] unknown key(s) {unknown}; valid: actor, optim, fsdp, rollout, "
+                       f"weight_bucket_mb")
+    world = trainer.world_size
+    run = RunConfig(
+        data=to_dataclass(DataConfig, cfg["data"], "data"), model=to_dataclass(ModelConfig, cfg["model"], "model"),
+        trainer=trainer, algorithm=algorithm, ray=to_dataclass(RayConfig, cfg.get("ray", {}), "ray"),
+        rollout=rollout, fsdp=to_dataclass(FSDPConfig, arr.get("fsdp", {}), "actor_rollout_ref.fsdp"),
+        actor_optim=to_dataclass(OptimConfig, arr.get("optim", {}), "actor_rollout_ref.optim"),
+        critic_optim=to_dataclass(OptimConfig, critic_optim, "critic.optim"),
+        actor=_role_config(ActorConfig, arr["actor"], "actor_rollout_ref.actor", world, rollout.n),
+        critic=_role_config(CriticConfig, critic, "critic", world, rollout.n),
+        weight_bucket_mb=int(arr.get("weight_bucket_mb", 512)))
+    _validate_sizes(run)
+    return run
+
+
+def _validate_sizes(run: RunConfig) -> None:
+    """World-size checks that need several sections at once."""
+    rows = run.data.train_batch_size * run.rollout.n
+    if rows % run.trainer.world_size:
+        raise ValueError(f"[data] train_batch_size × rollout.n ({rows}) must be divisible by the data-parallel "
+                         f"world size ({run.trainer.world_size})")
+    if run.data.train_batch_size % run.actor.ppo_mini_batch_size:
+        raise ValueError(f"[actor] ppo_mini_batch_size ({run.actor.ppo_mini_batch_size}) must divide "
+                         f"data.train_batch_size ({run.data.train_batch_size})")
+    if run.actor.temperature != run.rollout.temperature:
+        raise ValueError(f"[actor] temperature ({run.actor.temperature}) must equal rollout.temperature "
+                         f"({run.rollout.temperature}): old log-probs are computed at the sampling temperature")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _build_datasets(run: RunConfig, tokenizer):
+    from verl.utils.dataset import RLHFDataset
+
+    d = run.data
+    train = RLHFDataset(d.train_files, tokenizer, d.max_prompt_length, d.train_batch_size, shuffle=d.shuffle,
+                        seed=d.seed, drop_last=True, prompt_key=d.prompt_key, truncation=d.truncation)
+    val = None
+    if d.val_files:
+        val = RLHFDataset(d.val_files, tokenizer, d.max_prompt_length, d.val_batch_size, shuffle=False,
+                          seed=d.seed, drop_last=False, prompt_key=d.prompt_key, truncation=d.truncation,
+                          max_samples=d.val_max_samples)
+    return train, val
+
+
+def _worker_configs(run: RunConfig, total_steps: int):
+    from verl.workers.fsdp_workers import WorkerConfig
+
+    tokenizer_path = run.model.tokenizer_path or run.model.path
+    use_ref = run.algorithm.use_kl_in_reward or run.actor.use_kl_loss
+    common = dict(tokenizer_path=tokenizer_path, fsdp=run.fsdp, rollout=run.rollout, device=run.trainer.device,
+                  attn_implementation=run.model.attn_implementation, total_steps=total_steps, seed=run.trainer.seed,
+                  weight_bucket_mb=run.weight_bucket_mb)
+    actor = WorkerConfig(model_path=run.model.path, role_config=run.actor, optim=run.actor_optim, use_ref=use_ref,
+                         **common)
+    critic = WorkerConfig(model_path=run.model.critic_path or run.model.path, role_config=run.critic,
+                          optim=run.critic_optim, use_ref=False, **common)
+    return actor, critic
+
+
+def _init_ray(run: RunConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM",
+                                      "PYTHONPATH") if k in os.environ}
+    kwargs: dict = {"include_dashboard": False, "runtime_env": {"env_vars": env}}
+    if run.ray.address:
+        ray.init(address=run.ray.address, **kwargs)
+    else:
+        ray.init(num_cpus=run.ray.num_cpus, **kwargs)
+
+
+def build_worker_groups(run: RunConfig, total_steps: int):
+    """(actor_rollout_ref group, critic group or None, release callable): Ray actors colocated on one pool of
+    world-size bundles, or in-process workers when ray.enable=false."""
+    from verl.single_controller.base import LocalWorkerGroup
+    from verl.workers.fsdp_workers import ActorRolloutRefWorker, CriticWorker
+
+    actor_cfg, critic_cfg = _worker_configs(run, total_steps)
+    use_critic = run.algorithm.adv_estimator == "gae"
+    if not run.ray.enable:
+        if run.trainer.world_size != 1:
+            raise ValueError(f"[ray] enable=false runs one in-process worker; world size is {run.trainer.world_size}")
+        actor = LocalWorkerGroup(ActorRolloutRefWorker, "actor_rollout_ref", config=actor_cfg)
+        critic = LocalWorkerGroup(CriticWorker, "critic", config=critic_cfg) if use_critic else None
+        return _init_models(actor, critic), critic, lambda: None
+    from verl.single_controller.ray import RayResourcePool, RayWorkerGroup
+
+    _init_ray(run)
+    gpus = run.ray.worker_num_gpus if run.trainer.n_gpus_per_node > 0 else 0.0
+    pool = RayResourcePool(run.trainer.world_size, run.ray.worker_num_cpus, gpus, run.ray.init_timeout_s)
+    fraction = 0.5 if use_critic else 1.0
+    actor = RayWorkerGroup(pool, ActorRolloutRefWorker, "actor_rollout_ref", {"config": actor_cfg}, fraction,
+                           run.ray.timeout_s)
+    critic = (RayWorkerGroup(pool, CriticWorker, "critic", {"config": critic_cfg}, fraction, run.ray.timeout_s)
+              if use_critic else None)
+
+    def release() -> None:
+        for group in (actor, critic):
+            if group is not None:
+                group.shutdown()
+        pool.release()
+    return _init_models(actor, critic), critic, release
+
+
+def _init_models(actor, critic):
+    if critic is not None:
+        critic.init_model()
+    actor.init_model()
+    return actor
+
+
+def _total_steps(run: RunConfig, train_dataset) -> int:
+    if run.trainer.total_training_steps > 0:
+        return run.trainer.total_training_steps
+    return run.trainer.total_epochs * train_dataset.batches_per_epoch()
+
+
+def run_ppo(cfg: Any) -> dict:
+    """Build everything from the config tree and train; returns the last step's metrics."""
+    from transformers import AutoTokenizer
+
+    from verl.trainer.ppo.ray_trainer import RayPPOTrainer, TrainerSpec
+    from verl.utils.tracking import Tracking
+
+    cfg_dict = to_container(cfg)
+    run = build_run_config(cfg_dict)
+    seed_everything(run.trainer.seed)
+    tokenizer = AutoTokenizer.from_pretrained(run.model.tokenizer_path or run.model.path)
+    train_ds, val_ds = _build_datasets(run, tokenizer)
+    rollout_fn = load_object(run.trainer.rollout_fn, "trainer.rollout_fn")(cfg_dict, tokenizer)
+    reward_fn = load_object(run.trainer.reward_fn, "trainer.reward_fn")(cfg_dict, tokenizer)
+    total_steps = _total_steps(run, train_ds)
+    actor_wg, critic_wg, release = build_worker_groups(run, total_steps)
+    tracker = Tracking(run.trainer.project_name, run.trainer.experiment_name, run.trainer.logger,
+                       run.trainer.default_local_dir, config=cfg_dict, wandb_mode=run.trainer.wandb_mode)
+    spec = TrainerSpec(trainer=run.trainer, algorithm=run.algorithm, rollout_n=run.rollout.n,
+                       use_kl_loss=run.actor.use_kl_loss,
+                       mask_observations_in_gae=run.algorithm.mask_observations_in_gae)
+    trainer = RayPPOTrainer(spec, tokenizer, train_ds, val_ds, actor_wg, critic_wg, rollout_fn, reward_fn, tracker,
+                            config_dict=cfg_dict)
+    try:
+        return trainer.fit()
+    finally:
+        tracker.close()
+        release()
+
+
+def main() -> None:
+    import hydra
+
+    @hydra.main(config_path=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "configs"),
+                config_name="ppo_trainer", version_base="1.3")
+    def _entry(cfg) -> None:
+        run_ppo(cfg)
+    _entry()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,412 @@
+"""The single-controller PPO loop (StePPO with the StepSearch hooks): one step is a list of named, timed phases.
+
+    gen -> old_log_prob -> ref -> values -> reward -> kl -> adv -> update_critic -> update_actor -> sync_weights
+
+(ARCHITECTURE-NOTES §2.1; SPEC §1.10-1.11.) The rollout and reward functions are hooks loaded by dotted path
+from the config (``trainer.rollout_fn`` / ``trainer.reward_fn``): ``verl`` never imports ``stepsearch``.
+Advantages are computed on the driver on CPU tensors; everything heavy runs in the worker groups.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Protocol
+
+import numpy as np
+import torch
+
+from verl.protocol import DataProto
+from verl.trainer.ppo import core_algos
+from verl.utils import checkpoint as ckpt
+from verl.utils.config import AlgorithmConfig, TrainerConfig
+from verl.workers.rollout.base import RolloutBackend
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["RayPPOTrainer", "RewardResult", "RolloutFn", "RewardFn", "WorkerGroupRolloutBackend", "TrainerSpec"]
+
+
+@dataclass
+class RewardResult:
+    """What a reward hook returns for a rollout batch of B trajectories."""
+    token_level_scores: torch.Tensor
+    """(B, T) float32: step rewards and the outcome reward on response tokens."""
+    metrics: dict
+    """Batch-level reward metrics (``reward/...`` keys)."""
+    per_sample: list
+    """B dicts; validation averages the numeric keys ``em`` and ``f1`` per data_source and dumps the rest."""
+
+
+class RolloutFn(Protocol):
+    def __call__(self, batch: DataProto, backend: Any, validate: bool) -> DataProto: ...
+
+
+class RewardFn(Protocol):
+    def __call__(self, batch: DataProto) -> RewardResult: ...
+
+
+class WorkerGroupRolloutBackend(RolloutBackend):
+    """A RolloutBackend (docs/CONTRACTS.md) on the driver that sends ``generate`` to the actor-rollout worker
+    group, splitting the prompts over the data-parallel ranks; it counts time and tokens for the metrics."""
+
+    def __init__(self, worker_group):
+        self.wg = worker_group
+        self.reset_counters()
+
+    def reset_counters(self) -> None:
+        self.generate_s = 0.0
+        self.generated_tokens = 0
+        self.calls = 0
+
+    def generate(self, prompt_ids: list[list[int]], params) -> list:
+        start = time.perf_counter()
+        outputs = self.wg.generate(prompt_ids, params)
+        self.generate_s += time.perf_counter() - start
+        self.generated_tokens += sum(len(o.token_ids) for o in outputs)
+        self.calls += 1
+        return outputs
+
+    def load_weights(self, state_dict) -> None:
+        raise RuntimeError("WorkerGroupRolloutBackend: weights are pushed inside the workers "
+                           "(ActorRolloutRefWorker.sync_rollout_weights), not from the driver")
+
+    def sleep(self) -> None:
+        self.wg.sleep_rollout()
+
+    def wake_up(self) -> None:
+        self.wg.wake_rollout()
+
+
+@dataclass(frozen=True)
+class TrainerSpec:
+    """The typed settings the loop needs (built by main_ppo from the Hydra tree)."""
+    trainer: TrainerConfig
+    algorithm: AlgorithmConfig
+    rollout_n: int = 1
+    use_kl_loss: bool = False
+    mask_observations_in_gae: bool = True
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
+    mask = mask.float()
+    return float((x.float() * mask).sum() / mask.sum().clamp(min=1.0))
+
+
+def _stats(prefix: str, values: np.ndarray | torch.Tensor) -> dict:
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 0:
+        return {}
+    return {f"{prefix}/mean": float(v.mean()), f"{prefix}/max": float(v.max()), f"{prefix}/min": float(v.min())}
+
+
+def _mean_dicts(dicts: list[dict]) -> dict:
+    """Average per-rank metric dicts key by key."""
+    keys = sorted({k for d in dicts for k in d})
+    return {k: float(np.mean([d[k] for d in dicts if k in d])) for k in keys}
+
+
+class RayPPOTrainer:
+    """Drives the worker groups through PPO steps, validation and checkpoints."""
+
+    def __init__(self, spec: TrainerSpec, tokenizer, train_dataset, val_dataset, actor_wg, critic_wg,
+                 rollout_fn: RolloutFn, reward_fn: RewardFn, tracker, config_dict: dict | None = None):
+        self.spec = spec
+        self.cfg = spec.trainer
+        self.tokenizer = tokenizer
+        self.train_dataset = train_dataset
+        self.val_dataset = val_dataset
+        self.actor_wg = actor_wg
+        self.critic_wg = critic_wg
+        self.rollout_fn = rollout_fn
+        self.reward_fn = reward_fn
+        self.tracker = tracker
+        self.config_dict = config_dict or {}
+        self.backend = WorkerGroupRolloutBackend(actor_wg)
+        alg = spec.algorithm
+        self.kl_ctrl = core_algos.build_kl_controller(alg.kl_ctrl.type, alg.kl_ctrl.kl_coef, alg.kl_ctrl.target_kl,
+                                                      alg.kl_ctrl.horizon)
+        self.use_critic = alg.adv_estimator == "gae"
+        self.use_ref = alg.use_kl_in_reward or spec.use_kl_loss
+        self.global_step = 0
+        self.total_steps = self._total_steps()
+        self.root = self.cfg.default_local_dir
+        if self.use_critic and critic_wg is None:
+            raise ValueError("[algorithm] adv_estimator=gae needs a critic worker group")
+
+    def _total_steps(self) -> int:
+        if self.cfg.total_training_steps > 0:
+            return self.cfg.total_training_steps
+        return self.cfg.total_epochs * self.train_dataset.batches_per_epoch()
+
+    # ---- phases of one step ----------------------------------------------------------------------------------
+    def _phase_generate(self, batch: DataProto, metrics: dict) -> DataProto:
+        """Multi-turn rollout on the driver; ``generate`` calls go to the workers. uid = dataset index, set
+        before the GRPO repeat (ARCHITECTURE-NOTES §6 item 3)."""
+        n = self.spec.rollout_n
+        batch = DataProto(batch=batch.batch, meta_info=batch.meta_info,
+                          non_tensor_batch={**batch.non_tensor_batch, "uid": batch.non_tensor_batch["index"].copy()})
+        if n > 1:
+            batch = batch.repeat(n, interleave=True)
+        self.backend.reset_counters()
+        gen = self.rollout_fn(batch, self.backend, validate=False)
+        extra = {k: v for k, v in batch.non_tensor_batch.items() if k not in gen.non_tensor_batch}
+        metrics["timing_s/generate"] = self.backend.generate_s
+        return DataProto(batch=gen.batch, non_tensor_batch={**gen.non_tensor_batch, **extra},
+                         meta_info=gen.meta_info)
+
+    def _phase_old_log_prob(self, batch: DataProto, metrics: dict) -> DataProto:
+        out = self.actor_wg.compute_log_prob(batch)
+        if "entropys" in out.batch:
+            metrics["actor/entropy"] = _masked_mean(out.batch["entropys"], batch.batch["response_mask"])
+            out = out.select(batch_keys=["old_log_probs"])
+        return batch.union(out)
+
+    def _phase_ref(self, batch: DataProto, metrics: dict) -> DataProto:
+        return batch.union(self.actor_wg.compute_ref_log_prob(batch)) if self.use_ref else batch
+
+    def _phase_values(self, batch: DataProto, metrics: dict) -> DataProto:
+        return batch.union(self.critic_wg.compute_values(batch)) if self.use_critic else batch
+
+    def _phase_reward(self, batch: DataProto, metrics: dict) -> DataProto:
+        result = self.reward_fn(batch)
+        metrics.update(result.metrics)
+        scores = result.token_level_scores.float()
+        return batch.union(DataProto.from_dict(tensors={"token_level_scores": scores}))
+
+    def _phase_kl(self, batch: DataProto, metrics: dict) -> DataProto:
+        """KL as a reward penalty (released StePPO) or rewards = scores (KL loss / no reference)."""
+        scores = batch.batch["token_level_scores"]
+        if self.spec.algorithm.use_kl_in_reward:
+            rewards, kl_metrics = core_algos.apply_kl_penalty(
+                scores, batch.batch["old_log_probs"], batch.batch["ref_log_probs"], batch.batch["response_mask"],
+                self.kl_ctrl, self.spec.algorithm.kl_penalty)
+            metrics.update(kl_metrics)
+        else:
+            rewards = scores
+        return batch.union(DataProto.from_dict(tensors={"token_level_rewards": rewards}))
+
+    def _phase_advantage(self, batch: DataProto, metrics: dict) -> DataProto:
+        alg, b = self.spec.algorithm, batch.batch
+        if alg.adv_estimator == "gae":
+            response_len = b["responses"].shape[1]
+            whiten_mask = None if self.spec.mask_observations_in_gae else b["attention_mask"][:, -response_len:]
+            adv, ret = core_algos.compute_gae_advantage_return(
+                b["token_level_rewards"], b["values"], b["response_mask"], alg.gamma, alg.lam,
+                skip_masked=self.spec.mask_observations_in_gae, whiten_mask=whiten_mask)
+        else:
+            adv, ret = core_algos.compute_grpo_outcome_advantage(
+                b["token_level_rewards"], b["response_mask"], batch.non_tensor_batch["uid"],
+                norm_adv_by_std=alg.norm_adv_by_std_in_grpo, group_size=self.spec.rollout_n)
+        return batch.union(DataProto.from_dict(tensors={"advantages": adv, "returns": ret}))
+
+    def _phase_update_critic(self, batch: DataProto, metrics: dict) -> DataProto:
+        if self.use_critic:
+            metrics.update(_mean_dicts(self.critic_wg.update_critic(batch)))
+        return batch
+
+    def _phase_update_actor(self, batch: DataProto, metrics: dict) -> DataProto:
+        if self.global_step > self.cfg.critic_warmup:
+            metrics.update(_mean_dicts(self.actor_wg.update_actor(batch)))
+            metrics["actor/updated"] = 1.0
+        else:
+            metrics["actor/updated"] = 0.0
+        return batch
+
+    def _phase_sync_weights(self, batch: DataProto, metrics: dict) -> DataProto:
+        if metrics.get("actor/updated"):
+            metrics["perf/weight_sync_s"] = max(self.actor_wg.sync_rollout_weights())
+        return batch
+
+    def phases(self) -> list[tuple[str, Callable[[DataProto, dict], DataProto]]]:
+        return [("gen", self._phase_generate), ("old_log_prob", self._phase_old_log_prob), ("ref", self._phase_ref),
+                ("values", self._phase_values), ("reward", self._phase_reward), ("kl", self._phase_kl),
+                ("adv", self._phase_advantage), ("update_critic", self._phase_update_critic),
+                ("update_actor", self._phase_update_actor), ("sync_weights", self._phase_sync_weights)]
+
+    def train_step(self, batch: DataProto) -> dict:
+        """Run every phase on ``batch``; returns the step metrics (timing_s/* per phase, data, perf)."""
+        metrics: dict = {}
+        step_start = time.perf_counter()
+        for name, phase in self.phases():
+            start = time.perf_counter()
+            batch = phase(batch, metrics)
+            metrics[f"timing_s/{name}"] = time.perf_counter() - start
+        metrics["timing_s/step"] = time.perf_counter() - step_start
+        metrics.update(self._data_metrics(batch))
+        metrics.update(self._perf_metrics(batch, metrics))
+        return metrics
+
+    # ---- metrics ---------------------------------------------------------------------------------------------
+    def _data_metrics(self, batch: DataProto) -> dict:
+        b, nt = batch.batch, batch.non_tensor_batch
+        mask = b["response_mask"].float()
+        out = {}
+        out.update(_stats("critic/score", b["token_level_scores"].sum(-1)))
+        out.update(_stats("critic/rewards", b["token_level_rewards"].sum(-1)))
+        out["critic/advantages/mean"] = _masked_mean(b["advantages"], mask)
+        out["critic/returns/mean"] = _masked_mean(b["returns"], mask)
+        if "values" in b:
+            out["critic/values/mean"] = _masked_mean(b["values"], mask)
+        out.update(_stats("response_length", mask.sum(-1)))
+        response_len = b["responses"].shape[1]
+        out.update(_stats("response_length_with_obs", b["attention_mask"][:, -response_len:].sum(-1)))
+        out["response_length/clip_ratio"] = float((b["attention_mask"][:, -1] == 1).float().mean())
+        for key in ("num_searches", "num_turns", "valid_action_ratio", "finished"):
+            if key in nt:
+                out.update(_stats(f"search/{key}", np.asarray(nt[key], dtype=np.float64)))
+        return out
+
+    def _perf_metrics(self, batch: DataProto, metrics: dict) -> dict:
+        tokens = float(batch.batch["attention_mask"].sum())
+        out = {"perf/total_tokens": tokens, "perf/throughput": tokens / max(metrics["timing_s/step"], 1e-9),
+               "perf/gen_tokens_per_s": self.backend.generated_tokens / max(self.backend.generate_s, 1e-9),
+               "perf/generate_calls": float(self.backend.calls)}
+        memory = list(self.actor_wg.peak_memory_gb())
+        if self.critic_wg is not None:
+            memory += list(self.critic_wg.peak_memory_gb())
+        out["perf/max_memory_gb"] = max(memory)
+        out["timing_s/rollout_env"] = metrics["timing_s/gen"] - metrics.get("timing_s/generate", 0.0)
+        phase_total = sum(metrics[f"timing_s/{name}"] for name, _ in self.phases())
+        out["timing_s/trainer_overhead"] = max(0.0, metrics["timing_s/step"] - phase_total)
+        return out
+
+    # ---- validation --------------------------------------------------------------------------------------------
+    def validate(self) -> dict:
+        """Greedy rollouts over the validation set; the mean EM/F1 per data_source, and a predictions dump."""
+        if self.val_dataset is None:
+            return {}
+        records = []
+        for batch in self.val_dataset.iter_epoch():
+            gen = self.rollout_fn(batch, self.backend, validate=True)
+            extra = {k: v for k, v in batch.non_tensor_batch.items() if k not in gen.non_tensor_batch}
+            gen = DataProto(batch=gen.batch, non_tensor_batch={**gen.non_tensor_batch, **extra})
+            result = self.reward_fn(gen)
+            records += self._prediction_records(gen, result)
+        metrics = self._per_source_means(records)
+        if self.cfg.save_predictions:
+            self._dump_predictions(records)
+        return metrics
+
+    def _prediction_records(self, gen: DataProto, result: RewardResult) -> list[dict]:
+        nt = gen.non_tensor_batch
+        records = []
+        for i, sample in enumerate(result.per_sample):
+            gt = nt["ground_truth"][i]
+            records.append({"id": str(nt["id"][i]), "data_source": str(nt["data_source"][i]),
+                            "question": str(nt["question"][i]), "response": str(nt["response_text"][i]),
+                            "ground_truth": list(gt.get("target", [])) if isinstance(gt, dict) else gt,
+                            **sample})
+        return records
+
+    @staticmethod
+    def _per_source_means(records: list[dict]) -> dict:
+        """``val/{data_source}/{em,f1}``: the real mean over that source's samples (the released code logged the
+        last sample's score, SPEC §6.2 item 5)."""
+        metrics = {}
+        sources = sorted({r["data_source"] for r in records})
+        for source in sources + ["all"]:
+            rows = [r for r in records if source == "all" or r["data_source"] == source]
+            for key in ("em", "f1"):
+                values = [float(r[key]) for r in rows if key in r]
+                if values:
+                    metrics[f"val/{source}/{key}"] = float(np.mean(values))
+            metrics[f"val/{source}/n"] = float(len(rows))
+        return metrics
+
+    def _dump_predictions(self, records: list[dict]) -> None:
+        path = os.path.join(self.root, "predictions", f"step_{self.global_step}.jsonl")
+        text = "".join(json.dumps(r, default=str) + "\n" for r in records)
+        ckpt.atomic_write_text(path, text)
+
+    # ---- checkpoints -----------------------------------------------------------------------------------------
+    def save_checkpoint(self) -> str:
+        """Workers' shards, then the driver state, then the HF export; ``COMPLETE`` and ``latest`` last."""
+        directory = ckpt.step_dir(self.root, self.global_step)
+        if os.path.exists(directory):
+            shutil.rmtree(directory)  # a half-written save of this step from a crashed run
+        os.makedirs(directory)
+        self.actor_wg.save_checkpoint(directory)
+        if self.critic_wg is not None:
+            self.critic_wg.save_checkpoint(directory)
+        state = {"global_step": self.global_step, "dataloader": self.train_dataset.state_dict(),
+                 "rng": ckpt.capture_rng_state(), "kl_coef": self.kl_ctrl.value}
+        ckpt.atomic_torch_save(state, os.path.join(directory, "trainer_state.pt"))
+        if self.cfg.export_hf:
+            self.actor_wg.export_hf(os.path.join(directory, "hf"))
+        ckpt.mark_complete(directory)
+        ckpt.write_latest(self.root, self.global_step)
+        ckpt.rotate_checkpoints(self.root, self.cfg.max_ckpt_to_keep)
+        return directory
+
+    def load_checkpoint(self) -> str | None:
+        path = ckpt.find_resume_checkpoint(self.root, self.cfg.resume_mode)
+        if path is None:
+            return None
+        self.actor_wg.load_checkpoint(path)
+        if self.critic_wg is not None:
+            self.critic_wg.load_checkpoint(path)
+        state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
+        self.global_step = int(state["global_step"])
+        self.train_dataset.load_state_dict(state["dataloader"])
+        self.kl_ctrl.value = float(state["kl_coef"])
+        ckpt.restore_rng_state(state["rng"])
+        logger.info("resumed from %s at global step %d", path, self.global_step)
+        return path
+
+    # ---- the loop ----------------------------------------------------------------------------------------------
+    def _is_due(self, freq: int) -> bool:
+        return freq > 0 and (self.global_step % freq == 0 or self.global_step == self.total_steps)
+
+    def fit(self) -> dict:
+        """Train until ``total_steps``; returns the last step's metrics."""
+        os.makedirs(self.root, exist_ok=True)
+        self.load_checkpoint()
+        last: dict = {}
+        if self.cfg.val_only or (self.cfg.val_before_train and self.global_step == 0):
+            last = self.validate()
+            self.tracker.log(last, step=self.global_step)
+            if self.cfg.val_only:
+                return last
+        with _progress(self.cfg.progress_bar, self.global_step, self.total_steps) as bar:
+            while self.global_step < self.total_steps:
+                rng_before = ckpt.rng_fingerprint()
+                batch = self.train_dataset.next_batch()
+                self.global_step += 1
+                self._trace_batch_with(batch, rng_before)
+                last = self.train_step(batch)
+                last["train/epoch"] = float(self.train_dataset.epoch)
+                if self._is_due(self.cfg.test_freq):
+                    last.update(self.validate())
+                if self._is_due(self.cfg.save_freq):
+                    start = time.perf_counter()
+                    self.save_checkpoint()
+                    last["timing_s/save_checkpoint"] = time.perf_counter() - start
+                self.tracker.log(last, step=self.global_step)
+                bar.update(1)
+        return last
+
+    def _trace_batch_with(self, batch: DataProto, driver_rng: str) -> None:
+        """Append the step's prompt ids and RNG fingerprints to ``data_trace.jsonl`` (the resume checks use it)."""
+        record = {"step": self.global_step, "index": [int(i) for i in batch.non_tensor_batch["index"]],
+                  "id": [str(i) for i in batch.non_tensor_batch["id"]], "epoch": self.train_dataset.epoch,
+                  "driver_rng": driver_rng, "worker_rng": list(self.actor_wg.rng_fingerprint())}
+        with open(os.path.join(self.root, "data_trace.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+@contextmanager
+def _progress(enabled: bool, initial: int, total: int) -> Iterator:
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=initial, desc="steps", disable=not enabled, dynamic_ncols=True)
+    try:
+        yield bar
+    finally:
+        bar.close()

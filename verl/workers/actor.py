@@ -1,0 +1,222 @@
+"""The PPO actor as a plain class (no Ray): micro-batched log-probs and the clipped policy update.
+
+Letters: B batch rows on this device, P prompt, T response, L = P + T, V vocab.
+`module` is a causal LM (or an FSDP2-wrapped one): only ``module(input_ids=..., attention_mask=...,
+position_ids=..., use_cache=False).logits`` and ``module.parameters()`` are used.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from verl.protocol import DataProto
+from verl.trainer.ppo.core_algos import (agg_denominator, compute_entropy_loss, compute_kl_loss,
+                                         compute_policy_loss)
+from verl.utils.torch_functional import entropy_from_logits, logprobs_from_logits, response_slice_logits
+from verl.workers.config import ActorConfig
+
+__all__ = ["Actor", "model_inputs", "iter_mini_batches", "weighted_micro_batches", "clip_grad_and_step",
+           "enable_gradient_checkpointing", "module_device"]
+
+ACTOR_UPDATE_KEYS = ("input_ids", "attention_mask", "responses", "response_mask", "old_log_probs", "advantages")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Helpers shared with the critic
+# ---------------------------------------------------------------------------------------------------------------------
+def require_keys(data: DataProto, keys, role: str, method: str) -> None:
+    missing = [k for k in keys if k not in data.batch]
+    if missing:
+        raise KeyError(f"[{role}] {method} needs batch key(s) {missing}; the DataProto has {sorted(data.batch)}")
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    """The device of the module's (local) parameters; works for FSDP2 DTensor parameters too."""
+    param = next(module.parameters())
+    local = param.to_local() if hasattr(param, "to_local") else param
+    return local.device
+
+
+def enable_gradient_checkpointing(module: torch.nn.Module, role: str) -> None:
+    if not hasattr(module, "gradient_checkpointing_enable"):
+        raise TypeError(f"[{role}] gradient_checkpointing=True but {type(module).__name__} has no "
+                        f"gradient_checkpointing_enable(); enable it on the HF model before wrapping")
+    module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def model_inputs(micro: DataProto, device: torch.device) -> dict[str, torch.Tensor]:
+    """input_ids, attention_mask, position_ids (B, L) on `device`; position ids from the mask if absent."""
+    attention_mask = micro.batch["attention_mask"].to(device)
+    if "position_ids" in micro.batch:
+        position_ids = micro.batch["position_ids"].to(device)
+    else:  # left padding: the first real token gets position 0
+        position_ids = (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
+    return {"input_ids": micro.batch["input_ids"].to(device), "attention_mask": attention_mask,
+            "position_ids": position_ids}
+
+
+def autocast(device: torch.device, enabled: bool):
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def iter_mini_batches(data: DataProto, mini_batch_size: int, epochs: int, shuffle: bool,
+                      seed: int) -> Iterator[DataProto]:
+    """`epochs` passes over `data` in consecutive mini-batches (rows permuted per epoch when shuffle)."""
+    for epoch in range(epochs):
+        epoch_data = data
+        if shuffle:
+            rng = np.random.default_rng(seed + epoch)
+            epoch_data = data[rng.permutation(len(data))]
+        yield from epoch_data.split(mini_batch_size)
+
+
+def weighted_micro_batches(mini: DataProto, micro_batch_size: int, mask_key: str,
+                           loss_agg_mode: str) -> list[tuple[DataProto, float]]:
+    """Micro-batches with loss weights den_micro / den_mini, so that Σ weight·loss_micro equals the loss
+    agg_loss would give on the whole mini-batch (exact gradient accumulation for every agg mode)."""
+    total = agg_denominator(mini.batch[mask_key], loss_agg_mode)
+    return [(micro, agg_denominator(micro.batch[mask_key], loss_agg_mode) / total if total > 0 else 0.0)
+            for micro in mini.split(micro_batch_size)]
+
+
+def clip_grad_and_step(module: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                       grad_clip: float | None) -> tuple[float, bool]:
+    """Clip the gradient norm and step; skip the step (and drop the grads) if the norm is not finite.
+
+    Returns (grad_norm before clipping, whether the optimizer stepped).
+    """
+    params = [p for p in module.parameters() if p.grad is not None]
+    max_norm = float("inf") if grad_clip is None else grad_clip
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm=max_norm) if params else torch.zeros(())
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2 DTensor
+        grad_norm = grad_norm.full_tensor()
+    grad_norm = float(grad_norm)
+    stepped = bool(np.isfinite(grad_norm))
+    if stepped:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, stepped
+
+
+def mean_metrics(records: dict[str, list[float]]) -> dict[str, float]:
+    return {k: float(np.mean(v)) for k, v in records.items() if v}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Actor
+# ---------------------------------------------------------------------------------------------------------------------
+class Actor:
+    def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, config: ActorConfig,
+                 lr_scheduler=None):
+        if not isinstance(config, ActorConfig):
+            raise TypeError(f"[actor] config must be an ActorConfig, got {type(config).__name__}")
+        self.module, self.optimizer, self.config, self.lr_scheduler = module, optimizer, config, lr_scheduler
+        if config.gradient_checkpointing:
+            enable_gradient_checkpointing(module, "actor")
+        self._num_updates = 0
+
+    @property
+    def device(self) -> torch.device:
+        return module_device(self.module)
+
+    def _temperature(self, data: DataProto) -> float:
+        return float(data.meta_info["temperature"]) if "temperature" in data.meta_info else self.config.temperature
+
+    def _forward_micro_batch(self, micro: DataProto, temperature: float, entropy_mode: str
+                             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """log π(responses) (b, T) and the entropy (b, T): entropy_mode 'none' | 'no_grad' | 'grad'."""
+        device = self.device
+        responses = micro.batch["responses"].to(device)
+        with autocast(device, self.config.use_bf16_autocast):
+            logits = self.module(**model_inputs(micro, device), use_cache=False).logits  # (b, L, V)
+        logits = response_slice_logits(logits, responses.shape[1]).float() / temperature  # (b, T, V)
+        log_probs = logprobs_from_logits(logits, responses)
+        if entropy_mode == "none":
+            return log_probs, None
+        if entropy_mode == "no_grad":
+            with torch.no_grad():
+                return log_probs, entropy_from_logits(logits.detach())
+        return log_probs, entropy_from_logits(logits)
+
+    @torch.no_grad()
+    def compute_log_prob(self, data: DataProto, calculate_entropy: bool = False
+                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """log π_θ of each response token, (B, T) float32 on CPU, and optionally the entropy (B, T).
+
+        Needs input_ids, attention_mask, responses (position_ids optional); 0 is not written on masked
+        tokens here — multiply by response_mask where it matters.
+        """
+        require_keys(data, ("input_ids", "attention_mask", "responses"), "actor", "compute_log_prob")
+        self.module.eval()
+        temperature = self._temperature(data)
+        log_probs, entropies = [], []
+        for micro in data.split(self.config.forward_micro_batch_size_per_device):
+            lp, ent = self._forward_micro_batch(micro, temperature, "no_grad" if calculate_entropy else "none")
+            log_probs.append(lp.cpu())
+            if ent is not None:
+                entropies.append(ent.cpu())
+        return torch.cat(log_probs), (torch.cat(entropies) if calculate_entropy else None)
+
+    def _micro_batch_loss(self, micro: DataProto, temperature: float) -> tuple[torch.Tensor, dict[str, float]]:
+        """Policy loss − entropy_coeff·entropy + kl_loss_coef·KL for one micro-batch, and its metrics."""
+        cfg, device = self.config, self.device
+        mask = micro.batch["response_mask"].to(device).float()
+        entropy_mode = "grad" if cfg.entropy_coeff != 0 else "no_grad"
+        log_probs, entropy = self._forward_micro_batch(micro, temperature, entropy_mode)
+        pg_loss, metrics = compute_policy_loss(
+            old_log_probs=micro.batch["old_log_probs"].to(device).float(), log_probs=log_probs,
+            advantages=micro.batch["advantages"].to(device).float(), response_mask=mask,
+            clip_ratio_low=cfg.clip_ratio_low, clip_ratio_high=cfg.clip_ratio_high,
+            clip_ratio_c=cfg.clip_ratio_c, loss_agg_mode=cfg.loss_agg_mode)
+        entropy_loss = compute_entropy_loss(entropy, mask, cfg.loss_agg_mode)
+        loss = pg_loss - cfg.entropy_coeff * entropy_loss
+        metrics.update({"actor/pg_loss": float(pg_loss.detach()), "actor/entropy": float(entropy_loss.detach())})
+        if cfg.use_kl_loss:
+            kl_loss = compute_kl_loss(log_probs, micro.batch["ref_log_probs"].to(device).float(), mask,
+                                      cfg.kl_loss_type, cfg.loss_agg_mode)
+            loss = loss + cfg.kl_loss_coef * kl_loss
+            metrics["actor/kl_loss"] = float(kl_loss.detach())
+        return loss, metrics
+
+    def update_policy(self, data: DataProto) -> dict[str, float]:
+        """PPO epochs over mini-batches; each mini-batch is one optimizer step built from micro-batches.
+
+        Needs input_ids, attention_mask, responses, response_mask, old_log_probs, advantages
+        (+ ref_log_probs with use_kl_loss). Returns metrics averaged over mini-batches.
+        """
+        cfg = self.config
+        keys = ACTOR_UPDATE_KEYS + (("ref_log_probs",) if cfg.use_kl_loss else ())
+        require_keys(data, keys, "actor", "update_policy")
+        cfg.check_train_batch("actor", len(data))
+        self.module.train()
+        temperature = self._temperature(data)
+        data = data.select(batch_keys=[k for k in keys + ("position_ids",) if k in data.batch])
+        records: dict[str, list[float]] = defaultdict(list)
+        self.optimizer.zero_grad(set_to_none=True)
+        for mini in iter_mini_batches(data, cfg.ppo_mini_batch_size_per_device, cfg.ppo_epochs, cfg.shuffle,
+                                      cfg.seed + 1000 * self._num_updates):
+            mini_metrics: dict[str, float] = defaultdict(float)
+            for micro, weight in weighted_micro_batches(mini, cfg.ppo_micro_batch_size_per_device,
+                                                        "response_mask", cfg.loss_agg_mode):
+                loss, metrics = self._micro_batch_loss(micro, temperature)
+                (loss * weight).backward()
+                for k, v in metrics.items():
+                    mini_metrics[k] += weight * v
+            grad_norm, stepped = clip_grad_and_step(self.module, self.optimizer, cfg.grad_clip)
+            for k, v in mini_metrics.items():
+                records[k].append(v)
+            records["actor/grad_norm"].append(grad_norm)
+            records["actor/skipped_steps"].append(0.0 if stepped else 1.0)
+        self._num_updates += 1
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()
+        result = mean_metrics(records)
+        result["actor/skipped_steps"] = float(sum(records["actor/skipped_steps"]))
+        result["actor/lr"] = float(self.optimizer.param_groups[0]["lr"])
+        return result

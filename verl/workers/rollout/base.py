@@ -1,0 +1,144 @@
+"""The small interface every rollout engine implements: token ids in, sampled token ids out.
+
+A backend generates one continuation per prompt, stops at the first stop string (kept) or at EOS
+(dropped), and can receive new weights from the trainer. The multi-turn agent loop only talks to this
+interface, so the HF and vLLM engines (and the scripted engine of the tests) are interchangeable.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import torch
+
+FinishReason = Literal["stop", "length", "eos"]
+_FINISH_REASONS = ("stop", "length", "eos")
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Per-call sampling settings (one value for the whole batch)."""
+
+    max_new_tokens: int
+    """Most new tokens per prompt in this call."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    """-1 disables top-k filtering."""
+    stop: tuple[str, ...] = ("</search>", "</answer>")
+    """Generation of a row ends right after the token that completes the first of these strings."""
+    greedy: bool = False
+    """Argmax decoding (validation); temperature/top_p/top_k are then ignored."""
+    seed: int | None = None
+    logprobs: bool = False
+    """Also return the log-probability of every sampled token under the unmodified model distribution."""
+
+    def __post_init__(self):
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"[rollout] max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+        if not self.greedy and self.temperature <= 0:
+            raise ValueError(f"[rollout] temperature must be > 0 when greedy=False, got {self.temperature}; "
+                             "set greedy=True for argmax decoding")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"[rollout] top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k == 0 or self.top_k < -1:
+            raise ValueError(f"[rollout] top_k must be -1 (off) or >= 1, got {self.top_k}")
+        if isinstance(self.stop, str) or any(not isinstance(s, str) or not s for s in self.stop):
+            raise TypeError(f"[rollout] stop must be a tuple of non-empty strings, got {self.stop!r}")
+
+
+@dataclass(frozen=True)
+class GenerationOutput:
+    """One generated continuation."""
+
+    token_ids: list[int]
+    """Sampled ids, cut right after the token that completes the first stop string; EOS not included."""
+    log_probs: list[float] | None
+    """Same length as token_ids when requested, else None."""
+    finish_reason: FinishReason
+
+    def __post_init__(self):
+        if self.finish_reason not in _FINISH_REASONS:
+            raise ValueError(f"finish_reason must be one of {_FINISH_REASONS}, got {self.finish_reason!r}")
+        if self.log_probs is not None and len(self.log_probs) != len(self.token_ids):
+            raise ValueError(f"log_probs has {len(self.log_probs)} entries for {len(self.token_ids)} tokens")
+
+
+class RolloutBackend(abc.ABC):
+    """Generate token ids with stop strings; load new weights; optionally release memory between phases."""
+
+    @abc.abstractmethod
+    def generate(self, prompt_ids: list[list[int]], params: SamplingConfig) -> list[GenerationOutput]:
+        """One continuation per prompt (ids without padding), in order."""
+
+    @abc.abstractmethod
+    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Copy trainer weights (HF parameter names) into the engine."""
+
+    def sleep(self) -> None:
+        """Release engine memory (weights/KV cache) while the trainer runs; a no-op where unsupported."""
+
+    def wake_up(self) -> None:
+        """Undo `sleep`; a no-op where unsupported."""
+
+
+def check_prompts(prompt_ids: Sequence[Sequence[int]]) -> None:
+    """Raise a clear error for an empty batch or an empty prompt (engines fail obscurely on them)."""
+    if len(prompt_ids) == 0:
+        raise ValueError("[rollout] generate() got an empty batch of prompts")
+    for i, ids in enumerate(prompt_ids):
+        if len(ids) == 0:
+            raise ValueError(f"[rollout] prompt {i} is empty; every prompt needs at least one token")
+
+
+class StopCutter:
+    """Cuts a sampled id sequence at EOS and right after the token that completes the first stop string.
+
+    Works on ids, never re-tokenizes: the stop test decodes prefixes of the ids. "Some stop string occurs in
+    decode(ids[:k])" is monotone in k, so the cut point (the smallest such k) is found by bisection with
+    O(log n) decodes instead of one decode per token.
+    """
+
+    def __init__(self, tokenizer, eos_token_ids: Sequence[int]):
+        self.tokenizer = tokenizer
+        self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
+
+    def _has_stop(self, ids: Sequence[int], stop: Sequence[str]) -> bool:
+        text = self.tokenizer.decode(list(ids), skip_special_tokens=False)
+        return any(s in text for s in stop)
+
+    def cut(self, ids: Sequence[int], stop: Sequence[str]) -> tuple[list[int], FinishReason]:
+        """Returns (kept ids, finish reason) for one raw generation (which may run past its stop)."""
+        ids = [int(t) for t in ids]
+        finish: FinishReason = "length"
+        for k, t in enumerate(ids):  # EOS first: nothing after it is the model's continuation
+            if t in self.eos_token_ids:
+                ids, finish = ids[:k], "eos"
+                break
+        if stop and self._has_stop(ids, stop):
+            lo, hi = 1, len(ids)  # invariant: decode(ids[:hi]) holds a stop, decode(ids[:lo-1]) does not
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if self._has_stop(ids[:mid], stop):
+                    hi = mid
+                else:
+                    lo = mid + 1
+            return ids[:hi], "stop"
+        return ids, finish
+
+
+def eos_ids_of(tokenizer, generation_config=None) -> list[int]:
+    """EOS ids from the tokenizer plus the model's generation config (Qwen chat models end on <|im_end|>)."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    extra = getattr(generation_config, "eos_token_id", None) if generation_config is not None else None
+    if isinstance(extra, int):
+        ids.add(extra)
+    elif extra is not None:
+        ids.update(int(t) for t in extra)
+    if not ids:
+        raise ValueError("[rollout] the tokenizer has no eos_token_id and the model config names none; "
+                         "set tokenizer.eos_token")
+    return sorted(ids)

