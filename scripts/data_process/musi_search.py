@@ -29,10 +29,12 @@ def parse_args(argv=None) -> MusiConfig:
     ap.add_argument("--answer_name", default="final_answer", help="answer field of the released JSONL")
     ap.add_argument("--drop_evidence", action="store_true",
                     help="empty search_keys/support_docs (the released --test behaviour); by default they are kept")
+    ap.add_argument("--renumber_ids", action="store_true",
+                    help="ids musi_{split}_{i} (the released script's naming) instead of the input's ids")
     a = ap.parse_args(argv)
     return MusiConfig(local_dir=a.local_dir, input=a.input, test=a.test, save_name=a.save_name, template=a.template,
                       sample_num=a.sample_num, seed=a.seed, data_source=a.data_source, answer_field=a.answer_name,
-                      drop_evidence=a.drop_evidence)
+                      drop_evidence=a.drop_evidence, renumber_ids=a.renumber_ids)
 
 
 def main(argv=None) -> int:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -34,6 +34,7 @@ class MusiConfig:
     data_source: str = "musi"
     answer_field: str = "final_answer"
     drop_evidence: bool = False       # released --test behaviour: empty search_keys and support_docs
+    renumber_ids: bool = False        # ids musi_{split}_{i} as the released script writes, instead of the input's
 
     def __post_init__(self):
         if self.template not in TEMPLATES:
@@ -73,6 +74,8 @@ def write_examples(examples: list[QAExample], path: str, data_source: str, split
 def build_musi(cfg: MusiConfig) -> tuple[str, ConvertStats]:
     examples, stats = convert_musique(iter_records(cfg.input_path()), cfg.split, cfg.answer_field)
     examples = sample_examples(examples, cfg.sample_num, cfg.seed)
+    if cfg.renumber_ids:
+        examples = [replace(ex, id=f"{cfg.data_source}_{cfg.split}_{i}") for i, ex in enumerate(examples)]
     out = cfg.output_path()
     stats.kept = write_examples(examples, out, cfg.data_source, cfg.split, cfg.template, not cfg.drop_evidence)
     log.info("musi_search: read %d, skipped %d unanswerable, wrote %d rows to %s",

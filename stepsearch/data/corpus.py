@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 from stepsearch.data.formats import support_doc_text
 from stepsearch.data.io import DataError, iter_records, write_jsonl_atomic
 from stepsearch.data.musique import detect_musique_kind
+from stepsearch.data.qa_sets import context_paragraphs as from_context_format
 
 
 def passage_id(title: str, text: str, prefix: str = "musi") -> str:
@@ -49,14 +50,21 @@ class CorpusStats:
 
 def iter_paragraphs(path: str, supporting_only: bool = False) -> Iterator[tuple[str, str]]:
     """(title, text) pairs from original MuSiQue (every paragraph, or only supporting ones), the released
-    StepSearch JSONL (`sub_support_docs`), or a dataset parquet written by this package (`support_docs`)."""
+    StepSearch JSONL (`sub_support_docs`), HotpotQA / 2Wiki original records (`context`), a passage list (`{"title", "text"}` records), or a dataset parquet
+    written by this package (`support_docs`)."""
     if str(path).endswith(".parquet"):
         for row in pq.read_table(path, columns=["extra_info"]).column("extra_info").to_pylist():
             for doc in row["support_docs"]:
                 yield support_doc_text(doc)
         return
     for loc in iter_records(path):
-        if detect_musique_kind(loc) == "original":
+        rec = loc.record
+        if isinstance(rec.get("title"), str) and isinstance(rec.get("text"), str) and "question" not in rec:
+            yield rec["title"], rec["text"]  # a passage list such as HippoRAG's [{"title", "text"}]
+        elif "context" in rec and "supporting_facts" in rec:  # HotpotQA / 2Wiki original records
+            for title, doc in from_context_format(loc, supporting_only).items():
+                yield doc.title, doc.text
+        elif detect_musique_kind(loc) == "original":
             for i, p in enumerate(loc.record.get("paragraphs", [])):
                 if not isinstance(p, dict) or not isinstance(p.get("title"), str) or not isinstance(p.get("paragraph_text"), str):
                     raise DataError(f"{loc.where}: field 'paragraphs[{i}]' needs str 'title' and 'paragraph_text'")

@@ -8,10 +8,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
@@ -111,7 +110,8 @@ def check_unique_ids(items: list[tuple[str, str]]) -> None:
     seen: dict[str, str] = {}
     for rid, where in items:
         if rid in seen:
-            raise DataError(f"{where}: duplicate id {rid!r} (first seen at {seen[rid]}); ids must be unique")
+            raise DataError(f"{where}: duplicate id {rid!r} (first seen at {seen[rid]}); ids must be unique "
+                            "(fix the input, or let musi_search.py number the rows with --renumber_ids)")
         seen[rid] = where
 
 
@@ -151,14 +151,5 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """All records of a JSONL (or JSON list) file; a bad line raises DataError with file:line."""
     return [loc.record for loc in iter_records(path, show_progress=False)]
-
-
-def map_records(path: str | os.PathLike, fn: Callable[[Located], Any], show_progress: bool = True) -> list:
-    return [fn(loc) for loc in iter_records(path, show_progress)]
-
-
-def ensure_parent(path: str | os.PathLike) -> Path:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    return p

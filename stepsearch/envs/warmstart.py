@@ -90,8 +90,9 @@ def run_sft(model, data: DataProto, cfg: SFTConfig) -> list[float]:
     model.train()
     for step in range(cfg.steps):
         idx = torch.randperm(n, generator=g)[: cfg.batch_size]
-        width = int(am[idx].sum(0).nonzero().max()) + 1                            # drop all-pad right columns
-        loss = sft_step_loss(model, ids[idx, :width], am[idx, :width], pos[idx, :width], loss_mask[idx, :width])
+        used = am[idx].sum(0).nonzero()                                            # drop all-pad columns
+        cols = slice(int(used.min()), int(used.max()) + 1)
+        loss = sft_step_loss(model, ids[idx, cols], am[idx, cols], pos[idx, cols], loss_mask[idx, cols])
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -101,3 +102,117 @@ def run_sft(model, data: DataProto, cfg: SFTConfig) -> list[float]:
             logger.info("sft step %d/%d loss %.4f", step + 1, cfg.steps, losses[-1])
     model.eval()
     return losses
+
+
+def collect_scripted_rollouts(train_parquet: str, tokenizer, retriever_url: str, agent_cfg,
+                              policy_cfg, max_prompt_length: int, batch_size: int = 64,
+                              max_samples: int = -1) -> DataProto:
+    """Run the scripted policy over the training questions through the real rollout loop and retriever."""
+    from stepsearch.agent.loop import run_rollout
+    from stepsearch.envs.scripted import ScriptedSearchBackend
+    from stepsearch.search.client import RetrievalClient
+    from verl.utils.dataset import RLHFDataset
+
+    ds = RLHFDataset(train_parquet, tokenizer, max_prompt_length, batch_size, shuffle=False, drop_last=False,
+                     max_samples=max_samples)
+    backend = ScriptedSearchBackend(tokenizer, policy_cfg)
+    client = RetrievalClient(retriever_url)
+    outs = [run_rollout(batch, backend, client, tokenizer, agent_cfg) for batch in ds.iter_epoch()]
+    keep = ("prompts", "responses", "input_ids", "attention_mask", "position_ids", "response_mask")
+    return DataProto.concat([_pad_responses(o.select(batch_keys=list(keep), non_tensor_batch_keys=["response_text"]),
+                                            max(x.batch["responses"].shape[1] for x in outs), tokenizer.pad_token_id)
+                             for o in outs])
+
+
+def _pad_responses(data: DataProto, width: int, pad_id: int) -> DataProto:
+    """Right-pad the response part of every (B, L) / (B, T) tensor to T = width, so batches concatenate."""
+    T = data.batch["responses"].shape[1]
+    extra = width - T
+    def pad(x, value):
+        return torch.cat([x, torch.full((x.shape[0], extra), value, dtype=x.dtype)], dim=1)
+    b = data.batch
+    last_pos = b["position_ids"][:, -1:]
+    tensors = {"prompts": b["prompts"], "responses": pad(b["responses"], pad_id),
+               "input_ids": pad(b["input_ids"], pad_id), "attention_mask": pad(b["attention_mask"], 0),
+               "response_mask": pad(b["response_mask"], 0),
+               "position_ids": torch.cat([b["position_ids"], last_pos + torch.arange(1, extra + 1)], dim=1)}
+    return DataProto.from_dict(tensors=tensors, non_tensors=dict(data.non_tensor_batch))   # rollout metrics dropped
+
+
+def world_texts(world_dir: str) -> list[str]:
+    """Tokenizer training texts from a written world: passages, prompts and the observation doc headers."""
+    import pandas as pd
+
+    with open(os.path.join(world_dir, "corpus.jsonl")) as f:
+        passages = [json.loads(line) for line in f if line.strip()]
+    texts = [p["text"] for p in passages]
+    texts += [f"Doc {i}<## Title: {p['title']} ##> {p['text']}\n" for i in (1, 2, 3) for p in passages]
+    for split in ("train", "test"):
+        df = pd.read_parquet(os.path.join(world_dir, f"{split}.parquet"))
+        texts += [m[-1]["content"] for m in df["prompt"]]
+    return texts
+
+
+def save_model_dir(model, tokenizer, out_dir: str) -> str:
+    """Save model + tokenizer into a temp sibling folder, then swap it in (no half-written model folder)."""
+    import shutil
+    tmp = out_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def warm_start(world_dir: str, retriever_url: str, out_dir: str, model_cfg: TinyModelConfig, sft_cfg: SFTConfig,
+               policy_cfg, agent_cfg, max_prompt_length: int = 128, max_samples: int = -1) -> dict:
+    """Tokenizer + tiny model + scripted trajectories + SFT; saves an HF folder and returns a report dict."""
+    torch.manual_seed(sft_cfg.seed)
+    t0 = time.perf_counter()
+    tokenizer, model = build_demo_model(world_texts(world_dir), model_cfg)
+    data = collect_scripted_rollouts(os.path.join(world_dir, "train.parquet"), tokenizer, retriever_url, agent_cfg,
+                                     policy_cfg, max_prompt_length, max_samples=max_samples)
+    t_collect = time.perf_counter() - t0
+    losses = run_sft(model, data, sft_cfg)
+    save_model_dir(model, tokenizer, out_dir)
+    report = {"model": asdict(model_cfg), "sft": asdict(sft_cfg), "policy": asdict(policy_cfg),
+              "num_trajectories": len(data), "response_width": int(data.batch["responses"].shape[1]),
+              "first_losses": losses[:5], "last_losses": losses[-5:], "collect_s": round(t_collect, 1),
+              "total_s": round(time.perf_counter() - t0, 1), "out": out_dir}
+    with open(os.path.join(out_dir, "warm_start.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    return report
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from stepsearch.agent.config import AgentConfig
+    from stepsearch.envs.scripted import ScriptedPolicyConfig
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--world_dir", required=True, help="folder written by python -m stepsearch.envs.build")
+    p.add_argument("--retriever_url", required=True)
+    p.add_argument("--out", required=True, help="HF model folder to write")
+    p.add_argument("--sft_steps", type=int, default=SFTConfig.steps)
+    p.add_argument("--sft_batch_size", type=int, default=SFTConfig.batch_size)
+    p.add_argument("--lr", type=float, default=SFTConfig.lr)
+    p.add_argument("--copy_correct_prob", type=float, default=ScriptedPolicyConfig.copy_correct_prob)
+    p.add_argument("--hidden_size", type=int, default=TinyModelConfig.hidden_size)
+    p.add_argument("--num_layers", type=int, default=TinyModelConfig.num_layers)
+    p.add_argument("--max_samples", type=int, default=-1, help="use the first N training questions (-1: all)")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    agent_cfg = AgentConfig(max_turns=5, topk=3, max_prompt_length=1024, max_new_tokens=32, max_response_length=1024,
+                            max_obs_length=256, greedy=True)
+    report = warm_start(a.world_dir, a.retriever_url, a.out,
+                        TinyModelConfig(hidden_size=a.hidden_size, num_layers=a.num_layers, seed=a.seed),
+                        SFTConfig(steps=a.sft_steps, batch_size=a.sft_batch_size, lr=a.lr, seed=a.seed),
+                        ScriptedPolicyConfig(copy_correct_prob=a.copy_correct_prob, seed=a.seed), agent_cfg,
+                        max_samples=a.max_samples)
+    print(json.dumps(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()

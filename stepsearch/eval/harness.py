@@ -39,6 +39,8 @@ class EvalConfig:
     topk: int = 3
     max_new_tokens: int = 64          # per turn
     max_obs_length: int = 256
+    max_context_length: int = 1024    # rolling context fed to the engine each turn (AgentConfig.max_prompt_length)
+    max_response_length: int = 1024   # total response tokens, model turns + observations
     max_samples: int = -1             # first N rows of each file (-1: all)
     index_dir: str | None = None      # to hash the index manifest; else the server's /health identity is used
     seed: int = 0
@@ -153,8 +155,10 @@ def build_agent_config(cfg: EvalConfig):
     """The rollout settings of evaluation: greedy decoding, the configured turn and length budgets."""
     from stepsearch.agent.loop import AgentConfig
 
-    return AgentConfig(max_turns=cfg.max_turns, topk=cfg.topk, max_obs_length=cfg.max_obs_length,
-                       max_new_tokens=cfg.max_new_tokens, greedy=True, seed=cfg.seed, **cfg.extra_agent)
+    return AgentConfig.from_dict({"max_turns": cfg.max_turns, "topk": cfg.topk, "max_obs_length": cfg.max_obs_length,
+                                  "max_new_tokens": cfg.max_new_tokens, "max_prompt_length": cfg.max_context_length,
+                                  "max_response_length": cfg.max_response_length, "greedy": True, "seed": cfg.seed,
+                                  **cfg.extra_agent}, where="eval agent")
 
 
 def write_outputs(out_dir: str, scored: list[dict], meta: dict) -> dict:

@@ -14,21 +14,50 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from functools import lru_cache
+from operator import mul
 from typing import Sequence
 
 import numpy as np
 
-from .qa import normalize_answer
+from .qa import PUNCT_RE
 
-__all__ = ["tfidf_terms", "GoldTfidf", "info_gain_from_similarities", "info_gain"]
+__all__ = ["term_counts", "tfidf_terms", "clear_term_cache", "GoldTfidf", "info_gain_from_similarities", "info_gain"]
 
-# sklearn's default token_pattern.
-_TOKEN_RE = re.compile(r"(?u)\b\w\w+\b")
+# sklearn's default token_pattern is (?u)\b\w\w+\b. With findall, \w{2,} finds the same tokens (each match is
+# a maximal run of 2+ word characters either way) and runs faster.
+_TOKEN_RE = re.compile(r"\w{2,}")
+# Retrieved passages repeat a lot (a GRPO group shares its question; popular passages come back across questions).
+_TERM_CACHE_SIZE = 4096
+
+
+_ARTICLE_TERMS = ("an", "the")          # "a" is never a term (1 character)
+
+
+def term_counts(text: str) -> Counter:
+    """Term frequencies of ``TfidfVectorizer`` on ``normalize_answer(text)``, without building the normalized text.
+
+    normalize_answer lower-cases, drops ASCII punctuation, removes the whole words a/an/the and collapses spaces.
+    A whole word there is a maximal run of word characters, which is exactly one token of the 2+-character token
+    pattern, so removing the articles equals dropping the terms "an"/"the"; whitespace never reaches a token.
+    """
+    counts = Counter(_TOKEN_RE.findall(PUNCT_RE.sub("", text.lower())))
+    for article in _ARTICLE_TERMS:
+        counts.pop(article, None)
+    return counts
+
+
+_cached_term_counts = lru_cache(maxsize=_TERM_CACHE_SIZE)(term_counts)
+
+
+def clear_term_cache() -> None:
+    """Empty the LRU cache of retrieved-doc term counts (benchmarks time a cold cache)."""
+    _cached_term_counts.cache_clear()
 
 
 def tfidf_terms(text: str) -> list[str]:
-    """Terms of one text as the vectorizer sees it: answer-normalized, lower-cased, 2+ word characters."""
-    return _TOKEN_RE.findall(normalize_answer(text).lower())
+    """Terms of one text as the vectorizer sees it (order kept): normalized, lower-cased, 2+ word characters."""
+    return [t for t in _TOKEN_RE.findall(PUNCT_RE.sub("", text.lower())) if t not in _ARTICLE_TERMS]
 
 
 class GoldTfidf:
@@ -44,7 +73,7 @@ class GoldTfidf:
 
     def __init__(self, gold_texts: Sequence[str]):
         self.num_gold = len(gold_texts)
-        gold_counts = [Counter(tfidf_terms(g)) for g in gold_texts]
+        gold_counts = [_cached_term_counts(g) for g in gold_texts]
         self.vocab: dict[str, int] = {}
         for counts in gold_counts:
             for term in counts:
@@ -61,28 +90,34 @@ class GoldTfidf:
         self.counts_sq = self.counts ** 2
         self.base_norm_sq = self.counts_sq @ self.w0                       # (n,)
 
-    def _doc_matrix(self, doc_texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _doc_matrix(self, doc_texts: Sequence[str], use_cache: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(X (m, V) counts on the gold vocabulary, oov_sq (m,) Σ x_t² over other terms, has_terms (m,) bool)."""
+        count_terms = _cached_term_counts if use_cache else term_counts
         X = np.zeros((len(doc_texts), len(self.vocab)))
         oov_sq = np.zeros(len(doc_texts))
         has_terms = np.zeros(len(doc_texts), dtype=bool)
+        vocab = self.vocab
+        rows, cols, vals = [], [], []
         for r, text in enumerate(doc_texts):
-            counts = Counter(tfidf_terms(text))
+            counts = count_terms(text)                                     # read-only (may be cached)
             has_terms[r] = bool(counts)
-            for term, c in counts.items():
-                j = self.vocab.get(term)
-                if j is None:
-                    oov_sq[r] += c * c
-                else:
-                    X[r, j] = c
+            shared_sq = 0
+            for term in counts.keys() & vocab.keys():                       # usually a handful of terms
+                c = counts[term]
+                rows.append(r), cols.append(vocab[term]), vals.append(c)
+                shared_sq += c * c
+            values = counts.values()
+            oov_sq[r] = sum(map(mul, values, values)) - shared_sq
+        X[rows, cols] = vals                                               # one scatter instead of per-term writes
         return X, oov_sq, has_terms
 
-    def similarities(self, doc_texts: Sequence[str]) -> np.ndarray:
-        """Cosine similarities (m, n) of m retrieved docs with the n gold docs; 0 where either vector is zero."""
+    def similarities(self, doc_texts: Sequence[str], use_cache: bool = True) -> np.ndarray:
+        """Cosine similarities (m, n) of m retrieved docs with the n gold docs; 0 where either vector is zero.
+        ``use_cache`` reuses the term counts of docs seen recently (an LRU of 4096 texts)."""
         m = len(doc_texts)
         if m == 0 or self.num_gold == 0:
             return np.zeros((m, self.num_gold))
-        X, oov_sq, has_terms = self._doc_matrix(doc_texts)
+        X, oov_sq, has_terms = self._doc_matrix(doc_texts, use_cache)
         dot = (X * self.w1) @ self.counts.T                                # (m, n)
         doc_norm_sq = (X ** 2) @ self.w1 + oov_sq * self.w_oov             # (m,)
         present = (X > 0).astype(float)
@@ -111,7 +146,7 @@ def info_gain_from_similarities(round_sims: Sequence[np.ndarray]) -> list[float]
         if sims.ndim != 2 or sims.shape[1] != n:
             raise ValueError(f"round_sims[{t}] must have shape (k_t, {n}), got {sims.shape}")
         coverage = sims.max(axis=0) if sims.shape[0] else np.zeros(n)      # c_i^t
-        gains.append(float(np.maximum(coverage - memory, 0.0).mean()))     # G^t = (1/n) Σ_i max(c_i^t − m_i, 0)
+        gains.append(float(np.maximum(coverage - memory, 0.0).sum()) / n)  # G^t = (1/n) Σ_i max(c_i^t − m_i, 0)
         memory = np.maximum(memory, coverage)                              # m_i ← max(m_i, c_i^t)
     return gains
 

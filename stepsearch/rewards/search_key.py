@@ -1,4 +1,4 @@
-"""Search-key reward r_key (SPEC.md §1.4; arXiv 2505.15107 §3.2, "search key reward").
+"""Search-key reward r_key (SPEC.md §1.4; arXiv 2505.15107, the search-key reward of the global reward).
 
 Both modes score a query against a gold key with the answer F1 (normalization, 4-decimal rounding).
 """

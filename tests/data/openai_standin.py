@@ -3,18 +3,22 @@
 It answers deterministically: for "Sub-question: X" in the last user message it proposes
   1. X itself, 2. X without its question word and "?", 3. a nonsense query that no source can answer,
   4. X again (a duplicate the parser must drop).
-With model "flaky" the first request for each prompt fails with HTTP 503 (to exercise retries).
-GET /stats returns the number of chat requests served.
+With model "flaky" the first request for each prompt fails with HTTP 503 (to exercise retries); with model
+"slow" each answer takes 0.3 s. GET /stats returns the number of chat requests served and, per model, the
+largest number of requests that were in flight at once.
 
 Run: python -m uvicorn tests.data.openai_standin:app --host 127.0.0.1 --port PORT
 """
 import re
+import threading
+import time
 
 from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel
 
 app = FastAPI()
-STATE = {"requests": 0, "seen": set()}
+STATE = {"requests": 0, "seen": set(), "in_flight": {}, "max_in_flight": {}}  # the last two per model
+LOCK = threading.Lock()
 NONSENSE = "zqxv plorbic wumpfle 98731"
 QUESTION_WORD = re.compile(r"^(what|who|whom|which|where|when|how many|how|why|in which|in what)\s+", re.I)
 
@@ -38,8 +42,21 @@ def proposals(sub_question: str) -> list[str]:
 
 
 @app.post("/v1/chat/completions")
-def chat(req: ChatRequest):
-    STATE["requests"] += 1
+def chat(req: ChatRequest):  # a sync handler: FastAPI runs it in a thread pool, so requests can overlap
+    with LOCK:
+        STATE["requests"] += 1
+        now = STATE["in_flight"][req.model] = STATE["in_flight"].get(req.model, 0) + 1
+        STATE["max_in_flight"][req.model] = max(STATE["max_in_flight"].get(req.model, 0), now)
+    try:
+        if req.model == "slow":
+            time.sleep(0.3)
+        return answer(req)
+    finally:
+        with LOCK:
+            STATE["in_flight"][req.model] -= 1
+
+
+def answer(req: ChatRequest) -> dict:
     text = req.messages[-1].content
     m = re.search(r"Sub-question: (.*)$", text, re.S)
     if not m:
@@ -55,4 +72,4 @@ def chat(req: ChatRequest):
 
 @app.get("/stats")
 def stats():
-    return {"requests": STATE["requests"]}
+    return {"requests": STATE["requests"], "max_in_flight": STATE["max_in_flight"]}

@@ -115,3 +115,15 @@ def test_degenerate_keys_and_missing_answer_are_reported(built, tmp_path):
 
 def test_normalize_follows_spec_1_3():
     assert normalize("The  U.S. Army, an Example!") == "us army example"
+
+
+def test_corpus_from_hotpot_and_2wiki_records_holds_their_support_docs(tmp_path):
+    from stepsearch.data.build import EvalSetConfig, build_test_set
+
+    for name, ds in (("hotpot_dev_distractor_50.jsonl", "hotpotqa"), ("2wiki_dev_50.jsonl", "2wikimultihopqa")):
+        data, _ = build_test_set(EvalSetConfig(input=str(SAMPLES / name), dataset=ds, local_dir=str(tmp_path),
+                                               keep_evidence=True))
+        corpus = tmp_path / f"{ds}.jsonl"
+        build_corpus([str(SAMPLES / name)], str(corpus), id_prefix=ds)
+        reports, summary, _ = run_check(data, str(corpus))
+        assert summary.docs[EXACT] == sum(len(r.doc_status) for r in reports) > 90  # 100%, about 2 docs per question

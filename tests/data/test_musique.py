@@ -127,3 +127,12 @@ def test_bad_input_names_file_line_and_field(tmp_path, line3, message):
     with pytest.raises(DataError, match=message):
         build_musi(MusiConfig(local_dir=str(tmp_path), input=str(p)))
     assert not list(tmp_path.glob("*.parquet")) and not list(tmp_path.glob(".*tmp"))  # nothing partial written
+
+
+def test_renumber_ids_like_the_released_script(tmp_path):
+    p = tmp_path / "dup.jsonl"
+    p.write_text('{"id": "a", "question": "q?", "final_answer": "x"}\n{"id": "a", "question": "r?", "final_answer": "y"}\n')
+    with pytest.raises(DataError, match="dup.jsonl:2: duplicate id 'a'.*--renumber_ids"):
+        build_musi(MusiConfig(local_dir=str(tmp_path), input=str(p)))
+    out, _ = build_musi(MusiConfig(local_dir=str(tmp_path), input=str(p), renumber_ids=True))
+    assert [r["id"] for r in read_rows_parquet(out)] == ["musi_train_0", "musi_train_1"]

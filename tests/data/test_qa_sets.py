@@ -6,7 +6,7 @@ import pytest
 from stepsearch.data.build import EvalSetConfig, build_test_set
 from stepsearch.data.formats import read_rows_parquet
 from stepsearch.data.io import DataError
-from stepsearch.data.qa_sets import convert_qa_file, join_sentences
+from stepsearch.data.qa_sets import convert_qa_file, join_sentences, sentence_separator
 
 from .conftest import SAMPLES
 
@@ -51,10 +51,11 @@ def test_original_formats_give_supporting_paragraphs():
                                                 "director and screenwriter. He directed 20 films")
 
 
-def test_join_sentences_handles_both_spacing_styles():
-    assert join_sentences(["A b.", " C d."]) == "A b. C d."   # HotpotQA: leading space kept
-    assert join_sentences(["A b.", "C d."]) == "A b. C d."    # 2Wiki: a space inserted
-    assert join_sentences([]) == ""
+def test_sentence_joining_follows_each_dataset():
+    hotpot = [["T", ["A b.", " C \"", 'D" e.']]]  # a sentence without a leading space continues the previous one
+    assert sentence_separator(hotpot) == "" and join_sentences(hotpot[0][1], "") == 'A b. C "D" e.'
+    two_wiki = [["T", ["A b.", "C d."]]]
+    assert sentence_separator(two_wiki) == " " and join_sentences(two_wiki[0][1], " ") == "A b. C d."
 
 
 def test_bamboogle_csv_and_unknown_format(tmp_path):
@@ -69,3 +70,11 @@ def test_bamboogle_csv_and_unknown_format(tmp_path):
     bad.write_text('{"id": "1", "question": "q", "golden_answers": "a"}\n')
     with pytest.raises(DataError, match="x.jsonl:1: field 'golden_answers' must be list"):
         convert_qa_file(str(bad))
+
+
+def test_plain_question_answer_records(tmp_path):
+    p = tmp_path / "qa.jsonl"
+    p.write_text('{"question": "Who is the spouse of the Green performer?", "answer": ["Miquette Giraudy", "M. G."]}\n'
+                 '{"idx": 7, "question": "q2", "answer": "a2"}\n')
+    examples, _ = convert_qa_file(str(p))
+    assert [(e.id, e.answers) for e in examples] == [("0", ("Miquette Giraudy", "M. G.")), ("7", ("a2",))]

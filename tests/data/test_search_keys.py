@@ -120,3 +120,12 @@ def test_cli_end_to_end_with_bm25(chat_server, tmp_path):
     chk = subprocess.run([sys.executable, "-m", "stepsearch.data.check", "--data", str(out), "--corpus", str(corpus)],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert chk.returncode == 0, chk.stdout + chk.stderr
+
+
+def test_concurrency_limit_is_respected(world, chat_server, tmp_path):
+    examples, sources = world
+    cfg = _cfg(chat_server, model="slow", concurrency=2)
+    cfg = KeyGenConfig(**{**cfg.__dict__, "chunk_rows": 4})  # all 10 sub-questions in one round
+    generate_keys(examples, sources, cfg, str(tmp_path / "p.jsonl"))
+    stats = httpx.get(chat_server.removesuffix("/v1") + "/stats", timeout=5).json()
+    assert stats["max_in_flight"]["slow"] == 2  # 10 requests of 0.3 s, never more than 2 at once

@@ -204,3 +204,22 @@ def test_random_batches_match_reference():
     scores, _, _ = compute_token_rewards(data, RewardConfig())
     assert torch.allclose(scores, ref, atol=1e-6, rtol=0)
     assert (scores != 0).sum() > 60                                     # step rewards were actually placed
+
+
+def test_parquet_style_numpy_ground_truth():
+    """Rows read back from parquet hold numpy arrays where the JSON had lists; scores must not change."""
+    p = wiki_passages()
+    response = "<search>q one</search><information>x</information><answer>Evan Morris</answer>"
+    rounds = [{"query": "q one", "docs": [dict(p[0]), dict(p[1])]}]
+    as_lists = score_trajectory(response, rounds, {"target": ["Evan Morris"], "search_keys": [["q one"], ["zz"]]},
+                                [{"title": p[0]["title"], "text": p[0]["text"], "paragraph_text": None}],
+                                RewardConfig())
+    as_arrays = score_trajectory(
+        response, rounds,
+        {"target": np.array(["Evan Morris"], dtype=object),
+         "search_keys": np.array([np.array(["q one"], dtype=object), np.array(["zz"], dtype=object)], dtype=object)},
+        np.array([{"title": p[0]["title"], "text": p[0]["text"], "paragraph_text": None}], dtype=object),
+        RewardConfig())
+    assert as_arrays == as_lists
+    # p[0] is the gold doc itself → c = 1 → G¹ = 1; answer exact, r_key = 1/2 → 1 + 0.309 = 1.309
+    assert as_lists.info_gain == pytest.approx([1.0]) and as_lists.overall == pytest.approx(1.309)

@@ -56,8 +56,8 @@ def _collate(examples, pad_id: int):
     return ids, attn, loss_mask
 
 
-def build_warm_policy(out_dir: str, parquet: str, steps: int = 60, batch_size: int = 8, lr: float = 3e-3,
-                      hidden_size: int = 64, num_layers: int = 2, seed: int = 0, max_obs_tokens: int = 96) -> str:
+def build_warm_policy(out_dir: str, parquet: str, steps: int = 100, batch_size: int = 8, lr: float = 5e-3,
+                      hidden_size: int = 64, num_layers: int = 2, seed: int = 0, max_obs_tokens: int = 48) -> str:
     """Train a tokenizer on the prompts, build a tiny Qwen2, fine-tune it on gold trajectories; save to out_dir."""
     from verl.utils.tiny_model import build_tiny_causal_lm, build_tokenizer
 

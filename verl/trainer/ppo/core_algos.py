@@ -89,17 +89,22 @@ def _gae_over_generated_tokens(rewards, values, response_mask, gamma, lam):
     """
     B, T = rewards.shape
     valid = response_mask.bool()
-    rank = torch.cumsum(valid.long(), dim=1) - 1  # (B, T): index of each generated token in its row's chain
-    dest = torch.where(valid, rank, torch.full_like(rank, T))  # masked tokens go to a dump column T
-    def compact(x):  # (B, T) -> (B, T): generated tokens first, zeros after
-        out = torch.zeros(B, T + 1, dtype=x.dtype, device=x.device)
-        return out.scatter_(1, dest, torch.where(valid, x, torch.zeros_like(x)))[:, :T]
-    r_c, v_c = compact(rewards), compact(values)
+    maskf = response_mask.to(rewards.dtype)
+    if gamma == 1.0 and lam == 1.0:  # StepSearch's setting: the δs telescope to A_t = Σ_{k≥t} r_k − V_t
+        returns = discounted_reverse_cumsum(rewards * maskf, 1.0) * maskf  # reward-to-go over generated tokens
+        return returns - values * maskf, returns
+    # index of each generated token in its row's chain (a float cumsum is exact below 2^24 tokens and
+    # several times faster than an int64 one on CPU); masked tokens go to a dump column T
+    dest = (torch.cumsum(maskf, dim=1).long() - 1).masked_fill_(~valid, T)  # (B, T)
+    both = torch.stack([rewards * maskf, values * maskf])  # (2, B, T)
+    compact = torch.zeros(2, B, T + 1, dtype=rewards.dtype, device=rewards.device)
+    compact = compact.scatter_(2, dest.expand(2, B, T), both)[:, :, :T]  # generated tokens first, zeros after
+    r_c, v_c = compact[0], compact[1]
     next_v = torch.nn.functional.pad(v_c[:, 1:], (0, 1))  # V_{t+1} along the chain, 0 after the last token
     deltas = r_c + gamma * next_v - v_c  # δ_t = r_t + γ V_{t+1} − V_t (0 past the chain)
     adv_c = discounted_reverse_cumsum(deltas, gamma * lam)  # A_t = Σ_k (γλ)^k δ_{t+k}
-    advantages = torch.gather(adv_c, 1, dest.clamp(max=T - 1)) * valid
-    returns = (advantages + values) * valid
+    advantages = torch.gather(adv_c, 1, dest.clamp_(max=T - 1)) * maskf
+    returns = (advantages + values) * maskf
     return advantages, returns
 
 
@@ -151,7 +156,7 @@ def compute_gae_advantage_return(token_level_rewards: torch.Tensor, values: torc
             raise ValueError(f"compute_gae_advantage_return: {int(stray.sum())} non-zero reward(s) sit on masked "
                              f"tokens (first at row {b}, position {t}); with skip_masked=True they would be lost. "
                              f"Place rewards on generated tokens (response_mask == 1) or use skip_masked=False")
-        advantages, returns = _gae_over_generated_tokens(rewards, values, response_mask.to(dtype), gamma, lam)
+        advantages, returns = _gae_over_generated_tokens(rewards, values, response_mask, gamma, lam)
     else:
         advantages, returns = _gae_over_all_positions(rewards, values, gamma, lam)
     if whiten:

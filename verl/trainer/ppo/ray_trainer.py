@@ -104,6 +104,15 @@ def _stats(prefix: str, values: np.ndarray | torch.Tensor) -> dict:
     return {f"{prefix}/mean": float(v.mean()), f"{prefix}/max": float(v.max()), f"{prefix}/min": float(v.min())}
 
 
+def _merge_rollout(batch: DataProto, gen: DataProto, metrics: dict) -> DataProto:
+    """The rollout output plus any dataset non-tensor it did not carry over; its ``rollout_metrics`` (search/*,
+    timing_s/rollout_*) move from meta_info into ``metrics``."""
+    meta = dict(gen.meta_info)
+    metrics.update(meta.pop("rollout_metrics", {}))
+    extra = {k: v for k, v in batch.non_tensor_batch.items() if k not in gen.non_tensor_batch}
+    return DataProto(batch=gen.batch, non_tensor_batch={**gen.non_tensor_batch, **extra}, meta_info=meta)
+
+
 def _mean_dicts(dicts: list[dict]) -> dict:
     """Average per-rank metric dicts key by key."""
     keys = sorted({k for d in dicts for k in d})
@@ -153,11 +162,9 @@ class RayPPOTrainer:
         if n > 1:
             batch = batch.repeat(n, interleave=True)
         self.backend.reset_counters()
-        gen = self.rollout_fn(batch, self.backend, validate=False)
-        extra = {k: v for k, v in batch.non_tensor_batch.items() if k not in gen.non_tensor_batch}
+        gen = _merge_rollout(batch, self.rollout_fn(batch, self.backend, validate=False), metrics)
         metrics["timing_s/generate"] = self.backend.generate_s
-        return DataProto(batch=gen.batch, non_tensor_batch={**gen.non_tensor_batch, **extra},
-                         meta_info=gen.meta_info)
+        return gen
 
     def _phase_old_log_prob(self, batch: DataProto, metrics: dict) -> DataProto:
         out = self.actor_wg.compute_log_prob(batch)
@@ -228,17 +235,34 @@ class RayPPOTrainer:
                 ("adv", self._phase_advantage), ("update_critic", self._phase_update_critic),
                 ("update_actor", self._phase_update_actor), ("sync_weights", self._phase_sync_weights)]
 
-    def train_step(self, batch: DataProto) -> dict:
-        """Run every phase on ``batch``; returns the step metrics (timing_s/* per phase, data, perf)."""
+    def train_step(self, batch: DataProto) -> tuple[DataProto, dict]:
+        """Run every phase on ``batch``; returns the final batch and the metrics with ``timing_s/{phase}``."""
         metrics: dict = {}
-        step_start = time.perf_counter()
         for name, phase in self.phases():
             start = time.perf_counter()
             batch = phase(batch, metrics)
             metrics[f"timing_s/{name}"] = time.perf_counter() - start
-        metrics["timing_s/step"] = time.perf_counter() - step_start
+        return batch, metrics
+
+    def _run_step(self) -> dict:
+        """One training iteration: draw the batch, trace it, run the phases, compute the metrics.
+
+        ``timing_s/step`` covers all of it; ``timing_s/trainer_overhead`` is what the phases do not cover
+        (batch loading, tracing, metric computation), the cost of the controller itself.
+        """
+        start = time.perf_counter()
+        rng_before = ckpt.rng_fingerprint()
+        batch = self.train_dataset.next_batch()
+        self.global_step += 1
+        self._trace_batch_with(batch, rng_before)
+        batch, metrics = self.train_step(batch)
         metrics.update(self._data_metrics(batch))
-        metrics.update(self._perf_metrics(batch, metrics))
+        metrics.update(self._perf_metrics(batch, metrics, time.perf_counter() - start))
+        metrics["timing_s/step"] = time.perf_counter() - start
+        phase_total = sum(metrics[f"timing_s/{name}"] for name, _ in self.phases())
+        metrics["timing_s/trainer_overhead"] = metrics["timing_s/step"] - phase_total
+        metrics["perf/throughput"] = metrics["perf/total_tokens"] / metrics["timing_s/step"]
+        metrics["train/epoch"] = float(self.train_dataset.epoch)
         return metrics
 
     # ---- metrics ---------------------------------------------------------------------------------------------
@@ -261,18 +285,15 @@ class RayPPOTrainer:
                 out.update(_stats(f"search/{key}", np.asarray(nt[key], dtype=np.float64)))
         return out
 
-    def _perf_metrics(self, batch: DataProto, metrics: dict) -> dict:
+    def _perf_metrics(self, batch: DataProto, metrics: dict, elapsed_s: float) -> dict:
         tokens = float(batch.batch["attention_mask"].sum())
-        out = {"perf/total_tokens": tokens, "perf/throughput": tokens / max(metrics["timing_s/step"], 1e-9),
+        out = {"perf/total_tokens": tokens,
                "perf/gen_tokens_per_s": self.backend.generated_tokens / max(self.backend.generate_s, 1e-9),
                "perf/generate_calls": float(self.backend.calls)}
         memory = list(self.actor_wg.peak_memory_gb())
         if self.critic_wg is not None:
             memory += list(self.critic_wg.peak_memory_gb())
         out["perf/max_memory_gb"] = max(memory)
-        out["timing_s/rollout_env"] = metrics["timing_s/gen"] - metrics.get("timing_s/generate", 0.0)
-        phase_total = sum(metrics[f"timing_s/{name}"] for name, _ in self.phases())
-        out["timing_s/trainer_overhead"] = max(0.0, metrics["timing_s/step"] - phase_total)
         return out
 
     # ---- validation --------------------------------------------------------------------------------------------
@@ -282,9 +303,7 @@ class RayPPOTrainer:
             return {}
         records = []
         for batch in self.val_dataset.iter_epoch():
-            gen = self.rollout_fn(batch, self.backend, validate=True)
-            extra = {k: v for k, v in batch.non_tensor_batch.items() if k not in gen.non_tensor_batch}
-            gen = DataProto(batch=gen.batch, non_tensor_batch={**gen.non_tensor_batch, **extra})
+            gen = _merge_rollout(batch, self.rollout_fn(batch, self.backend, validate=True), {})
             result = self.reward_fn(gen)
             records += self._prediction_records(gen, result)
         metrics = self._per_source_means(records)
@@ -374,14 +393,11 @@ class RayPPOTrainer:
                 return last
         with _progress(self.cfg.progress_bar, self.global_step, self.total_steps) as bar:
             while self.global_step < self.total_steps:
-                rng_before = ckpt.rng_fingerprint()
-                batch = self.train_dataset.next_batch()
-                self.global_step += 1
-                self._trace_batch_with(batch, rng_before)
-                last = self.train_step(batch)
-                last["train/epoch"] = float(self.train_dataset.epoch)
+                last = self._run_step()
                 if self._is_due(self.cfg.test_freq):
+                    start = time.perf_counter()
                     last.update(self.validate())
+                    last["timing_s/validate"] = time.perf_counter() - start
                 if self._is_due(self.cfg.save_freq):
                     start = time.perf_counter()
                     self.save_checkpoint()

@@ -86,8 +86,8 @@ class HFRolloutBackend(RolloutBackend):
 
     def _shares_parameters(self, state_dict: dict[str, torch.Tensor]) -> bool:
         own = dict(self.model.named_parameters())
-        return all(name in own and t.data_ptr() == own[name].data_ptr() for name, t in state_dict.items()
-                   if name in own)
+        common = [name for name in state_dict if name in own]
+        return bool(common) and all(state_dict[name].data_ptr() == own[name].data_ptr() for name in common)
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Copy `state_dict` (HF names) into the rollout model; a no-op when it holds the model's own tensors."""

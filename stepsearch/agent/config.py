@@ -1,0 +1,59 @@
+"""AgentConfig: the rollout loop's settings, a frozen dataclass built once at the trainer/eval boundary."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from stepsearch.agent.prompts import STOP_STRINGS
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    max_turns: int = 5
+    """Loop turns that may search (train.sh: 5); a forced final turn without retrieval follows."""
+    topk: int = 3
+    """Documents per search."""
+    max_prompt_length: int = 4096
+    """Rolling context fed to the engine each turn, left-truncated to its last this-many tokens."""
+    max_new_tokens: int = 800
+    """New tokens per turn (the released `max_response_length`, vLLM `max_tokens`)."""
+    max_response_length: int = 4096
+    """Total response tokens (model turns + observations); also T, the width of `responses`."""
+    max_obs_length: int = 800
+    """Tokens per observation; a cut keeps `</information>` (the tags stay balanced)."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    """Paper: 1.0; released yaml default: 0.95."""
+    top_k: int = -1
+    greedy: bool = False
+    """Validation/evaluation decoding."""
+    seed: int | None = None
+    """Base seed of the sampling calls (turn s uses seed + s); None: the engine's own RNG."""
+    logprobs: bool = False
+    """Return `rollout_log_probs` from the engine."""
+    stop: tuple[str, ...] = STOP_STRINGS
+    on_retrieval_error: Literal["observe", "abort"] = "observe"
+    """observe: the sample sees a retrieval-error observation and goes on; abort: raise, failing the batch."""
+
+    def __post_init__(self):
+        for name in ("max_turns", "topk", "max_prompt_length", "max_new_tokens", "max_response_length",
+                     "max_obs_length"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"[agent] {name} must be an int >= 1, got {value!r}")
+        if self.on_retrieval_error not in ("observe", "abort"):
+            raise ValueError(f"[agent] on_retrieval_error must be 'observe' or 'abort', got {self.on_retrieval_error!r}")
+        if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
+            raise TypeError(f"[agent] stop must be a tuple of non-empty strings, got {self.stop!r}")
+        object.__setattr__(self, "stop", tuple(self.stop))  # a YAML list becomes the tuple it stands for
+        if not self.greedy and self.temperature <= 0:
+            raise ValueError(f"[agent] temperature must be > 0 unless greedy=True, got {self.temperature}")
+
+    @classmethod
+    def from_dict(cls, values: dict, where: str = "agent") -> "AgentConfig":
+        """Build from a plain dict (a YAML section); unknown keys are an error that lists the valid ones."""
+        valid = set(cls.__dataclass_fields__)
+        unknown = sorted(set(values) - valid)
+        if unknown:
+            raise KeyError(f"[{where}] unknown key(s) {unknown}; valid keys: {sorted(valid)}")
+        return cls(**values)

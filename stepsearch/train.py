@@ -1,0 +1,110 @@
+"""StepSearch wiring for the veRL-style trainer: the rollout and reward hooks named in the config.
+
+    trainer.rollout_fn: stepsearch.train.build_rollout_fn   # the multi-turn search agent (stepsearch.agent)
+    trainer.reward_fn:  stepsearch.train.build_reward_fn    # StepSearch token rewards (stepsearch.rewards)
+
+Each factory receives the whole config as a plain dict plus the tokenizer, converts its own sections once into
+frozen dataclasses (``AgentConfig``, ``RewardConfig``) and returns the callable the trainer uses.
+``python -m stepsearch.train ...`` is the same as ``python -m verl.trainer.main_ppo ...``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from verl.protocol import DataProto
+from verl.trainer.ppo.ray_trainer import RewardResult
+
+__all__ = ["agent_config_from", "reward_config_from", "build_rollout_fn", "build_reward_fn", "check_retriever"]
+
+# Sampling settings live in actor_rollout_ref.rollout (the actor needs the temperature too); the agent takes them.
+_SAMPLING_KEYS = ("temperature", "top_p", "top_k", "max_new_tokens")
+
+
+def agent_config_from(config: dict):
+    """AgentConfig from the ``agent`` section plus the sampling keys of ``actor_rollout_ref.rollout``."""
+    from stepsearch.agent.config import AgentConfig
+
+    agent = dict(config.get("agent") or {})
+    clash = sorted(k for k in _SAMPLING_KEYS if k in agent)
+    if clash:
+        raise KeyError(f"[agent] {clash} belong in actor_rollout_ref.rollout (the actor uses the same sampling "
+                       f"temperature); remove them from the agent section")
+    rollout = config["actor_rollout_ref"]["rollout"]
+    agent.update({k: rollout[k] for k in _SAMPLING_KEYS if k in rollout})
+    return AgentConfig.from_dict(agent, where="agent")
+
+
+def reward_config_from(config: dict):
+    from stepsearch.rewards import RewardConfig
+
+    return RewardConfig.from_mapping(dict(config.get("reward") or {}))
+
+
+def build_rollout_fn(config: dict, tokenizer):
+    """rollout(batch, backend, validate) -> DataProto: the search agent; greedy (seeded) when validating."""
+    from stepsearch.agent.loop import run_rollout
+    from stepsearch.search.client import RetrievalClient
+
+    train_cfg = agent_config_from(config)
+    val_cfg = dataclasses.replace(train_cfg, greedy=True,
+                                  seed=int(config["actor_rollout_ref"]["rollout"].get("seed", 0)))
+    retriever = dict(config.get("retriever") or {})
+    if "url" not in retriever:
+        raise KeyError("[retriever] url is required (e.g. http://127.0.0.1:8000)")
+    client = RetrievalClient(retriever["url"], timeout_s=float(retriever.get("timeout_s", 30.0)),
+                             max_retries=int(retriever.get("max_retries", 3)))
+
+    def rollout(batch: DataProto, backend, validate: bool) -> DataProto:
+        return run_rollout(batch, backend, client, tokenizer, val_cfg if validate else train_cfg)
+    return rollout
+
+
+def _per_sample(score, response_text: str, ground_truth: Any) -> dict:
+    """Evaluation fields of one trajectory (SPEC §6.1: EM/F1 of the last <answer>, "{...}" unwrapped)."""
+    from stepsearch.rewards import exact_match, extract_eval_prediction, f1_score
+
+    prediction = extract_eval_prediction(response_text)
+    targets = list(ground_truth.get("target", [])) if isinstance(ground_truth, dict) else list(ground_truth)
+    return {"prediction": prediction, "em": exact_match(prediction, targets), "f1": f1_score(prediction, targets),
+            "format_ok": bool(score.format_ok), "reward": float(score.overall), "key_reward": float(score.key_reward),
+            "info_gain": list(score.info_gain), "redundancy": list(score.redundancy)}
+
+
+def build_reward_fn(config: dict, tokenizer):
+    """reward(batch) -> RewardResult: StepSearch token rewards (SPEC §1) with the ablation flags of ``reward``."""
+    from stepsearch.rewards import compute_token_rewards
+
+    cfg = reward_config_from(config)
+
+    def reward(batch: DataProto) -> RewardResult:
+        scores, metrics, per = compute_token_rewards(batch, cfg)
+        nt = batch.non_tensor_batch
+        samples = [_per_sample(s, nt["response_text"][i], nt["ground_truth"][i]) for i, s in enumerate(per)]
+        return RewardResult(token_level_scores=scores, metrics=metrics, per_sample=samples)
+    return reward
+
+
+def check_retriever(url: str, timeout_s: float = 10.0) -> None:
+    """Fail fast with a clear message when the retrieval server does not answer a one-query request."""
+    from stepsearch.search.client import RetrievalClient, RetrievalError
+
+    try:
+        hits = RetrievalClient(url, timeout_s=timeout_s, max_retries=1).retrieve(["health check"], topk=1)
+    except RetrievalError as exc:
+        raise SystemExit(f"[retriever] no answer from {url}: {exc}\nStart it first, e.g. "
+                         f"`python -m stepsearch.search.server --index_dir DIR --port 8000`, or set retriever.url")
+    if not hits or not hits[0]:
+        raise SystemExit(f"[retriever] {url} answered but returned no documents; check its index")
+
+
+if __name__ == "__main__":
+    import sys
+
+    from verl.trainer.main_ppo import main
+
+    if "--check-retriever" in sys.argv:
+        check_retriever(sys.argv[sys.argv.index("--check-retriever") + 1])
+        print("retriever ok")
+    else:
+        main()
