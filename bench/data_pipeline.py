@@ -44,7 +44,7 @@ def main() -> None:
         (qa_out, qa_stats), t_qa = timed(lambda: build_test_set(EvalSetConfig(input=a.flashrag, dataset="2wikimultihopqa",
                                                                              local_dir=d)))
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared)")
-    print(f"| step | items | seconds | items/s |\n|---|---|---|---|")
+    print("| step | items | seconds | items/s |\n|---|---|---|---|")
     print(f"| musi_search (original MuSiQue -> parquet) | {n} rows | {t_conv:.2f} | {n / t_conv:.0f} |")
     print(f"| build_corpus ({stats.paragraphs_read} paragraphs -> {stats.passages_written}) | {stats.paragraphs_read} paragraphs | {t_corpus:.2f} | {stats.paragraphs_read / t_corpus:.0f} |")
     print(f"| check ({sum(summary.docs.values())} support docs) | {n} rows | {t_check:.2f} | {n / t_check:.0f} |")

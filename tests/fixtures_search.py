@@ -3,7 +3,8 @@
 - `redis_url`: a real `redis-server` on a free loopback port, stopped at the end of the session.
 - `wiki_index_dir`: a MiniLM Flat (inner product) index plus a BM25 index over the bundled real wiki-18 sample
   `data/samples/wiki18_sample_1000.jsonl`, built once per session into a temporary folder (a few seconds).
-- `retrieval_url`: a real uvicorn retrieval server (subprocess, 127.0.0.1) over `wiki_index_dir`, caching in `redis_url`.
+- `retrieval_url`: a real uvicorn retrieval server (subprocess, 127.0.0.1) over `wiki_index_dir`, caching in
+  `redis_url`.
 
 Tests that kill or restart services must start their own (see `stepsearch.search.testing`), never these shared ones.
 """

@@ -251,6 +251,15 @@ def _read_jsonl_tolerant(path: str) -> list[dict]:
     return out
 
 
+def _end_with_newline(path: str) -> None:
+    """After a torn last line, start the next record on a fresh line."""
+    if os.path.exists(path) and os.path.getsize(path) > 0:
+        with open(path, "rb+") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+
+
 # ---- the row loop -------------------------------------------------------------------------------------------
 def subquestions(ex: QAExample, row: int) -> list[SubQuestion]:
     """One SubQuestion per key group; the first key of a group is taken as the sub-question."""
@@ -280,10 +289,14 @@ def select_keys(proposals: list[str], votes: list[int], min_votes: int, original
 
 
 async def _generate_chunk(chat: ChatClient, subs: list[SubQuestion]) -> list[list[str]]:
+    """Rewrites for each sub-question; a sub-question repeated within the chunk is asked once."""
+    unique = list(dict.fromkeys(s.question for s in subs))
     sem = asyncio.Semaphore(chat.cfg.concurrency)
     limits = httpx.Limits(max_connections=chat.cfg.concurrency)
     async with httpx.AsyncClient(limits=limits) as client:
-        return await asyncio.gather(*(chat.rewrite(client, sem, s.question) for s in subs))
+        answers = await asyncio.gather(*(chat.rewrite(client, sem, q) for q in unique))
+    by_question = dict(zip(unique, answers))
+    return [by_question[s.question] for s in subs]
 
 
 def generate_keys(examples: list[QAExample], sources: Sequence[RetrievalSource], cfg: KeyGenConfig,
@@ -295,6 +308,7 @@ def generate_keys(examples: list[QAExample], sources: Sequence[RetrievalSource],
     if not 1 <= min_votes <= len(sources):
         raise ValueError(f"[gen_search_keys] min_votes ({min_votes}) must be in 1..{len(sources)} (the number of sources)")
     done = {r["id"]: r for r in _read_jsonl_tolerant(progress_path)} if os.path.exists(progress_path) else {}
+    _end_with_newline(progress_path)
     chat, stats = ChatClient(cfg, cache_path), KeyGenStats(rows=len(examples))
     todo = [i for i, ex in enumerate(examples) if ex.id not in done]
     stats.resumed_rows = len(examples) - len(todo)

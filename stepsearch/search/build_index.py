@@ -50,7 +50,7 @@ class BuildConfig:
     # passages per encoder forward pass
     batch_size: int = 64
     # passages encoded between two memmap flushes (the resume granularity)
-    chunk_size: int = 4096
+    chunk_size: int = 1024
     # vectors used to train IVF/PQ factories (sampled with `seed`)
     train_size: int = 262144
     device: str = "cpu"
@@ -114,15 +114,22 @@ def estimate_index_bytes(factory: str, n: int, dim: int) -> int:
     return n * per_vec
 
 
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
 def print_memory_estimate(cfg: BuildConfig, n: int, dim: int | None, corpus_bytes: int) -> None:
-    gib = 1 / 2**30
-    lines = [f"{n} passages; corpus table ~{corpus_bytes * gib:.2f} GiB on disk (memory-mapped when serving)"]
+    lines = [f"{n} passages; corpus table {human_bytes(corpus_bytes)} on disk (memory-mapped when serving)"]
     if dim is not None:
-        lines.append(f"embeddings memmap {n * dim * 4 * gib:.2f} GiB on disk (N={n} x D={dim} x 4 B)")
-        lines.append(f"FAISS {cfg.index_factory}: ~{estimate_index_bytes(cfg.index_factory, n, dim) * gib:.2f} GiB "
+        lines.append(f"embeddings memmap {human_bytes(n * dim * 4)} on disk (N={n} x D={dim} x 4 B)")
+        lines.append(f"FAISS {cfg.index_factory}: ~{human_bytes(estimate_index_bytes(cfg.index_factory, n, dim))} "
                      "of RAM to build and to serve")
     if "bm25" in cfg.parts:
-        lines.append(f"BM25: tokenizing holds every passage in RAM (~{2 * corpus_bytes * gib:.2f} GiB peak)")
+        lines.append(f"BM25: tokenizing holds every passage in RAM (~{human_bytes(2 * corpus_bytes)} peak)")
     for line in lines:
         log(cfg, "memory estimate: " + line)
 
@@ -237,7 +244,7 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
     p.add_argument("--max_length", type=int, default=256)
     p.add_argument("--index_factory", default="Flat", help="FAISS factory string: Flat, HNSW32, IVF4096,PQ64, ...")
     p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--chunk_size", type=int, default=4096)
+    p.add_argument("--chunk_size", type=int, default=1024, help="passages per memmap flush (resume granularity)")
     p.add_argument("--train_size", type=int, default=262144)
     p.add_argument("--device", default="cpu")
     p.add_argument("--encoder_mode", default="exact", help="encoder speed mode (see encoders.py); exact by default")

@@ -59,6 +59,11 @@ class CacheConfig:
             raise ValueError(f"[cache] ttl_s must be > 0 and lru_size >= 0, got {self.ttl_s}, {self.lru_size}")
 
 
+def redact_url(url: str) -> str:
+    """redis://user:secret@host:port/0 -> redis://user:***@host:port/0 (health output must not leak passwords)."""
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
 class LRU:
     """Thread-safe least-recently-used map with a size cap."""
 
@@ -165,23 +170,39 @@ class RetrievalCache:
         return KEY_PREFIX + hashlib.sha1(raw.encode()).hexdigest()
 
     def get_many(self, queries: list[str], topk: int) -> list[list | None]:
-        """Cached hits per query (None on a miss). Blocking (Redis I/O): call from a worker thread."""
+        """Cached hits per query (None on a miss), LRU then Redis. Blocking when Redis is configured."""
         keys = [self.key(q, topk) for q in queries]
-        found: list[str | None] = [self.lru.get(k) for k in keys]
-        lru_hits = sum(v is not None for v in found)
-        missing = [i for i, v in enumerate(found) if v is None]
-        redis_hits = 0
-        if missing and self.redis is not None:
-            for i, value in zip(missing, self.redis.mget([keys[i] for i in missing])):
-                if value is not None:
-                    found[i] = value
-                    self.lru.put(keys[i], value)
-                    redis_hits += 1
+        return self.finish(keys, self.lookup_redis(keys, self.lookup_lru(keys)))
+
+    def lookup_lru(self, keys: list[str]) -> list[str | None]:
+        """In-process layer only (cheap; safe on the event loop)."""
+        found = [self.lru.get(k) for k in keys]
         with self._lock:
-            self.lru_hits += lru_hits
-            self.redis_hits += redis_hits
-            self.hits += lru_hits + redis_hits
-            self.misses += len(keys) - lru_hits - redis_hits
+            self.lru_hits += sum(v is not None for v in found)
+        return found
+
+    def lookup_redis(self, keys: list[str], found: list[str | None]) -> list[str | None]:
+        """Fill LRU misses from Redis (blocking I/O) and promote them into the LRU."""
+        missing = [i for i, v in enumerate(found) if v is None]
+        if not missing or self.redis is None:
+            return found
+        found = list(found)
+        n_hits = 0
+        for i, value in zip(missing, self.redis.mget([keys[i] for i in missing])):
+            if value is not None:
+                found[i] = value
+                self.lru.put(keys[i], value)
+                n_hits += 1
+        with self._lock:
+            self.redis_hits += n_hits
+        return found
+
+    def finish(self, keys: list[str], found: list[str | None]) -> list[list | None]:
+        """Count hits/misses of a finished lookup and decode the JSON values."""
+        n_hits = sum(v is not None for v in found)
+        with self._lock:
+            self.hits += n_hits
+            self.misses += len(keys) - n_hits
         return [json.loads(v) if v is not None else None for v in found]
 
     def put_many(self, queries: list[str], topk: int, results: list[list]) -> None:
@@ -196,7 +217,7 @@ class RetrievalCache:
             return {"redis": "disabled", "lru_entries": len(self.lru)}
         if not self.redis.up and self.redis.available():
             self.redis.ping()  # /health doubles as a reconnect probe
-        return {"redis": "up" if self.redis.up else "down", "redis_url": self.cfg.redis_url,
+        return {"redis": "up" if self.redis.up else "down", "redis_url": redact_url(self.cfg.redis_url),
                 "redis_error": self.redis.last_error, "lru_entries": len(self.lru)}
 
     def stats(self) -> dict:

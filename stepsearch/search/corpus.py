@@ -165,7 +165,7 @@ class ArrowCorpus:
         return self._table.column(name).slice(start, stop - start).to_pylist()
 
     def rows(self, indices) -> list[dict]:
-        """Document rows for corpus row numbers `indices` (N,), in that order: original fields + id/title/text/contents."""
+        """Document rows for corpus row numbers `indices` (N,), in order: original fields + id/title/text/contents."""
         idx = np.asarray(indices, dtype=np.int64)
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
             raise IndexError(f"corpus row out of range [0, {len(self)}): {idx.min()}..{idx.max()}")

@@ -28,7 +28,8 @@ EMBEDDINGS = "emb.memmap"
 BM25_DIR = "bm25"
 MANIFEST_VERSION = 1
 METHODS = ("dense", "bm25", "hybrid")
-# Encoder settings that define the embedding space; an index must be queried with exactly these.
+# Encoder settings that define the embedding space; an index must be queried with exactly these. Mirrors
+# encoders.IDENTITY_KEYS (kept here so bm25-only serving never imports torch; a test checks they agree).
 ENCODER_IDENTITY_KEYS = ("model", "pooling", "query_prefix", "passage_prefix", "max_length", "dim", "normalize")
 # Reciprocal-rank fusion constant (Cormack et al. 2009, k = 60).
 RRF_K = 60
@@ -48,7 +49,8 @@ def read_manifest(index_dir: str | os.PathLike) -> dict:
     except json.JSONDecodeError as exc:
         raise IndexLoadError(f"{path}: corrupt manifest ({exc}); rebuild the index") from None
     if manifest.get("version") != MANIFEST_VERSION:
-        raise IndexLoadError(f"{path}: manifest version {manifest.get('version')} != {MANIFEST_VERSION}; rebuild the index")
+        raise IndexLoadError(f"{path}: manifest version {manifest.get('version')} != {MANIFEST_VERSION}; "
+                             "rebuild the index")
     return manifest
 
 

@@ -3,7 +3,8 @@
 Serper's documented request: `POST {url}` with header `X-API-KEY: <key>` and JSON `{"q": query, "num": k}`.
 Its response holds `organic: [{"title", "link", "snippet", "position", ...}, ...]` (plus optional `answerBox`,
 `knowledgeGraph`, ...). Each organic result becomes a corpus-like row:
-`{"id": link, "title": title, "text": snippet, "contents": '"title"\\nsnippet', "link", "position", "source": "serper"}`.
+`{"id": link, "title": title, "text": snippet, "contents": '"title"\\nsnippet', "link", "position",
+"source": "serper"}`.
 Serper gives no relevance score, so `score = 1 / rank` (1.0 for the top result), which keeps the rank order.
 """
 from __future__ import annotations

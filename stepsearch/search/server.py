@@ -66,6 +66,8 @@ class ServerConfig:
     max_batch_queries: int = 256
     max_wait_ms: float = 2.0
     coalesce: bool = True
+    # a /retrieve that takes longer answers 504 (the client retries it)
+    request_timeout_s: float = 120.0
     token: str | None = None
     serper_api_key: str | None = None
     serper_url: str = "https://google.serper.dev/search"
@@ -75,7 +77,7 @@ class ServerConfig:
             raise ValueError("[server] give exactly one of --index_dir DIR or --online serper")
         if self.online not in (None, "serper"):
             raise ValueError(f"[server] --online must be 'serper', got {self.online!r}")
-        for name in ("default_topk", "max_topk", "max_queries", "max_query_chars"):
+        for name in ("default_topk", "max_topk", "max_queries", "max_query_chars", "request_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"[server] --{name} must be positive, got {getattr(self, name)}")
         if self.default_topk > self.max_topk:
@@ -220,16 +222,23 @@ class RetrievalService:
         self.latencies_ms: deque[float] = deque(maxlen=20000)
 
     async def retrieve(self, queries: list[str], topk: int) -> list[list[dict]]:
-        cached = await self._cache_call(self.cache.get_many, queries, topk)
+        cached = await self.cached(queries, topk)
         missing = list(dict.fromkeys(q for q, hit in zip(queries, cached) if hit is None))  # unique, in order
         if missing:
             fresh = dict(zip(missing, await self.backend.search(missing, topk)))
-            await self._cache_call(self.cache.put_many, missing, topk, [fresh[q] for q in missing])
+            await self._off_loop(self.cache.put_many, missing, topk, [fresh[q] for q in missing])
             cached = [fresh[q] if hit is None else hit for q, hit in zip(queries, cached)]
         return cached
 
-    async def _cache_call(self, fn, *args):
-        # Redis I/O blocks; without Redis the LRU alone is cheap enough for the event loop.
+    async def cached(self, queries: list[str], topk: int) -> list[list | None]:
+        """LRU on the event loop; only its misses go to Redis, on a worker thread (blocking I/O)."""
+        keys = [self.cache.key(q, topk) for q in queries]
+        found = self.cache.lookup_lru(keys)
+        if self.cache.redis is not None and None in found:
+            found = await asyncio.to_thread(self.cache.lookup_redis, keys, found)
+        return self.cache.finish(keys, found)
+
+    async def _off_loop(self, fn, *args):
         return await asyncio.to_thread(fn, *args) if self.cache.redis is not None else fn(*args)
 
     def record(self, n_queries: int, latency_ms: float) -> None:
@@ -311,7 +320,10 @@ def create_app(cfg: ServerConfig, backend) -> FastAPI:
         t0 = time.perf_counter()
         queries, topk = validate_request(req, cfg)
         try:
-            hits = await service.retrieve(queries, topk)
+            hits = await asyncio.wait_for(service.retrieve(queries, topk), cfg.request_timeout_s)
+        except asyncio.TimeoutError as exc:
+            service.errors += 1
+            raise HTTPException(504, f"retrieval took longer than {cfg.request_timeout_s}s (overloaded?)") from exc
         except UpstreamError as exc:
             service.errors += 1
             raise HTTPException(502, f"online search failed: {exc}") from exc
@@ -358,6 +370,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
     p.add_argument("--max_batch_queries", type=int, default=d["max_batch_queries"].default)
     p.add_argument("--max_wait_ms", type=float, default=d["max_wait_ms"].default)
     p.add_argument("--no_coalesce", action="store_true", help="run each request alone (benchmark baseline)")
+    p.add_argument("--request_timeout_s", type=float, default=d["request_timeout_s"].default)
     p.add_argument("--token_env", default=TOKEN_ENV, help="env var holding an optional bearer token")
     p.add_argument("--serper_api_key", help=f"Serper key (default: $SERPER_API_KEY)")
     p.add_argument("--serper_url", default=d["serper_url"].default)
@@ -370,6 +383,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
                        cache_normalization=a.cache_normalization, default_topk=a.default_topk, max_topk=a.max_topk,
                        max_queries=a.max_queries, max_query_chars=a.max_query_chars,
                        max_batch_queries=a.max_batch_queries, max_wait_ms=a.max_wait_ms, coalesce=not a.no_coalesce,
+                       request_timeout_s=a.request_timeout_s,
                        token=os.environ.get(a.token_env) or None, serper_api_key=a.serper_api_key,
                        serper_url=a.serper_url)
     return cfg, a

@@ -146,7 +146,7 @@ def test_search_end_positions_land_on_search_close(tok, rollout):
         for p in positions:
             assert out.batch["responses"][i, p] == close_id
             assert out.batch["response_mask"][i, p] == 1 and out.batch["response_mask"][i, p + 1] == 0
-            assert tok.decode(out.batch["responses"][i, p + 1:p + 3]).startswith("\n\n<information>")
+            assert tok.decode(out.batch["responses"][i, p + 1:p + 6]).startswith("\n\n<information>")
 
 
 def test_sequence_tensors(tok, rollout):

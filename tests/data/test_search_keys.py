@@ -77,6 +77,8 @@ def test_resume_and_cache_skip_finished_work(world, chat_server, tmp_path):
     with open(progress, "a") as f:
         f.write('{"id": "torn')  # a run killed mid-write leaves a torn last line: it is ignored
     assert generate_keys(examples, sources, _cfg(chat_server), progress, cache)[0] == full
+    lines = open(progress).read().splitlines()
+    assert lines[-1] == '{"id": "torn' and len(lines) == 5  # 4 rows + the torn line, which the next append skips
 
 
 def test_transient_server_errors_are_retried(world, chat_server, tmp_path):

@@ -125,3 +125,10 @@ def test_rrf_fusion_hand_computed():
     fused = rrf_fuse([a, b], topk=4)
     assert fused.ids.tolist() == [[1, 3, 2, 4]]
     np.testing.assert_allclose(fused.scores[0], [1 / 61 + 1 / 62, 1 / 63 + 1 / 61, 1 / 62, 1 / 63], rtol=1e-6)
+
+
+def test_identity_keys_mirror_the_encoder_module():
+    from stepsearch.search.encoders import IDENTITY_KEYS
+    from stepsearch.search.index import ENCODER_IDENTITY_KEYS
+
+    assert tuple(ENCODER_IDENTITY_KEYS) == tuple(IDENTITY_KEYS)

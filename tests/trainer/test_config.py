@@ -38,10 +38,10 @@ def test_cpu_test_config_needs_paths_and_builds_with_them():
 
 
 @pytest.mark.parametrize("override, error, match", [
-    ("actor_rollout_ref.actor.ppo_epoch=2", KeyError, r"\[actor_rollout_ref.actor\] unknown key\(s\) \['ppo_epoch'\]"),
+    ("+actor_rollout_ref.actor.ppo_epoch=2", KeyError, r"\[actor_rollout_ref.actor\] unknown key\(s\) \['ppo_epoch'\]"),
     ("trainer.logger=[console,mlflow]", ValueError, r"unknown logger\(s\) \['mlflow'\]"),
     ("algorithm.adv_estimator=grpo", ValueError, "needs actor_rollout_ref.rollout.n >= 2"),
-    ("data.train_batch_size=100", ValueError, r"ppo_mini_batch_size \(64\) must divide data.train_batch_size"),
+    ("data.train_batch_size=96", ValueError, r"ppo_mini_batch_size \(64\) must divide data.train_batch_size"),
     ("actor_rollout_ref.rollout.temperature=0.7", ValueError, "must equal rollout.temperature"),
     ("+actor_rollout_ref.actor.world_size=4", KeyError, "derived"),
 ])

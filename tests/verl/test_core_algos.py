@@ -171,6 +171,19 @@ def test_gae_whitening_uses_the_mask():
     assert adv[~mask.bool()].abs().max().item() == 0.0
 
 
+def test_gae_released_whitening_mask_includes_observations():
+    # γ = λ = 1, V = 0, all positions in the chain; whitening over the response attention mask (all 8 tokens)
+    rewards = torch.tensor([[0.0, 0.0, 0.0, 2.0], [0.0, 4.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 0.0, 0.0]])
+    attn = torch.ones(2, 4)
+    adv, _ = ca.compute_gae_advantage_return(rewards, torch.zeros(2, 4), mask, 1.0, 1.0, skip_masked=False,
+                                             whiten_mask=attn)
+    # raw A: row 0 = (2, 2, 2, 2), row 1 = (4, 4, 0, 0); over all 8: mean 2, unbiased var (0·4 + 4·2 + 4·2)/7 = 16/7
+    std = math.sqrt(16 / 7)
+    expected = torch.tensor([[0.0, 0.0, 0.0, 0.0], [2 / std, 2 / std, -2 / std, -2 / std]])
+    torch.testing.assert_close(adv, expected, atol=1e-5, rtol=0)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Scan, masked statistics
 # ---------------------------------------------------------------------------------------------------------------------

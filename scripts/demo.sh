@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# `make demo`: the whole StepSearch pipeline offline on CPU, on the synthetic multi-hop world (docs/demo.md).
+#   world -> MiniLM index -> retrieval server (+ Redis cache) -> warm start (SFT on a noisy scripted searcher)
+#   -> held-out eval (before) -> StePPO (verl.trainer.main_ppo, configs/cpu_demo.yaml) -> held-out eval (after)
+#   -> learning-curve PNG + trajectory viewer HTML.
+# Everything it starts (redis-server, the retrieval server) is stopped on exit, also on failure or Ctrl-C.
+# Knobs (environment): DEMO_OUT (runs/demo), DEMO_SEED (0), DEMO_STEPS (40), DEMO_SFT_STEPS (300), PY (.venv/bin/python).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PY:-.venv/bin/python}
+OUT=${DEMO_OUT:-runs/demo}
+SEED=${DEMO_SEED:-0}
+STEPS=${DEMO_STEPS:-40}
+SFT_STEPS=${DEMO_SFT_STEPS:-300}
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false RAY_USAGE_STATS_ENABLED=0 PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+START_S=$(date +%s)
+PIDS=()
+cleanup() {
+  local rc=$?
+  for pid in "${PIDS[@]:-}"; do
+    [ -n "$pid" ] && kill "$pid" 2>/dev/null || true
+  done
+  for pid in "${PIDS[@]:-}"; do
+    [ -n "$pid" ] && wait "$pid" 2>/dev/null || true
+  done
+  if [ $rc -ne 0 ]; then echo "demo FAILED (exit $rc); logs in $OUT/logs" >&2; fi
+  exit $rc
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+stage() { echo "[demo $(( $(date +%s) - START_S ))s] $*"; }
+free_port() { "$PY" -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"; }
+
+rm -rf "$OUT/rl" "$OUT/eval_before" "$OUT/eval_after"
+mkdir -p "$OUT/logs"
+
+stage "1/8 world (seed $SEED)"
+"$PY" -m stepsearch.envs.build --out "$OUT/world" --seed "$SEED"
+
+stage "2/8 MiniLM index over the world's passages"
+"$PY" -m stepsearch.search.build_index --corpus "$OUT/world/corpus.jsonl" --out "$OUT/index" --quiet \
+  > "$OUT/logs/build_index.log" 2>&1
+
+stage "3/8 Redis + retrieval server on loopback"
+REDIS_ARGS=()
+if command -v redis-server > /dev/null; then
+  REDIS_PORT=$(free_port)
+  redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no > "$OUT/logs/redis.log" 2>&1 &
+  PIDS+=($!)
+  REDIS_ARGS=(--redis_url "redis://127.0.0.1:$REDIS_PORT/0")
+else
+  echo "redis-server not found: the retriever runs with its in-process cache only (apt-get install -y redis-server)"
+fi
+PORT=$(free_port)
+URL="http://127.0.0.1:$PORT"
+"$PY" -m stepsearch.search.server --index_dir "$OUT/index" --host 127.0.0.1 --port "$PORT" "${REDIS_ARGS[@]}" \
+  > "$OUT/logs/retriever.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 1 240); do
+  if "$PY" -c "import httpx,sys; sys.exit(httpx.get('$URL/health', timeout=1).status_code != 200)" 2>/dev/null; then
+    break
+  fi
+  kill -0 "${PIDS[-1]}" 2>/dev/null || { echo "retrieval server died:"; tail -20 "$OUT/logs/retriever.log"; exit 1; }
+  sleep 0.5
+done
+"$PY" -c "import httpx; httpx.get('$URL/health', timeout=5).raise_for_status()"
+
+stage "4/8 warm start: tiny Qwen2 + SFT on the noisy scripted searcher ($SFT_STEPS steps)"
+"$PY" -m stepsearch.envs.warmstart --world_dir "$OUT/world" --retriever_url "$URL" --out "$OUT/sft_model" \
+  --sft_steps "$SFT_STEPS" --seed "$SEED" 2>&1 | tee "$OUT/logs/warmstart.log" | grep -E "sft step|Error" || true
+test -f "$OUT/sft_model/warm_start.json"
+
+EVAL_ARGS=(--data "$OUT/world/test.parquet" --retriever_url "$URL" --index_dir "$OUT/index" --backend hf
+           --max_prompt_length 96 --max_new_tokens 24 --max_response_length 640)
+stage "5/8 held-out evaluation BEFORE RL"
+"$PY" -m stepsearch.eval "${EVAL_ARGS[@]}" --model "$OUT/sft_model" --out "$OUT/eval_before" \
+  > "$OUT/logs/eval_before.log" 2>&1
+
+stage "6/8 StePPO ($STEPS steps, configs/cpu_demo.yaml)"
+"$PY" -m verl.trainer.main_ppo --config-name cpu_demo model.path="$OUT/sft_model" \
+  "data.train_files=[$OUT/world/train.parquet]" "data.val_files=[$OUT/world/test.parquet]" \
+  retriever.url="$URL" trainer.default_local_dir="$OUT/rl" trainer.total_training_steps="$STEPS" \
+  trainer.save_freq="$STEPS" trainer.resume_mode=disable trainer.seed="$SEED" \
+  > "$OUT/logs/train.log" 2>&1 || { tail -30 "$OUT/logs/train.log"; exit 1; }
+grep -E "step [0-9]+ \|" "$OUT/logs/train.log" | tail -3 || true
+
+stage "7/8 held-out evaluation AFTER RL"
+"$PY" -m stepsearch.eval "${EVAL_ARGS[@]}" --model "$OUT/rl/global_step_$STEPS/hf" --out "$OUT/eval_after" \
+  > "$OUT/logs/eval_after.log" 2>&1
+
+stage "8/8 learning curve + trajectory viewer"
+"$PY" -m stepsearch.viz --metrics "$OUT/rl/metrics.jsonl" --out "$OUT/learning_curve.png" --title "StePPO on the synthetic world"
+"$PY" -m stepsearch.viz --predictions "$OUT/eval_after/predictions.jsonl" --out "$OUT/report_after.html"
+"$PY" -m stepsearch.viz --predictions "$OUT/eval_before/predictions.jsonl" --out "$OUT/report_before.html"
+"$PY" -m stepsearch.envs.demo_summary --out "$OUT" --wall_s $(( $(date +%s) - START_S ))

@@ -1,0 +1,74 @@
+"""launch_retrieval.sh: refuses missing/stale indexes, starts Redis when none runs, serves and prints the URL."""
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import httpx
+import pytest
+
+from stepsearch.search.build_index import BuildConfig, build_index
+from stepsearch.search.testing import free_port
+
+ENV = {**os.environ, "PYTHON": ".venv/bin/python" if os.path.exists(".venv/bin/python") else "python3"}
+
+
+def launch(index_dir, extra_env=None, **kw):
+    return subprocess.run(["bash", "launch_retrieval.sh", str(index_dir)], env={**ENV, **(extra_env or {})},
+                          capture_output=True, text=True, timeout=120, **kw)
+
+
+@pytest.fixture()
+def bm25_index(tmp_path):
+    corpus = tmp_path / "c.jsonl"
+    with open("data/samples/wiki18_sample_1000.jsonl") as src:
+        corpus.write_text("".join(next(src) for _ in range(50)))
+    build_index(BuildConfig(corpus=str(corpus), out=str(tmp_path / "idx"), method="bm25", quiet=True))
+    return corpus, tmp_path / "idx"
+
+
+def test_missing_index_exits_2_with_build_hint(tmp_path):
+    proc = launch(tmp_path / "absent")
+    assert proc.returncode == 2
+    assert "no index at" in proc.stderr and "build_index" in proc.stderr
+
+
+def test_stale_index_exits_2(bm25_index):
+    corpus, index_dir = bm25_index
+    corpus.write_text(corpus.read_text().replace("Evan", "Ivan", 1))
+    proc = launch(index_dir)
+    assert proc.returncode == 2
+    assert "index is stale" in proc.stderr
+
+
+@pytest.mark.skipif(shutil.which("redis-cli") is None, reason="redis-cli (redis-tools) not installed")
+def test_starts_redis_and_serves(bm25_index):
+    _, index_dir = bm25_index
+    port, redis_port = free_port(), free_port()
+    proc = subprocess.Popen(["bash", "launch_retrieval.sh", str(index_dir)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True,
+                            env={**ENV, "PORT": str(port), "REDIS_PORT": str(redis_port)})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.2)
+        health = httpx.get(url + "/health").json()
+        assert health["method"] == "bm25" and health["cache"]["redis"] == "up"
+        assert f"127.0.0.1:{redis_port}" in health["cache"]["redis_url"]
+        hits = httpx.post(url + "/retrieve", json={"queries": ["Evan Morris"], "topk": 1}).json()["result"]
+        assert hits[0][0]["title"] == "Evan Morris"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        subprocess.run(["redis-cli", "-p", str(redis_port), "shutdown", "nosave"], capture_output=True, timeout=10)
+    assert f"retrieval server: {url}/retrieve" in out
+    assert f"started redis-server on 127.0.0.1:{redis_port}" in out
