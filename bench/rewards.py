@@ -179,6 +179,7 @@ ran once.
     fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".md")
     with os.fdopen(fd, "w") as f:
         f.write(md)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
     return md
 

@@ -44,7 +44,7 @@ def parse_args():
 
 def ensure_index(corpus: str, index_dir: str) -> None:
     from stepsearch.search.build_index import BuildConfig, build_index
-    from stepsearch.search.index import IndexLoadError, LoadOptions, check_corpus, read_manifest
+    from stepsearch.search.index import IndexLoadError, check_corpus, read_manifest
 
     try:
         manifest = read_manifest(index_dir)

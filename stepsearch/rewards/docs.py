@@ -80,7 +80,8 @@ def _parse_block(body: str) -> list[dict]:
     docs = []
     for n, h in enumerate(headers):
         end = headers[n + 1].start() if n + 1 < len(headers) else len(text)
-        docs.append({"id": None, "title": h.group(2).strip(), "text": text[h.end():end].strip(), "rank": int(h.group(1))})
+        docs.append({"id": None, "title": h.group(2).strip(), "text": text[h.end():end].strip(),
+                     "rank": int(h.group(1))})
     return docs
 
 

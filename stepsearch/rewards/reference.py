@@ -5,7 +5,6 @@ They follow SPEC.md §1.6–1.8 literally: a scikit-learn ``TfidfVectorizer`` re
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from .config import RewardConfig
@@ -56,7 +55,8 @@ def reference_redundancy(rounds_docs: list[list[dict]]) -> list[float]:
     for docs in rounds_docs:
         penalty = 0.0
         for d in docs:
-            key = d["id"] if d.get("id") not in (None, "") else (normalize_answer(d["title"]), normalize_answer(d["text"]))
+            has_id = d.get("id") not in (None, "")
+            key = d["id"] if has_id else (normalize_answer(d["title"]), normalize_answer(d["text"]))
             if key in seen:
                 penalty += 1 / len(docs)
             else:
@@ -80,7 +80,8 @@ def reference_token_scores(response_mask: torch.Tensor, response_texts: list[str
         if golds and cfg.use_step_rewards:
             gains = reference_info_gain(round_doc_texts(rounds[b]), golds)
             pens = reference_redundancy([r["docs"] for r in rounds[b]])
-            steps = [cfg.step_reward_scale * ((g if cfg.use_info_gain else 0) - (p if cfg.use_redundancy_penalty else 0))
+            steps = [cfg.step_reward_scale
+                     * ((g if cfg.use_info_gain else 0) - (p if cfg.use_redundancy_penalty else 0))
                      for g, p in zip(gains, pens)]
         if check_format(text):
             key = search_key_reward(extract_queries(text), gt.get("search_keys"), cfg.key_reward_mode)

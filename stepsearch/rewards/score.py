@@ -94,6 +94,7 @@ def score_file(input_path: str, output_path: str, cfg: RewardConfig, skip_bad: b
                 out = {"line": line_no, **({"id": row["id"]} if "id" in row else {}), **score.to_dict()}
                 fout.write(json.dumps(out, ensure_ascii=False) + "\n")
                 scores.append(score)
+        os.chmod(tmp_path, 0o644)                                        # mkstemp creates 0600
         os.replace(tmp_path, output_path)
     except BaseException:
         if os.path.exists(tmp_path):

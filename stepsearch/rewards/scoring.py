@@ -19,7 +19,8 @@ from .qa import as_str_list, check_format, exact_match, extract_answer, extract_
 from .redundancy import redundancy_penalty
 from .search_key import search_key_reward
 
-__all__ = ["TrajectoryScore", "score_trajectory", "reward_metrics", "combine_step_rewards", "gold_texts", "round_doc_texts"]
+__all__ = ["TrajectoryScore", "score_trajectory", "reward_metrics", "combine_step_rewards", "gold_texts",
+           "round_doc_texts"]
 
 
 @dataclass(frozen=True)

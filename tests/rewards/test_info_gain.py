@@ -89,3 +89,13 @@ def test_vectorized_similarities_match_per_doc_loop():
     batched = gold.similarities(docs)
     looped = np.stack([gold.similarities([d])[0] for d in docs])
     assert np.abs(batched - looped).max() < 1e-12
+
+
+def test_empty_gold_docs_match_sklearn():
+    # gold vectors with no terms have zero norm → cosine 0, in sklearn and here
+    golds = ["", "!!! the", wiki_passages()[3]["text"]]
+    docs = ["hello world", wiki_passages()[3]["text"][:200]]
+    ours = GoldTfidf(golds).similarities(docs)
+    ref = np.array([sklearn_similarities(d, golds) for d in docs])
+    assert np.abs(ours - ref).max() < 1e-12
+    assert np.all(ours[:, :2] == 0.0) and ours[1, 2] > 0.5

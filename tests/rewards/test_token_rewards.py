@@ -186,7 +186,9 @@ def test_random_batches_match_reference():
     mask = torch.zeros(60, T, dtype=torch.long)
     for b in range(60):
         round_texts, golds = random_case(rng)
-        rnds = [{"query": f"q{t}", "docs": [{"id": str(zlib.crc32(d.encode()) % 50), "title": "t", "text": d} for d in r]}
+        # ids from a hash of the text, folded to 50 values so that different texts sometimes share an id
+        rnds = [{"query": f"q{t}",
+                 "docs": [{"id": str(zlib.crc32(d.encode()) % 50), "title": "t", "text": d} for d in r]}
                 for t, r in enumerate(round_texts)]
         pos = sorted(rng.sample(range(T - 1), len(rnds)))
         mask[b, pos] = 1

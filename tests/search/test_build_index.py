@@ -1,6 +1,5 @@
 """Index builder: manifest, FAISS results against brute force, resume, memory estimate, stale/mismatch refusal."""
 import json
-import os
 import shutil
 
 import numpy as np

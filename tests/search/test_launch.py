@@ -42,6 +42,7 @@ def test_stale_index_exits_2(bm25_index):
     assert "index is stale" in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("redis-cli") is None, reason="redis-cli (redis-tools) not installed")
 def test_starts_redis_and_serves(bm25_index):
     _, index_dir = bm25_index

@@ -1,5 +1,4 @@
 """The retrieval server on the real stack: MiniLM index over the wiki-18 sample, uvicorn subprocess, real Redis."""
-import json
 import random
 import time
 
@@ -104,6 +103,7 @@ def test_bad_input_gets_4xx_with_message_and_server_stays_up(retrieval_url, name
     assert post(retrieval_url, {"queries": ["still up?"], "topk": 1}).status_code == 200
 
 
+@pytest.mark.slow
 def test_redis_killed_mid_test_and_bearer_token(wiki_index_dir):
     redis_proc = start_redis()
     server = start_retrieval_server(wiki_index_dir, redis_proc.url, env={"STEPSEARCH_RETRIEVAL_TOKEN": "s3cret"})

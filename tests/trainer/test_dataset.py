@@ -2,7 +2,6 @@
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from verl.utils.dataset import RLHFDataset
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np

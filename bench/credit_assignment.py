@@ -1,0 +1,180 @@
+"""Credit assignment in miniature: StePPO vs PPO (answer F1 only) vs GRPO on the synthetic multi-hop world.
+
+Same warm start, same budget (trajectories per step x steps), 3 seeds each. For every run it records the held-out
+EM curve (the trainer's greedy validation every `--test_freq` steps), the first step at which EM reaches
+`--threshold`, and, from a final `python -m stepsearch.eval` of the exported policy, final EM / F1, mean searches
+and mean redundancy P^t (share of a round's docs already retrieved earlier in the trajectory).
+
+    python bench/credit_assignment.py --demo_dir runs/demo --steps 40 --seeds 0 1 2
+
+`--demo_dir` must hold what `make demo` builds: world/, index/ and sft_model/. Results go to
+bench/results/credit_assignment.md and bench/results/credit_assignment.png; run folders to --work.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+# Algorithm -> Hydra overrides on top of configs/cpu_demo.yaml. Budget: 32 trajectories per step for all three.
+ALGOS: dict[str, list[str]] = {
+    "steppo": [],
+    "ppo": ["reward.use_search_key_reward=false", "reward.use_step_rewards=false"],
+    "grpo": ["algorithm.adv_estimator=grpo", "actor_rollout_ref.rollout.n=4", "data.train_batch_size=8",
+             "actor_rollout_ref.actor.ppo_mini_batch_size=8", "algorithm.use_kl_in_reward=false",
+             "actor_rollout_ref.actor.use_kl_loss=true", "reward.use_search_key_reward=false",
+             "reward.use_step_rewards=false"],
+}
+
+
+def run_training(algo: str, seed: int, a, url: str, run_dir: str) -> float:
+    """One trainer run in a subprocess; returns its wall time in seconds."""
+    cmd = [sys.executable, "-m", "verl.trainer.main_ppo", "--config-name", "cpu_demo",
+           f"model.path={a.demo_dir}/sft_model", f"data.train_files=[{a.demo_dir}/world/train.parquet]",
+           f"data.val_files=[{a.demo_dir}/world/test.parquet]", f"retriever.url={url}",
+           f"trainer.default_local_dir={run_dir}", f"trainer.total_training_steps={a.steps}",
+           f"trainer.save_freq={a.steps}", f"trainer.test_freq={a.test_freq}", "data.val_max_samples=-1",
+           "trainer.resume_mode=disable", f"trainer.seed={seed}", f"data.seed={seed + 1}",
+           f"actor_rollout_ref.actor.seed={seed}", f"critic.seed={seed}", *ALGOS[algo]]
+    start = time.perf_counter()
+    with open(os.path.join(run_dir + ".log"), "w") as log:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, timeout=a.run_timeout_s)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{algo} seed {seed} failed (exit {proc.returncode}); see {run_dir}.log\n"
+                           f"command: {shlex.join(cmd)}")
+    return time.perf_counter() - start
+
+
+def run_eval(model: str, a, url: str, out: str) -> dict:
+    from stepsearch.eval.harness import EvalConfig, evaluate
+
+    cfg = EvalConfig(data=(f"{a.demo_dir}/world/test.parquet",), model=model, retriever_url=url, out=out,
+                     backend="hf", max_prompt_length=96, max_new_tokens=24, max_response_length=640,
+                     index_dir=f"{a.demo_dir}/index")
+    summary = evaluate(cfg)
+    preds = [json.loads(line) for line in open(os.path.join(out, "predictions.jsonl"))]
+    penalties = [r["redundancy"] for p in preds for r in p["rounds"] if r["redundancy"] is not None]
+    return {**summary["per_source"]["all"], "redundancy": sum(penalties) / max(len(penalties), 1)}
+
+
+def val_curve(run_dir: str) -> list[tuple[int, float]]:
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    return [(r["step"], r["val/all/em"]) for r in rows if "val/all/em" in r]
+
+
+def steps_to(curve: list[tuple[int, float]], threshold: float) -> int | None:
+    return next((step for step, em in curve if em >= threshold), None)
+
+
+def plot(results: dict, path: str, threshold: float) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors = {"steppo": "tab:green", "ppo": "tab:blue", "grpo": "tab:orange"}
+    for algo, runs in results.items():
+        for i, r in enumerate(runs):
+            xs, ys = zip(*([(0, r["em_before"])] + r["curve"])) if r["curve"] else ([0], [r["em_before"]])
+            ax.plot(xs, ys, color=colors.get(algo), alpha=0.8, label=algo if i == 0 else None, marker=".")
+    ax.axhline(threshold, ls="--", color="gray", lw=0.8)
+    ax.set_xlabel("PPO step (32 trajectories each)")
+    ax.set_ylabel("held-out EM (greedy)")
+    ax.set_title("synthetic world: StePPO vs PPO vs GRPO, 3 seeds")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def mean(xs):
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def fmt(x, f="{:.3f}"):
+    return "–" if x is None else f.format(x)
+
+
+def write_markdown(results: dict, a, em_before: float, path: str, cmd: str, wall_s: float) -> None:
+    lines = ["## Credit assignment on the synthetic world (bench/credit_assignment.py)", "",
+             f"Command: `{cmd}`", "",
+             f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores (shared with other jobs while it ran), "
+             f"{platform.python_version()}; total wall {wall_s / 60:.1f} min.", "",
+             f"Same warm start (held-out EM {em_before:.3f}), {a.steps} steps x 32 trajectories per step "
+             f"(GRPO: 8 prompts x 4 samples), seeds {a.seeds}. EM threshold {a.threshold}.", "",
+             "| algorithm | seed | steps to EM≥thr | final EM | final F1 | mean searches | redundancy P | wall s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for algo, runs in results.items():
+        for r in runs:
+            lines.append(f"| {algo} | {r['seed']} | {fmt(r['steps_to'], '{}')} | {fmt(r['em'])} | {fmt(r['f1'])} | "
+                         f"{fmt(r['num_searches'], '{:.2f}')} | {fmt(r['redundancy'])} | {r['wall_s']:.0f} |")
+    lines += ["", "| algorithm | runs reaching thr | mean final EM | mean searches | mean redundancy |", "|---|---|---|---|---|"]
+    for algo, runs in results.items():
+        reached = sum(r["steps_to"] is not None for r in runs)
+        lines.append(f"| {algo} | {reached}/{len(runs)} | {fmt(mean([r['em'] for r in runs]))} | "
+                     f"{fmt(mean([r['num_searches'] for r in runs]), '{:.2f}')} | "
+                     f"{fmt(mean([r['redundancy'] for r in runs]))} |")
+    lines += ["", "![credit assignment](credit_assignment.png)", ""]
+    with open(path + ".tmp", "w") as f:
+        f.write("\n".join(lines))
+    os.replace(path + ".tmp", path)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from stepsearch.search.testing import start_retrieval_server
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--demo_dir", default="runs/demo")
+    p.add_argument("--work", default="runs/credit_assignment")
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--test_freq", type=int, default=10)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--algos", nargs="+", default=list(ALGOS), choices=list(ALGOS))
+    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--run_timeout_s", type=int, default=3600)
+    p.add_argument("--results", default=os.path.join(REPO, "bench", "results", "credit_assignment.md"))
+    a = p.parse_args(argv)
+    for need in ("world/test.parquet", "index/manifest.json", "sft_model/config.json"):
+        if not os.path.exists(os.path.join(a.demo_dir, need)):
+            raise SystemExit(f"{a.demo_dir}/{need} is missing: run `make demo` first (or pass --demo_dir)")
+    os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    os.makedirs(a.work, exist_ok=True)
+    start = time.perf_counter()
+    server = start_retrieval_server(os.path.join(a.demo_dir, "index"))
+    try:
+        before = run_eval(f"{a.demo_dir}/sft_model", a, server.url, os.path.join(a.work, "eval_warm_start"))
+        results: dict[str, list[dict]] = {}
+        for algo in a.algos:
+            for seed in a.seeds:
+                run_dir = os.path.abspath(os.path.join(a.work, f"{algo}_seed{seed}"))
+                wall = run_training(algo, seed, a, server.url, run_dir)
+                final = run_eval(os.path.join(run_dir, f"global_step_{a.steps}", "hf"), a, server.url,
+                                 run_dir + "_eval")
+                curve = val_curve(run_dir)
+                results.setdefault(algo, []).append({
+                    "seed": seed, "curve": curve, "steps_to": steps_to(curve, a.threshold), "em": final["em"],
+                    "f1": final["f1"], "num_searches": final["num_searches"], "redundancy": final["redundancy"],
+                    "wall_s": wall, "em_before": before["em"]})
+                print(f"{algo} seed {seed}: final EM {final['em']:.3f}, curve {curve}, {wall:.0f}s", flush=True)
+                with open(os.path.join(a.work, "results.json"), "w") as f:
+                    json.dump({"before": before, "results": results}, f, indent=1)
+    finally:
+        server.stop()
+    png = os.path.join(os.path.dirname(a.results), "credit_assignment.png")
+    plot(results, png, a.threshold)
+    cmd = "python bench/credit_assignment.py " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:]))
+    write_markdown(results, a, before["em"], a.results, cmd, time.perf_counter() - start)
+    return results
+
+
+if __name__ == "__main__":
+    main()
