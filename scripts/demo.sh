@@ -4,7 +4,8 @@
 #   -> held-out eval (before) -> StePPO (verl.trainer.main_ppo, configs/cpu_demo.yaml) -> held-out eval (after)
 #   -> learning-curve PNG + trajectory viewer HTML.
 # Everything it starts (redis-server, the retrieval server) is stopped on exit, also on failure or Ctrl-C.
-# Knobs (environment): DEMO_OUT (runs/demo), DEMO_SEED (0), DEMO_STEPS (40), DEMO_SFT_STEPS (300), PY (.venv/bin/python).
+# Knobs (environment): DEMO_OUT (runs/demo), DEMO_SEED (0), DEMO_STEPS (40), DEMO_SFT_STEPS (300), DEMO_THREADS (1),
+# PY (.venv/bin/python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,6 +14,9 @@ OUT=${DEMO_OUT:-runs/demo}
 SEED=${DEMO_SEED:-0}
 STEPS=${DEMO_STEPS:-40}
 SFT_STEPS=${DEMO_SFT_STEPS:-300}
+# One intra-op thread per process: on a small or shared machine, torch's default thread pool oversubscribes the
+# cores (a tiny-model step measured 4-6x slower with 2 threads than with 1 under load). DEMO_THREADS=2 on an idle box.
+export OMP_NUM_THREADS=${DEMO_THREADS:-1} MKL_NUM_THREADS=${DEMO_THREADS:-1}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false RAY_USAGE_STATS_ENABLED=0 PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 

@@ -97,7 +97,7 @@ def run_sft(model, data: DataProto, cfg: SFTConfig) -> list[float]:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if step % 50 == 0 or step == cfg.steps - 1:
             logger.info("sft step %d/%d loss %.4f", step + 1, cfg.steps, losses[-1])
     model.eval()
@@ -203,6 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     agent_cfg = AgentConfig(max_turns=5, topk=3, max_prompt_length=1024, max_new_tokens=32, max_response_length=1024,
                             max_obs_length=256, greedy=True)
     report = warm_start(a.world_dir, a.retriever_url, a.out,

@@ -16,7 +16,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--retriever_url", help="retrieval server base URL, e.g. http://127.0.0.1:8000")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--from-predictions", dest="from_predictions", help="re-score this predictions JSONL; no generation")
-    p.add_argument("--backend", default="auto", choices=("auto", "hf", "vllm"))
+    p.add_argument("--backend", default="auto", choices=("auto", "hf", "vllm", "scripted"))
+    p.add_argument("--scripted_copy_prob", type=float, default=1.0, help="backend=scripted: P(copy the right doc)")
+    p.add_argument("--max_response_length", type=int, default=EvalConfig.max_response_length)
     p.add_argument("--batch_size", type=int, default=EvalConfig.batch_size)
     p.add_argument("--max_prompt_length", type=int, default=EvalConfig.max_prompt_length)
     p.add_argument("--max_turns", type=int, default=EvalConfig.max_turns)
@@ -31,6 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     a = parse_args(argv)
     if a.from_predictions:
         summary = rescore(a.from_predictions, a.out)
@@ -42,7 +45,8 @@ def main(argv: list[str] | None = None) -> dict:
                          backend=a.backend, batch_size=a.batch_size, max_prompt_length=a.max_prompt_length,
                          max_turns=a.max_turns, topk=a.topk, max_new_tokens=a.max_new_tokens,
                          max_obs_length=a.max_obs_length, max_samples=a.max_samples, index_dir=a.index_dir,
-                         seed=a.seed)
+                         seed=a.seed, scripted_copy_prob=a.scripted_copy_prob,
+                         max_response_length=a.max_response_length)
         summary = evaluate(cfg)
     print(markdown_table(summary["per_source"]))
     print(json.dumps({"out": a.out, "all": summary["per_source"]["all"]}))

@@ -32,7 +32,8 @@ class EvalConfig:
     model: str
     retriever_url: str
     out: str
-    backend: str = "auto"            # auto (vllm when importable, else hf) | hf | vllm
+    backend: str = "auto"            # auto (vllm when importable, else hf) | hf | vllm | scripted (world only)
+    scripted_copy_prob: float = 1.0   # backend=scripted: the synthetic world's scripted searcher (tokenizer from --model)
     batch_size: int = 32
     max_prompt_length: int = 512
     max_turns: int = 5
@@ -52,8 +53,8 @@ class EvalConfig:
         for path in self.data:
             if not os.path.exists(path):
                 raise FileNotFoundError(f"[eval] --data file {path} does not exist")
-        if self.backend not in ("auto", "hf", "vllm"):
-            raise ValueError(f"[eval] --backend {self.backend!r} is unknown; valid: auto, hf, vllm")
+        if self.backend not in ("auto", "hf", "vllm", "scripted"):
+            raise ValueError(f"[eval] --backend {self.backend!r} is unknown; valid: auto, hf, vllm, scripted")
         if self.batch_size < 1 or self.max_turns < 1 or self.topk < 1:
             raise ValueError(f"[eval] batch_size ({self.batch_size}), max_turns ({self.max_turns}) and topk "
                              f"({self.topk}) must be >= 1")
@@ -81,8 +82,14 @@ def index_hash(cfg: EvalConfig) -> str | None:
 
 
 def make_backend(cfg: EvalConfig, tokenizer):
-    """(backend, name): vLLM when asked for (or available under auto), HF transformers otherwise."""
+    """(backend, name): vLLM when asked for (or available under auto), HF transformers otherwise; `scripted` runs
+    the synthetic world's scripted searcher (stepsearch.envs.scripted), a reference policy with a known EM."""
     kind = cfg.backend
+    if kind == "scripted":
+        from stepsearch.envs.scripted import ScriptedPolicyConfig, ScriptedSearchBackend
+        return (ScriptedSearchBackend(tokenizer, ScriptedPolicyConfig(copy_correct_prob=cfg.scripted_copy_prob,
+                                                                      seed=cfg.seed)),
+                f"scripted(copy_correct_prob={cfg.scripted_copy_prob})")
     if kind == "auto":
         try:
             import vllm  # noqa: F401

@@ -78,7 +78,7 @@ def log(cfg: BuildConfig, msg: str) -> None:
 def corpus_record(path: Path) -> dict:
     stat = path.stat()
     return {"path": str(path.resolve()), "sha256": file_sha256(path), "size": stat.st_size,
-            "mtime": int(stat.st_mtime)}
+            "mtime_ns": stat.st_mtime_ns}
 
 
 def prepare_corpus(cfg: BuildConfig, out: Path) -> tuple[dict, ArrowCorpus]:

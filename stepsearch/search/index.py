@@ -94,8 +94,8 @@ def check_corpus(manifest: dict, corpus_path: str | os.PathLike | None) -> None:
             raise IndexLoadError(f"corpus {path} not found")
         return  # the source moved away; the served table (corpus.arrow) is self-contained
     stat = path.stat()
-    if stat.st_size == rec["size"] and int(stat.st_mtime) == rec["mtime"]:
-        return
+    if stat.st_size == rec["size"] and stat.st_mtime_ns == rec["mtime_ns"]:
+        return  # same size and nanosecond mtime: trusted without re-hashing
     sha = file_sha256(path)
     if sha != rec["sha256"]:
         raise IndexLoadError(f"index is stale: corpus {path} has sha256 {sha[:12]}..., the index was built from "

@@ -7,12 +7,12 @@ import pytest
 from stepsearch.agent.loop import AgentConfig, RolloutAborted, run_rollout
 from stepsearch.agent.prompts import RETRIEVAL_ERROR_OBSERVATION
 from stepsearch.search.client import RetrievalClient
-from stepsearch.search.testing import start_retrieval_server
+from stepsearch.search.testing import free_port, start_retrieval_server
 from tests.agent.scripted import ScriptedBackend
 from tests.agent.test_loop_scripted import make_batch
 from tests.rollout.models import tag_tokenizer
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = pytest.mark.timeout(600)
 
 SCRIPT = ["<search> Evan Morris lobbyist </search>", "<search> Genentech </search>", "<answer> Roche </answer>"]
 
@@ -22,6 +22,7 @@ def respond(context: str) -> str:
     return SCRIPT[min(turn, 2)]
 
 
+@pytest.mark.slow  # starts its own retrieval server (tens of seconds on a busy 2-core machine)
 def test_server_killed_mid_rollout(wiki_index_dir):
     tok = tag_tokenizer()
     server = start_retrieval_server(wiki_index_dir)
@@ -49,11 +50,9 @@ def test_server_killed_mid_rollout(wiki_index_dir):
     assert elapsed < 60  # bounded by the client's timeouts and backoff, not a hang
 
 
-def test_abort_mode_raises(wiki_index_dir):
+def test_abort_mode_raises():
     tok = tag_tokenizer()
-    server = start_retrieval_server(wiki_index_dir)
-    server.kill()
-    client = RetrievalClient(server.url, timeout_s=1.0, max_retries=1, backoff_s=0.01)
+    client = RetrievalClient(f"http://127.0.0.1:{free_port()}", timeout_s=1.0, max_retries=1, backoff_s=0.01)
     with pytest.raises(RolloutAborted, match="turn 0 for 1 queries.*abort"):
         run_rollout(make_batch(tok, ["alpha"]), ScriptedBackend(tok, respond), client, tok,
                     AgentConfig(max_turns=2, on_retrieval_error="abort"))

@@ -14,9 +14,11 @@ from stepsearch.search.testing import free_port
 ENV = {**os.environ, "PYTHON": ".venv/bin/python" if os.path.exists(".venv/bin/python") else "python3"}
 
 
-def launch(index_dir, extra_env=None, **kw):
-    return subprocess.run(["bash", "launch_retrieval.sh", str(index_dir)], env={**ENV, **(extra_env or {})},
-                          capture_output=True, text=True, timeout=120, **kw)
+def launch_expecting_refusal(index_dir):
+    """Run the script where it must refuse; a free port and NO_REDIS keep a wrong start from touching shared ones."""
+    env = {**ENV, "PORT": str(free_port()), "NO_REDIS": "1"}
+    return subprocess.run(["bash", "launch_retrieval.sh", str(index_dir)], env=env, capture_output=True, text=True,
+                          timeout=120)
 
 
 @pytest.fixture()
@@ -29,15 +31,15 @@ def bm25_index(tmp_path):
 
 
 def test_missing_index_exits_2_with_build_hint(tmp_path):
-    proc = launch(tmp_path / "absent")
+    proc = launch_expecting_refusal(tmp_path / "absent")
     assert proc.returncode == 2
     assert "no index at" in proc.stderr and "build_index" in proc.stderr
 
 
 def test_stale_index_exits_2(bm25_index):
     corpus, index_dir = bm25_index
-    corpus.write_text(corpus.read_text().replace("Evan", "Ivan", 1))
-    proc = launch(index_dir)
+    corpus.write_text(corpus.read_text().replace("Evan", "Evander", 1))
+    proc = launch_expecting_refusal(index_dir)
     assert proc.returncode == 2
     assert "index is stale" in proc.stderr
 

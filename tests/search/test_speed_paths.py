@@ -83,11 +83,12 @@ def test_sorted_handles_duplicates_in_input_order(exact_run, questions):
 def test_pipelined_equals_sequential(flat, questions, exact_run):
     enc = Encoder(mode="sorted", query_batch_size=16)
     search = lambda emb, k: flat.search(emb, k)[::-1]  # FAISS returns (scores, ids)
-    ids, scores = pipelined_encode_search(enc, search, questions, 3, micro_batch=16)
-    seq_scores, seq_ids = flat.search(enc.encode_queries(questions, batch_size=16), 3)
+    part = questions[::3]  # 100 questions, a third of each data set
+    ids, scores = pipelined_encode_search(enc, search, part, 3, micro_batch=16)
+    seq_scores, seq_ids = flat.search(enc.encode_queries(part, batch_size=16), 3)
     assert np.array_equal(ids, seq_ids)
     np.testing.assert_allclose(scores, seq_scores, atol=1e-6)
-    assert top3_agreement(ids, exact_run[1]) >= 0.99
+    assert top3_agreement(ids, exact_run[1][::3]) >= 0.99
     empty_ids, empty_scores = pipelined_encode_search(enc, search, [], 3)
     assert empty_ids.shape == (0, 3) and empty_scores.shape == (0, 3)
 

@@ -137,3 +137,26 @@ def test_grpo_groups_by_index_and_needs_no_critic(files, tmp_path):
     # mean = its reward: all GRPO advantages are 0.
     assert last["critic/advantages/mean"] == pytest.approx(0.0, abs=1e-6)
     assert np.isfinite(last["actor/kl_loss"])
+
+
+@pytest.mark.timeout(300)
+def test_resume_skips_half_written_checkpoint_and_missing_marker(files, tmp_path, caplog):
+    """Fault test: the newest save lost its COMPLETE marker and `latest` is gone -> resume from the last complete
+    checkpoint (step 1), with warnings, and redo step 2 with the same batch."""
+    import logging
+
+    from verl.utils import checkpoint as ckpt
+
+    train, val, model = files
+    out = str(tmp_path / "run")
+    run_ppo(_config(train, val, model, out, save_freq=1, test_freq=-1, max_ckpt_to_keep=3))
+    os.remove(os.path.join(out, ckpt.LATEST_FILE))
+    os.remove(os.path.join(ckpt.step_dir(out, 2), ckpt.COMPLETE_FILE))  # as if killed while saving step 2
+    with caplog.at_level(logging.WARNING):
+        run_ppo(_config(train, val, model, out, save_freq=1, test_freq=-1, max_ckpt_to_keep=3))
+    assert "no latest_checkpointed_iteration.txt" in caplog.text
+    assert "skipping half-written checkpoint" in caplog.text
+    trace = _jsonl(os.path.join(out, "data_trace.jsonl"))
+    assert [r["step"] for r in trace] == [1, 2, 2]
+    assert trace[2]["index"] == trace[1]["index"] and trace[2]["worker_rng"] == trace[1]["worker_rng"]
+    assert ckpt.read_latest(out) == 2 and ckpt.is_complete(ckpt.step_dir(out, 2))

@@ -318,7 +318,8 @@ class ActorRolloutRefWorker(_DistributedWorker):
 
         state = {name: t.detach().to("cpu", torch.float32) for name, t in _full_state_items(self.module)}
         if self.rank == 0:
-            model = AutoModelForCausalLM.from_config(self.hf_config, dtype=torch.float32)
+            with torch.random.fork_rng(devices=[]):  # the random init must not move the checkpointed RNG
+                model = AutoModelForCausalLM.from_config(self.hf_config, dtype=torch.float32)
             model.load_state_dict(state, strict=True)
             parent = os.path.dirname(os.path.abspath(out_dir))
             tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp_hf_")

@@ -1,0 +1,496 @@
+"""Retriever speed, measured side by side in one run (issues 2 and 8).
+
+    .venv/bin/python bench/retrieval.py                  # serving sections, writes bench/results/retrieval.md
+    .venv/bin/python bench/retrieval.py --sections index # FAISS index memory/speed/recall table (~14k passages)
+
+Serving sections, all on the bundled 1000-passage wiki-18 sample, MiniLM, top-3, real questions from
+../shared/data/*/qa_pairs (every query is sent once per server, so the cache only helps where it is meant to):
+- naive vs ours (issue 8): (1) a Search-R1-style server written here (fp32, one request at a time under a lock,
+  no coalescing, no cache: a tiny FastAPI app) against (2) the real `stepsearch.search.server` (micro-batcher,
+  Redis + LRU cache, `--encoder_mode fast`): 8 clients x 64 queries/request, 32 single-query clients,
+  repeated-query (cache-hit) latency, and top-3 agreement of ours with exact fp32.
+- (a) HTTP 8x64 throughput of ours against the same encode+search called in-process (target >= 0.8);
+- (b) cache-hit latency p50/p99; (c) 32 single-query clients, coalescing on vs off (target >= 2x).
+Phases alternate between servers and repeat (`--reps`), so drifting load from other processes hits both.
+
+Also run internally as the naive server: `bench/retrieval.py --serve_naive --index_dir DIR --port P`.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED = REPO.parent / "shared" / "data"
+WIKI_SAMPLE = REPO / "data" / "samples" / "wiki18_sample_1000.jsonl"
+QA_GLOBS = ("hotpotqa/qa_pairs/*.jsonl", "2wikimultihopqa/qa_pairs/*.jsonl", "musique/qa_pairs/*.jsonl")
+BUNDLED_QA = ("hotpotqa_flashrag_dev_200.jsonl", "2wiki_flashrag_dev_200.jsonl", "musique_flashrag_dev_200.jsonl")
+WIKI18_FILES = ("wiki18/multihop_contexts.wiki18fmt.jsonl", "wiki18/wiki18_bamboogle_e5_retrieved_passages.jsonl",
+                "wiki18/wiki18_sample_1000.FlashRAG.jsonl")
+CACHE = REPO / "data" / "cache" / "bench_retrieval"
+TOPK = 3
+
+
+# ---------------------------------------------------------------- data
+def load_questions() -> list[str]:
+    """Distinct real questions, shuffled with seed 0 (shared qa_pairs; the bundled dev samples as fallback)."""
+    files = sorted(p for g in QA_GLOBS for p in SHARED.glob(g)) or [REPO / "data" / "samples" / n for n in BUNDLED_QA]
+    seen, out = set(), []
+    for path in files:
+        with open(path) as f:
+            for line in f:
+                q = json.loads(line)["question"].strip()
+                if q and q not in seen:
+                    seen.add(q)
+                    out.append(q)
+    rng = np.random.default_rng(0)
+    return [out[i] for i in rng.permutation(len(out))]
+
+
+def read_passages(paths: list[Path]) -> tuple[list[str], list[str]]:
+    """(ids, '"Title"\\ntext' strings) from {"id","contents"} JSONL files."""
+    ids, texts = [], []
+    for path in paths:
+        with open(path) as f:
+            for line in f:
+                row = json.loads(line)
+                ids.append(str(row["id"]))
+                texts.append(row["contents"])
+    return ids, texts
+
+
+def percentile_ms(latencies_s: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(latencies_s) * 1000.0, q))
+
+
+def top3_agreement(ids_a: list[list[str]], ids_b: list[list[str]]) -> float:
+    """Fraction of queries whose top-3 id sets are equal (any order)."""
+    return float(np.mean([set(a) == set(b) for a, b in zip(ids_a, ids_b)]))
+
+
+# ---------------------------------------------------------------- the naive Search-R1-style server
+class QueryRequest(BaseModel):
+    """Search-R1's request schema."""
+
+    queries: list[str]
+    topk: int = 3
+    return_scores: bool = False
+
+
+def make_naive_app(index_dir: str):
+    """fp32 encoder, one request at a time (a lock), no coalescing, no cache; rows from the JSONL in index order."""
+    import faiss
+    from fastapi import FastAPI
+
+    from stepsearch.search.encoders import Encoder
+
+    manifest = json.loads((Path(index_dir) / "manifest.json").read_text())
+    index = faiss.read_index(str(Path(index_dir) / "dense.faiss"))
+    with open(manifest["corpus"]["path"]) as f:
+        rows = [json.loads(line) for line in f]
+    # Search-R1's retrieval_server encodes each request in batches of 512 (one batch here) at full fp32
+    encoder = Encoder(model=manifest["encoder"]["model"], mode="exact", batch_size=512)
+    lock = threading.Lock()
+    app = FastAPI()
+
+    @app.post("/retrieve")
+    def retrieve(req: QueryRequest):
+        with lock:
+            emb = encoder.encode_queries(req.queries)
+            scores, idx = index.search(emb, req.topk)
+        result = [[{"document": rows[i], "score": float(s)} if req.return_scores else rows[i]
+                   for i, s in zip(r_idx, r_s)] for r_idx, r_s in zip(idx.tolist(), scores.tolist())]
+        return {"result": result}
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok"}
+
+    return app
+
+
+def serve_naive(index_dir: str, port: int) -> None:
+    import uvicorn
+
+    uvicorn.run(make_naive_app(index_dir), host="127.0.0.1", port=port, log_level="warning")
+
+
+@dataclass
+class NaiveProc:
+    proc: subprocess.Popen
+    url: str
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def start_naive(index_dir: str, timeout_s: float = 180.0) -> NaiveProc:
+    import httpx
+
+    from stepsearch.search.testing import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, __file__, "--serve_naive", "--index_dir", index_dir, "--port", str(port)],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    np_ = NaiveProc(proc, f"http://127.0.0.1:{port}")
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"naive server exited with {proc.returncode}")
+        try:
+            if httpx.get(np_.url + "/health", timeout=1.0).status_code == 200:
+                return np_
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    np_.stop()
+    raise RuntimeError(f"naive server did not answer within {timeout_s}s")
+
+
+# ---------------------------------------------------------------- load generation (loopback, bounded)
+async def run_clients(url: str, per_client: list[list[list[str]]]) -> dict:
+    """One coroutine per client; client c sends per_client[c] requests in order. Returns q/s, latencies, doc ids."""
+    import httpx
+
+    latencies: list[float] = []
+    answers: dict[str, list[str]] = {}
+
+    async def client(requests: list[list[str]], http: httpx.AsyncClient):
+        for queries in requests:
+            t0 = time.perf_counter()
+            r = await http.post(url + "/retrieve", json={"queries": queries, "topk": TOPK, "return_scores": True})
+            latencies.append(time.perf_counter() - t0)
+            r.raise_for_status()
+            for q, hits in zip(queries, r.json()["result"]):
+                answers[q] = [str(h["document"]["id"]) for h in hits]
+
+    limits = httpx.Limits(max_connections=len(per_client) + 4, max_keepalive_connections=len(per_client) + 4)
+    async with httpx.AsyncClient(timeout=300.0, limits=limits) as http:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(reqs, http) for reqs in per_client))
+        wall = time.perf_counter() - t0
+    n = sum(len(q) for reqs in per_client for q in reqs)
+    return {"qps": n / wall, "p50_ms": percentile_ms(latencies, 50), "p99_ms": percentile_ms(latencies, 99),
+            "answers": answers, "n": n}
+
+
+def split_clients(queries: list[str], clients: int, per_request: int) -> list[list[list[str]]]:
+    """Deal queries to `clients` clients in requests of `per_request` (len(queries) divisible)."""
+    reqs = [queries[i:i + per_request] for i in range(0, len(queries), per_request)]
+    return [reqs[c::clients] for c in range(clients)]
+
+
+def repeated_query_latency(url: str, query: str, n: int) -> dict:
+    """Same query sent n times, one at a time (after one warm-up send); client-side round-trip latency."""
+    import httpx
+
+    lat = []
+    with httpx.Client(timeout=60.0) as http:
+        body = {"queries": [query], "topk": TOPK, "return_scores": True}
+        http.post(url + "/retrieve", json=body).raise_for_status()
+        for _ in range(n):
+            t0 = time.perf_counter()
+            http.post(url + "/retrieve", json=body).raise_for_status()
+            lat.append(time.perf_counter() - t0)
+    return {"p50_ms": percentile_ms(lat, 50), "p99_ms": percentile_ms(lat, 99)}
+
+
+# ---------------------------------------------------------------- in-process reference
+def in_process(index_dir: str, ids: list[str], queries: list[str], mode: str, per_request: int) -> dict:
+    """Encode + FAISS search in this process, `per_request` queries per call, one call at a time."""
+    import faiss
+
+    from stepsearch.search.encoders import Encoder
+
+    index = faiss.read_index(str(Path(index_dir) / "dense.faiss"))
+    enc = Encoder(mode=mode, batch_size=512)
+    enc.encode_queries(queries[:8])  # warm-up
+    out = []
+    t0 = time.perf_counter()
+    for i in range(0, len(queries), per_request):
+        _, idx = index.search(enc.encode_queries(queries[i:i + per_request]), TOPK)
+        out += [[ids[j] for j in row] for row in idx.tolist()]
+    return {"qps": len(queries) / (time.perf_counter() - t0), "answers": dict(zip(queries, out))}
+
+
+def padding_fraction(queries: list[str], per_request: int) -> float:
+    """Share of token slots that are padding when each request is padded to its longest query (exact path)."""
+    from stepsearch.search.encoders import Encoder
+
+    lengths = np.array([len(x) for x in Encoder().token_ids(queries)])
+    slots = sum(lengths[i:i + per_request].max() * len(lengths[i:i + per_request])
+                for i in range(0, len(lengths), per_request))
+    return 1.0 - lengths.sum() / slots
+
+
+# ---------------------------------------------------------------- the serving run
+def build_sample_index(tmp: Path) -> str:
+    from stepsearch.search.testing import build_test_index
+
+    return str(build_test_index(WIKI_SAMPLE, tmp / "wiki18_index", method="dense"))
+
+
+def serving_sections(args) -> dict:
+    from stepsearch.search.testing import start_redis, start_retrieval_server
+
+    questions = load_questions()
+    n8 = 8 * 64  # one 8x64 round
+    need = args.reps * (n8 + 32 * args.single_per_client) + 1
+    if len(questions) < need:
+        raise ValueError(f"need {need} distinct questions, found {len(questions)} under {SHARED}")
+    tmp = Path(tempfile.mkdtemp(prefix="bench_retrieval_"))
+    index_dir = build_sample_index(tmp)
+    ids, _ = read_passages([WIKI_SAMPLE])
+    thread_env = {"OMP_NUM_THREADS": str(args.ours_threads), "MKL_NUM_THREADS": str(args.ours_threads)}
+    ours_args = ["--encoder_mode", "fast", "--log_level", "warning"]
+    redis = start_redis()
+    servers = {}
+    try:
+        servers["naive"] = start_naive(index_dir)
+        servers["ours"] = start_retrieval_server(index_dir, redis.url.rsplit("/", 1)[0] + "/0",
+                                                 extra_args=ours_args, env=thread_env)
+        servers["ours_nocoalesce"] = start_retrieval_server(index_dir, redis.url.rsplit("/", 1)[0] + "/1",
+                                                            extra_args=ours_args + ["--no_coalesce"], env=thread_env)
+        return run_phases(args, questions, ids, index_dir, {k: s.url for k, s in servers.items()})
+    finally:
+        for s in servers.values():
+            s.stop()
+        redis.stop()
+
+
+def run_phases(args, questions: list[str], ids: list[str], index_dir: str, urls: dict) -> dict:
+    import torch
+
+    res: dict = {"8x64": {k: [] for k in ("naive", "ours", "inproc_exact", "inproc_fast")},
+                 "single": {k: [] for k in ("naive", "ours", "ours_nocoalesce")}, "agreement": [],
+                 "agreement_naive": [], "padding": None}
+    pos = 0
+    for rep in range(args.reps):
+        batch = questions[pos:pos + 512]
+        pos += 512
+        torch.set_num_threads(args.ours_threads)
+        exact = in_process(index_dir, ids, batch, "exact", 64)
+        fast = in_process(index_dir, ids, batch, "fast", 64)
+        res["8x64"]["inproc_exact"].append(exact["qps"])
+        res["8x64"]["inproc_fast"].append(fast["qps"])
+        for name in ("naive", "ours"):
+            r = asyncio.run(run_clients(urls[name], split_clients(batch, 8, 64)))
+            res["8x64"][name].append(r["qps"])
+            if name == "ours":
+                res["agreement"].append(top3_agreement([r["answers"][q] for q in batch],
+                                                       [exact["answers"][q] for q in batch]))
+            else:
+                res["agreement_naive"].append(top3_agreement([r["answers"][q] for q in batch],
+                                                             [exact["answers"][q] for q in batch]))
+        singles = questions[pos:pos + 32 * args.single_per_client]
+        pos += len(singles)
+        for name in ("naive", "ours", "ours_nocoalesce"):
+            r = asyncio.run(run_clients(urls[name], split_clients(singles, 32, 1)))
+            res["single"][name].append({k: r[k] for k in ("qps", "p50_ms", "p99_ms")})
+        print(f"[bench] rep {rep}: {json.dumps({k: v for k, v in res.items() if k != 'padding'}, default=str)}",
+              flush=True)
+    res["padding"] = padding_fraction(questions[:512], 64)
+    hit_q = questions[pos]
+    res["cache_hit"] = {"ours": repeated_query_latency(urls["ours"], hit_q, args.hit_repeats),
+                        "naive": repeated_query_latency(urls["naive"], hit_q, max(20, args.hit_repeats // 10))}
+    return res
+
+
+# ---------------------------------------------------------------- index memory/speed/recall (docs/retrieval_speed.md)
+def cached_embeddings(texts: list[str], what: str, mode: str = "fast") -> np.ndarray:
+    """Embeddings of `texts` (MiniLM, `mode`), cached under data/cache/bench_retrieval/ by content hash."""
+    from stepsearch.search.encoders import Encoder
+
+    key = hashlib.sha256(json.dumps([texts, mode]).encode()).hexdigest()[:20]
+    path = CACHE / f"{what}-{key}.npy"
+    if path.is_file():
+        return np.load(path)
+    enc = Encoder(mode=mode)
+    from tqdm import tqdm
+
+    chunks = [enc.encode_passages(texts[i:i + 512]) if what == "passages" else enc.encode_queries(texts[i:i + 512])
+              for i in tqdm(range(0, len(texts), 512), desc=f"encode {what}")]
+    emb = np.concatenate(chunks) if chunks else np.zeros((0, enc.dim), np.float32)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}.npy")
+    np.save(tmp, emb)
+    os.replace(tmp, path)
+    return emb
+
+
+INDEX_FACTORIES = ("Flat", "SQfp16", "SQ8", "HNSW32", "HNSW32,SQ8", "IVF128,Flat", "IVF128,PQ48", "IVF128,PQ96")
+
+
+def index_section(args) -> list[dict]:
+    """Build each factory over the largest real passage set here; memory, build time, q/s and recall@3 vs Flat."""
+    import faiss
+
+    faiss.omp_set_num_threads(1)
+    paths = [SHARED / f for f in WIKI18_FILES if (SHARED / f).is_file()]
+    _, texts = read_passages(paths)
+    xb = cached_embeddings(texts, "passages")
+    xq = cached_embeddings(load_questions()[:args.index_queries], "queries")
+    rows, flat_ids = [], None
+    for factory in INDEX_FACTORIES:
+        index = faiss.index_factory(xb.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+        t0 = time.perf_counter()
+        if not index.is_trained:
+            index.train(xb)
+        index.add(xb)
+        build_s = time.perf_counter() - t0
+        if "IVF" in factory:
+            faiss.extract_index_ivf(index).nprobe = args.nprobe
+        if "HNSW" in factory:
+            faiss.downcast_index(index).hnsw.efSearch = args.ef_search
+        t0 = time.perf_counter()
+        _, idx = index.search(xq, TOPK)
+        qps = len(xq) / (time.perf_counter() - t0)
+        flat_ids = idx if flat_ids is None else flat_ids
+        recall = float(np.mean([len(set(a) & set(b)) / TOPK for a, b in zip(idx.tolist(), flat_ids.tolist())]))
+        size = len(faiss.serialize_index(index))
+        rows.append({"factory": factory, "bytes": size, "bytes_per_vec": size / len(xb), "build_s": build_s,
+                     "qps": qps, "recall3": recall, "n": len(xb), "d": xb.shape[1]})
+        print(f"[bench] {rows[-1]}", flush=True)
+    return rows
+
+
+# ---------------------------------------------------------------- report
+def machine_line() -> str:
+    load = os.getloadavg()
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, Python "
+            f"{platform.python_version()}, load average at the end {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} "
+            f"(1/5/15 min; other engineers share the machine)")
+
+
+def med(xs) -> float:
+    return float(np.median(xs))
+
+
+def serving_markdown(res: dict, args, cmd: str, load_start: tuple) -> str:
+    e = res["8x64"]
+    s = {k: {m: med([x[m] for x in v]) for m in ("qps", "p50_ms", "p99_ms")} for k, v in res["single"].items()}
+    r8 = med(np.array(e["ours"]) / np.array(e["naive"]))
+    r1 = med([o["qps"] / n["qps"] for o, n in zip(res["single"]["ours"], res["single"]["naive"])])
+    rc = med([o["qps"] / n["qps"] for o, n in zip(res["single"]["ours"], res["single"]["ours_nocoalesce"])])
+    ra = med(np.array(e["ours"]) / np.array(e["inproc_fast"]))
+    hit = res["cache_hit"]
+    agree = min(res["agreement"])
+    ok = lambda c: "yes" if c else "**no**"
+    lines = [
+        "## Retrieval speed (bench/retrieval.py)", "",
+        f"Command: `{cmd}`", "",
+        f"Machine: {machine_line()}; load average at the start {load_start[0]:.1f}. MiniLM (all-MiniLM-L6-v2, "
+        f"bundled), Flat inner-product index over the 1,000-passage wiki-18 sample, top-3, distinct real questions "
+        f"from ../shared/data/*/qa_pairs. Medians over {args.reps} interleaved repetitions; ratios are taken per "
+        f"repetition (the two sides ran back to back), then the median. Ours: `stepsearch.search.server "
+        f"--encoder_mode fast` (length-sorted fp32 micro-batches), micro-batcher on, Redis + LRU cache, "
+        f"{args.ours_threads} torch thread(s) (OMP_NUM_THREADS). Naive: fp32, torch default threads, one request "
+        f"at a time, no coalescing, no cache.", "",
+        "### Issue 8: naive Search-R1-style server vs ours", "",
+        "| metric | naive | ours | ratio / value | target | met |", "|---|---|---|---|---|---|",
+        f"| 8 clients x 64 queries/request, queries/s | {med(e['naive']):.0f} | {med(e['ours']):.0f} | {r8:.2f}x "
+        f"| >= 2.0 | {ok(r8 >= 2.0)} |",
+        f"| 32 single-query clients, queries/s | {s['naive']['qps']:.0f} | {s['ours']['qps']:.0f} | {r1:.2f}x "
+        f"| >= 3.0 | {ok(r1 >= 3.0)} |",
+        f"| 32 single-query clients, p99 ms | {s['naive']['p99_ms']:.0f} | {s['ours']['p99_ms']:.0f} | | | |",
+        f"| repeated query p50 ms (ours: cache hit) | {hit['naive']['p50_ms']:.1f} | {hit['ours']['p50_ms']:.2f} "
+        f"| | <= 1.5 ms | {ok(hit['ours']['p50_ms'] <= 1.5)} |",
+        f"| top-3 agreement with exact fp32 (in-process) | {min(res['agreement_naive']):.4f} | {agree:.4f} | "
+        f"| >= 0.99 | {ok(agree >= 0.99)} |", "",
+        "### Issue 2: (a), (b), (c)", "",
+        "| metric | value | target | met |", "|---|---|---|---|",
+        f"| (a) 8x64 through HTTP (ours) / same encode+search in-process (fast mode, 64 per call): "
+        f"{med(e['ours']):.0f} / {med(e['inproc_fast']):.0f} q/s | {ra:.2f} | >= 0.8 | {ok(ra >= 0.8)} |",
+        f"| (b) cache-hit latency p50 / p99 | {hit['ours']['p50_ms']:.2f} / {hit['ours']['p99_ms']:.2f} ms | | |",
+        f"| (c) 32 single-query clients, coalescing on / off: {s['ours']['qps']:.0f} / "
+        f"{s['ours_nocoalesce']['qps']:.0f} q/s (p99 {s['ours']['p99_ms']:.0f} / {s['ours_nocoalesce']['p99_ms']:.0f}"
+        f" ms) | {rc:.2f}x | >= 2x | {ok(rc >= 2.0)} |", "",
+        "### In-process encode + search (same queries, one call of 64 at a time)", "",
+        f"- exact fp32, each call padded to its longest query: {med(e['inproc_exact']):.0f} q/s; fast (length-sorted "
+        f"micro-batches of 32): {med(e['inproc_fast']):.0f} q/s "
+        f"({med(np.array(e['inproc_fast']) / np.array(e['inproc_exact'])):.2f}x).",
+        f"- {res['padding'] * 100:.0f}% of the token slots of a 64-question request are padding on the exact path.",
+        f"- Raw per-repetition numbers: `{json.dumps({k: v for k, v in res.items() if k != 'padding'}, default=float)}`",
+        ""]
+    return "\n".join(lines)
+
+
+def index_markdown(rows: list[dict], args, cmd: str) -> str:
+    n, d = rows[0]["n"], rows[0]["d"]
+    lines = ["## FAISS index options (bench/retrieval.py --sections index)", "", f"Command: `{cmd}`", "",
+             f"Machine: {machine_line()}.", "",
+             f"{n:,} real wiki-18 passages (all of ../shared/data/wiki18/*.jsonl), MiniLM D={d}, "
+             f"{args.index_queries} real questions, top-3, 1 thread. Recall@3 = |top-3 ∩ Flat top-3| / 3. "
+             f"IVF nprobe={args.nprobe}, HNSW efSearch={args.ef_search}. Size = serialized index bytes.", "",
+             "| index_factory | size (MiB) | bytes/passage | build s | queries/s | recall@3 vs Flat |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| `{r['factory']}` | {r['bytes'] / 2**20:.1f} | {r['bytes_per_vec']:.0f} | {r['build_s']:.2f} "
+                     f"| {r['qps']:.0f} | {r['recall3']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sections", default="serve", help="comma list of: serve, index")
+    p.add_argument("--reps", type=int, default=2, help="interleaved repetitions of the serving phases")
+    p.add_argument("--single_per_client", type=int, default=4, help="requests per single-query client")
+    p.add_argument("--hit_repeats", type=int, default=300)
+    p.add_argument("--ours_threads", type=int, default=1, help="torch threads of our server and in-process runs")
+    p.add_argument("--index_queries", type=int, default=1000)
+    p.add_argument("--nprobe", type=int, default=16)
+    p.add_argument("--ef_search", type=int, default=64)
+    p.add_argument("--out", default=str(REPO / "bench" / "results" / "retrieval.md"))
+    p.add_argument("--index_out", default=str(REPO / "bench" / "results" / "retrieval_index.md"))
+    p.add_argument("--serve_naive", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--index_dir", help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.serve_naive:
+        serve_naive(args.index_dir, args.port)
+        return 0
+    cmd = "HF_HUB_OFFLINE=1 .venv/bin/python bench/retrieval.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    sections = set(args.sections.split(","))
+    if "index" in sections:
+        write_atomic(Path(args.index_out), index_markdown(index_section(args), args, cmd.strip()))
+    if "serve" in sections:
+        load_start = os.getloadavg()
+        res = serving_sections(args)
+        write_atomic(Path(args.out), serving_markdown(res, args, cmd.strip(), load_start))
+        print(Path(args.out).read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

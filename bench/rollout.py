@@ -1,0 +1,118 @@
+"""Share of rollout wall time spent outside generation and retrieval (the loop's own overhead).
+
+Setup (the CPU test setup): the real retrieval server (MiniLM Flat index over the bundled 1000 wiki-18 passages,
+uvicorn on 127.0.0.1) and tiny Qwen2 models behind the HF backend:
+  - "searching": the programmed model of tests/rollout/models.py that writes `<search> Evan Morris </search>`
+    every turn (every turn retrieves, formats and tokenizes 3 docs: the worst case for loop overhead, since
+    its turns are only 9 tokens long);
+  - "random": a random tiny model sampling 64-token turns (mostly invalid actions -> warnings).
+The loop times its engine calls and retrieval calls itself (meta_info["rollout_metrics"]); everything else in
+`run_rollout` (parsing, decoding, doc formatting, observation tokenizing, masks, output tensors) is "other".
+
+    .venv/bin/python bench/rollout.py --batch 32 --max_turns 5 --repeats 3 --out bench/results/rollout.md
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from stepsearch.agent.loop import AgentConfig, run_rollout  # noqa: E402
+from stepsearch.search.client import RetrievalClient  # noqa: E402
+from stepsearch.search.testing import build_test_index, start_retrieval_server  # noqa: E402
+from tests.agent.test_loop_hf import QUERY_TEXT, make_batch  # noqa: E402
+from tests.rollout.models import chain_transitions, programmed_lm, random_lm, tag_tokenizer  # noqa: E402
+from verl.workers.rollout.hf import HFRolloutBackend  # noqa: E402
+
+QUESTIONS = ["Who was Evan Morris?", "Which company did Genentech belong to?", "Where is Roche based?",
+             "Who founded the Synagogue Church of All Nations?"]
+
+
+def run_case(name, model, tok, client, args) -> dict:
+    cfg = AgentConfig(max_turns=args.max_turns, topk=3, max_new_tokens=args.max_new_tokens,
+                      max_response_length=4096, max_obs_length=800, seed=0)
+    batch = make_batch(tok, [QUESTIONS[i % len(QUESTIONS)] + f" ({i})" for i in range(args.batch)])
+    backend = HFRolloutBackend(model, tok)
+    run_rollout(batch, backend, client, tok, cfg)  # warm-up (encoder, caches, allocator)
+    rows = []
+    for _ in range(args.repeats):
+        out = run_rollout(batch, backend, client, tok, cfg)
+        m = out.meta_info["rollout_metrics"]
+        rows.append({"wall": m["timing_s/rollout"], "gen": m["timing_s/rollout_generate"],
+                     "ret": m["timing_s/rollout_retrieve"], "other": m["timing_s/rollout_other"],
+                     "turns": m["search/num_turns/mean"], "searches": m["search/num_searches/mean"],
+                     "tokens": float(out.batch["attention_mask"][:, -4096:].sum())})
+    share = [r["other"] / r["wall"] for r in rows]
+    med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+    return {"name": name, "share_median": statistics.median(share), "share_max": max(share), **med}
+
+
+def to_markdown(results: list[dict], args, setup_s: float) -> str:
+    cmd = (f".venv/bin/python bench/rollout.py --batch {args.batch} --max_turns {args.max_turns} "
+           f"--max_new_tokens {args.max_new_tokens} --repeats {args.repeats} --out {args.out}")
+    lines = [
+        "## Rollout loop overhead (bench/rollout.py)", "",
+        f"Command: `{cmd}`", "",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores (shared with other jobs), torch "
+        f"{torch.__version__}, torch threads {torch.get_num_threads()}, {platform.python_version()}. "
+        f"Retrieval server start-up {setup_s:.0f} s (not counted).", "",
+        f"Batch {args.batch}, max_turns {args.max_turns} (+ forced final turn), top-3 docs, HF backend, "
+        f"median of {args.repeats} runs after one warm-up. 'other' = wall − generate − retrieve "
+        "(parsing, decoding, doc formatting, observation tokenizing, masks, output tensors). Target: other ≤ 10%.", "",
+        "| model | wall s | generate s | retrieve s | other s | other share (median / max) | turns | searches | tokens |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(f"| {r['name']} | {r['wall']:.2f} | {r['gen']:.2f} | {r['ret']:.2f} | {r['other']:.3f} | "
+                     f"{100 * r['share_median']:.1f}% / {100 * r['share_max']:.1f}% | {r['turns']:.1f} | "
+                     f"{r['searches']:.1f} | {r['tokens']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--max_turns", type=int, default=5)
+    ap.add_argument("--max_new_tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default="bench/results/rollout.md")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    tok = tag_tokenizer()
+    start = time.perf_counter()
+    index_dir = build_test_index(REPO / "data/samples/wiki18_sample_1000.jsonl", REPO / "outputs/bench_rollout_index")
+    server = start_retrieval_server(index_dir)
+    setup_s = time.perf_counter() - start
+    try:
+        client = RetrievalClient(server.url, timeout_s=60)
+        newline = tok("\n", add_special_tokens=False)["input_ids"]
+        searching = programmed_lm(tok, chain_transitions(tok, newline, QUERY_TEXT))
+        results = [run_case("searching (programmed)", searching, tok, client, args),
+                   run_case("random (64-token turns)", random_lm(tok, seed=5), tok, client, args)]
+    finally:
+        server.stop()
+    text = to_markdown(results, args, setup_s)
+    print(text)
+    out = REPO / args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Warm start: the SFT loss mask and loss (against a slow loop), and, end to end (slow), scripted trajectories
+through the real rollout loop and retriever whose loss mask covers exactly the policy's own actions."""
+import math
+
+import pytest
+import torch
+
+from stepsearch.envs.warmstart import SFTConfig, run_sft, sft_loss_mask, sft_step_loss
+from verl.protocol import DataProto
+from verl.utils.tiny_model import build_tiny_causal_lm, build_tokenizer
+
+
+def _toy_batch():
+    # B=2, P=3 (left-padded), T=4 (right-padded); response_mask marks generated tokens only
+    prompts = torch.tensor([[0, 5, 6], [7, 8, 9]])
+    responses = torch.tensor([[10, 11, 12, 0], [13, 14, 15, 16]])
+    response_mask = torch.tensor([[1, 0, 1, 0], [1, 1, 0, 1]])
+    attention = torch.tensor([[0, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 1]])
+    return DataProto.from_dict(tensors={
+        "prompts": prompts, "responses": responses, "response_mask": response_mask,
+        "input_ids": torch.cat([prompts, responses], 1), "attention_mask": attention,
+        "position_ids": (attention.cumsum(1) - 1).clamp(min=0)})
+
+
+def test_loss_mask_is_response_mask_after_the_prompt():
+    mask = sft_loss_mask(_toy_batch())
+    assert mask.tolist() == [[0, 0, 0, 1, 0, 1, 0], [0, 0, 0, 1, 1, 0, 1]]
+
+
+def test_sft_loss_matches_a_slow_loop():
+    torch.manual_seed(0)
+    tok = build_tokenizer(["a b c d e f g h"], vocab_size=300)
+    model = build_tiny_causal_lm(tok, hidden_size=16, num_layers=1, num_heads=2, seed=0)
+    b = _toy_batch()
+    mask = sft_loss_mask(b)
+    loss = sft_step_loss(model, b.batch["input_ids"], b.batch["attention_mask"], b.batch["position_ids"], mask)
+    logits = model(input_ids=b.batch["input_ids"], attention_mask=b.batch["attention_mask"],
+                   position_ids=b.batch["position_ids"]).logits
+    total, count = 0.0, 0
+    for i in range(2):
+        for t in range(1, 7):                     # token t is predicted from position t-1
+            if mask[i, t] == 1:
+                total -= torch.log_softmax(logits[i, t - 1], -1)[b.batch["input_ids"][i, t]].item()
+                count += 1
+    assert count == 5 and math.isclose(loss.item(), total / count, rel_tol=1e-5)
+
+
+def test_sft_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="steps"):
+        SFTConfig(steps=0)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_scripted_trajectories_and_sft_through_the_real_loop(world_stack):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stepsearch.agent.config import AgentConfig
+    from stepsearch.envs.scripted import ScriptedPolicyConfig
+    from stepsearch.envs.warmstart import collect_scripted_rollouts
+
+    tok = AutoTokenizer.from_pretrained(world_stack.model_dir)
+    agent = AgentConfig(max_turns=5, topk=3, max_prompt_length=1024, max_new_tokens=32, max_response_length=512,
+                        max_obs_length=256, greedy=True)
+    data = collect_scripted_rollouts(f"{world_stack.world_dir}/train.parquet", tok, world_stack.url, agent,
+                                     ScriptedPolicyConfig(copy_correct_prob=1.0), 96, batch_size=16, max_samples=16)
+    assert len(data) == 16
+    for i, q in enumerate(world_stack.world.train[:16]):
+        generated = tok.decode(data.batch["responses"][i][data.batch["response_mask"][i].bool()])
+        subjects = (q.start,) + q.entities[:-1]
+        expected = "".join(f"<search> {r} of {s} </search>" for r, s in zip(q.relations, subjects))
+        assert generated == expected + f"<answer> {q.answer} </answer>"     # only the policy's actions are trained
+        assert data.non_tensor_batch["response_text"][i].count("<information>") == len(q.relations)
+    model = AutoModelForCausalLM.from_pretrained(world_stack.model_dir)
+    torch.manual_seed(0)
+    losses = run_sft(model, data, SFTConfig(steps=30, batch_size=8, lr=3e-3))
+    assert losses[-1] < 0.5 * losses[0]
