@@ -57,7 +57,7 @@ def run_eval(model: str, a, url: str, out: str) -> dict:
     from stepsearch.eval.harness import EvalConfig, evaluate
 
     cfg = EvalConfig(data=(f"{a.demo_dir}/world/test.parquet",), model=model, retriever_url=url, out=out,
-                     backend="hf", max_prompt_length=96, max_new_tokens=24, max_response_length=640,
+                     backend="hf", max_prompt_length=96, max_new_tokens=24, max_response_length=400,
                      index_dir=f"{a.demo_dir}/index")
     summary = evaluate(cfg)
     preds = [json.loads(line) for line in open(os.path.join(out, "predictions.jsonl"))]

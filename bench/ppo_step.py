@@ -48,8 +48,8 @@ STAGES = {
 }
 
 
-def _setup(work: Path):
-    """(parquet, retrieval server, model dir) for the run."""
+def _setup(work: Path, model: str | None):
+    """(parquet, retrieval server, model dir) for the run; ``model`` reuses a warm-started policy folder."""
     from stepsearch.search.testing import build_test_index, start_retrieval_server
     from tests.trainer.warm_start import build_warm_policy
 
@@ -60,7 +60,7 @@ def _setup(work: Path):
                     str(MUSIQUE_SAMPLE), "--output", str(work / "corpus.jsonl"), "--supporting_only"],
                    check=True, capture_output=True)
     server = start_retrieval_server(build_test_index(work / "corpus.jsonl", work / "index", method="dense"))
-    return parquet, server, build_warm_policy(str(work / "model"), parquet)
+    return parquet, server, model or build_warm_policy(str(work / "model"), parquet)
 
 
 def _summarise(rows: list[dict]) -> tuple[list[tuple[str, float, float]], float]:
@@ -105,11 +105,12 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--dp", type=int, default=2)
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "ppo_step.md"))
+    ap.add_argument("--model", help="a warm-started policy folder (tests/trainer/warm_start.py); default: build one")
     args = ap.parse_args(argv)
     if args.steps < 2:
         ap.error("--steps must be >= 2 (step 1 is dropped)")
     work = Path(tempfile.mkdtemp(prefix="ppo_step_bench_"))
-    parquet, server, model = _setup(work)
+    parquet, server, model = _setup(work, args.model)
     try:
         run_dir = work / "run"
         cmd = [sys.executable, "-m", "verl.trainer.main_ppo", "--config-name", "cpu_test", f"model.path={model}",
@@ -124,6 +125,8 @@ def main(argv=None) -> int:
     rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")][1:]
     table, step = _summarise(rows)
     shown = f".venv/bin/python bench/ppo_step.py --steps {args.steps} --dp {args.dp}"
+    if args.model:
+        shown += " --model <a policy from tests/trainer/warm_start.py build_warm_policy, 100 steps>"
     text = _markdown(table, step, rows, shown, args) + f"Whole run incl. Ray start-up and model loading: {wall:.0f}s.\n"
     print(text)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

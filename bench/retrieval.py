@@ -314,6 +314,9 @@ def run_phases(args, questions: list[str], ids: list[str], index_dir: str, urls:
         print(f"[bench] rep {rep}: {json.dumps({k: v for k, v in res.items() if k != 'padding'}, default=str)}",
               flush=True)
     res["padding"] = padding_fraction(questions[:512], 64)
+    import httpx
+
+    res["ours_batch_sizes"] = httpx.get(urls["ours"] + "/stats", timeout=30.0).json().get("batch_sizes")
     hit_q = questions[pos]
     res["cache_hit"] = {"ours": repeated_query_latency(urls["ours"], hit_q, args.hit_repeats),
                         "naive": repeated_query_latency(urls["naive"], hit_q, max(20, args.hit_repeats // 10))}
@@ -434,7 +437,8 @@ def serving_markdown(res: dict, args, cmd: str, load_start: tuple) -> str:
         f"micro-batches of 32): {med(e['inproc_fast']):.0f} q/s "
         f"({med(np.array(e['inproc_fast']) / np.array(e['inproc_exact'])):.2f}x).",
         f"- {res['padding'] * 100:.0f}% of the token slots of a 64-question request are padding on the exact path.",
-        f"- Raw per-repetition numbers: `{json.dumps({k: v for k, v in res.items() if k != 'padding'}, default=float)}`",
+        f"- Our server's coalesced batch sizes over the run (its /stats): `{json.dumps(res.get('ours_batch_sizes'))}`",
+        f"- Raw per-repetition numbers: `{json.dumps({k: v for k, v in res.items() if k not in ('padding', 'ours_batch_sizes')}, default=float)}`",
         ""]
     return "\n".join(lines)
 

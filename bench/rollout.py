@@ -16,8 +16,10 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -94,7 +96,8 @@ def main():
     torch.manual_seed(0)
     tok = tag_tokenizer()
     start = time.perf_counter()
-    index_dir = build_test_index(REPO / "data/samples/wiki18_sample_1000.jsonl", REPO / "outputs/bench_rollout_index")
+    tmp_dir = tempfile.mkdtemp(prefix="bench_rollout_")
+    index_dir = build_test_index(REPO / "data/samples/wiki18_sample_1000.jsonl", Path(tmp_dir) / "index")
     server = start_retrieval_server(index_dir)
     setup_s = time.perf_counter() - start
     try:
@@ -105,6 +108,7 @@ def main():
                    run_case("random (64-token turns)", random_lm(tok, seed=5), tok, client, args)]
     finally:
         server.stop()
+        shutil.rmtree(tmp_dir, ignore_errors=True)
     text = to_markdown(results, args, setup_s)
     print(text)
     out = REPO / args.out

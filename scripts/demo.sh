@@ -4,8 +4,8 @@
 #   -> held-out eval (before) -> StePPO (verl.trainer.main_ppo, configs/cpu_demo.yaml) -> held-out eval (after)
 #   -> learning-curve PNG + trajectory viewer HTML.
 # Everything it starts (redis-server, the retrieval server) is stopped on exit, also on failure or Ctrl-C.
-# Knobs (environment): DEMO_OUT (runs/demo), DEMO_SEED (0), DEMO_STEPS (40), DEMO_SFT_STEPS (300), DEMO_THREADS (1),
-# PY (.venv/bin/python).
+# Knobs (environment): DEMO_OUT (runs/demo), DEMO_SEED (0), DEMO_STEPS (40), DEMO_SFT_STEPS (600), DEMO_THREADS (1),
+# DEMO_NUM_TRAIN (1000), DEMO_NUM_TEST (100), PY (.venv/bin/python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,7 +13,7 @@ PY=${PY:-.venv/bin/python}
 OUT=${DEMO_OUT:-runs/demo}
 SEED=${DEMO_SEED:-0}
 STEPS=${DEMO_STEPS:-40}
-SFT_STEPS=${DEMO_SFT_STEPS:-300}
+SFT_STEPS=${DEMO_SFT_STEPS:-600}
 # One intra-op thread per process: on a small or shared machine, torch's default thread pool oversubscribes the
 # cores (a tiny-model step measured 4-6x slower with 2 threads than with 1 under load). DEMO_THREADS=2 on an idle box.
 export OMP_NUM_THREADS=${DEMO_THREADS:-1} MKL_NUM_THREADS=${DEMO_THREADS:-1}
@@ -43,7 +43,8 @@ rm -rf "$OUT/rl" "$OUT/eval_before" "$OUT/eval_after"
 mkdir -p "$OUT/logs"
 
 stage "1/8 world (seed $SEED)"
-"$PY" -m stepsearch.envs.build --out "$OUT/world" --seed "$SEED"
+"$PY" -m stepsearch.envs.build --out "$OUT/world" --seed "$SEED" --num_train "${DEMO_NUM_TRAIN:-1000}" \
+  --num_test "${DEMO_NUM_TEST:-100}"
 
 stage "2/8 MiniLM index over the world's passages"
 "$PY" -m stepsearch.search.build_index --corpus "$OUT/world/corpus.jsonl" --out "$OUT/index" --quiet \
@@ -79,7 +80,7 @@ stage "4/8 warm start: tiny Qwen2 + SFT on the noisy scripted searcher ($SFT_STE
 test -f "$OUT/sft_model/warm_start.json"
 
 EVAL_ARGS=(--data "$OUT/world/test.parquet" --retriever_url "$URL" --index_dir "$OUT/index" --backend hf
-           --max_prompt_length 96 --max_new_tokens 24 --max_response_length 640)
+           --max_prompt_length 96 --max_new_tokens 24 --max_response_length 400)
 stage "5/8 held-out evaluation BEFORE RL"
 "$PY" -m stepsearch.eval "${EVAL_ARGS[@]}" --model "$OUT/sft_model" --out "$OUT/eval_before" \
   > "$OUT/logs/eval_before.log" 2>&1

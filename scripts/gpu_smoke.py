@@ -123,8 +123,9 @@ def smoke_config(model_dir: str, parquet: str, out_dir: str, device: str, steps:
     })
 
 
-def _report(out_dir: str, label: str) -> dict:
+def _report(out_dir: str, label: str, first_step: int = 1) -> dict:
     rows = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+    rows = [r for r in rows if r["step"] >= first_step]
     for r in rows:
         print(f"[{label}] step {r['step']}: step {r['timing_s/step']:.2f}s | gen {r['perf/gen_tokens_per_s']:.0f} "
               f"tok/s | throughput {r['perf/throughput']:.0f} tok/s | peak memory {r['perf/max_memory_gb']:.2f} GiB "
@@ -166,7 +167,7 @@ def main(argv=None) -> int:
     if ckpt.read_latest(run_dir) != 2:
         sys.exit("gpu_smoke: FAILED - no complete checkpoint at step 2")
     run_ppo(smoke_config(model_dir, parquet, run_dir, args.device, steps=3))  # resume_mode=auto -> step 3
-    last = _report(run_dir, "resumed")
+    last = _report(run_dir, "resumed", first_step=3)
     trace = [json.loads(line) for line in open(os.path.join(run_dir, "data_trace.jsonl"))]
     ok = [r["step"] for r in trace] == [1, 2, 3] and last["step"] == 3 and ckpt.read_latest(run_dir) == 3
     from transformers import AutoModelForCausalLM

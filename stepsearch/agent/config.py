@@ -42,7 +42,8 @@ class AgentConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"[agent] {name} must be an int >= 1, got {value!r}")
         if self.on_retrieval_error not in ("observe", "abort"):
-            raise ValueError(f"[agent] on_retrieval_error must be 'observe' or 'abort', got {self.on_retrieval_error!r}")
+            raise ValueError(f"[agent] on_retrieval_error must be 'observe' or 'abort', "
+                             f"got {self.on_retrieval_error!r}")
         if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
             raise TypeError(f"[agent] stop must be a tuple of non-empty strings, got {self.stop!r}")
         object.__setattr__(self, "stop", tuple(self.stop))  # a YAML list becomes the tuple it stands for

@@ -51,12 +51,15 @@ class Trajectory:
     retrieval_errors: list[str] = field(default_factory=list)
     num_turns: int = 0
     num_valid_actions: int = 0
+    num_truncated_contexts: int = 0
     finished: bool = False
     done: bool = False
 
     def context(self, max_len: int) -> list[int]:
-        """The rolling context: the last `max_len` tokens of prompt + response."""
+        """The rolling context: the last `max_len` tokens of prompt + response (the oldest are dropped)."""
         ids = self.prompt + self.response
+        if len(ids) > max_len:
+            self.num_truncated_contexts += 1
         return ids[-max_len:]
 
     def append(self, ids: list[int], is_model: bool, log_probs: list[float] | None = None) -> None:
@@ -223,6 +226,8 @@ def _metrics(trajs: list[Trajectory], response_mask: torch.Tensor, timings: _Tim
         "search/valid_action_ratio/mean": float(np.mean([t.num_valid_actions / max(t.num_turns, 1) for t in trajs])),
         "search/finish_ratio": float(np.mean([t.finished for t in trajs])),
         "search/retrieval_errors": float(sum(len(t.retrieval_errors) for t in trajs)),
+        # turns whose context lost its oldest tokens (possibly the question) to max_prompt_length
+        "search/truncated_contexts": float(sum(t.num_truncated_contexts for t in trajs)),
         "search/response_length/mean": float(lengths.mean()),
         "search/obs_token_ratio": float(1.0 - model_tokens / max(lengths.sum(), 1.0)),
         "timing_s/rollout": wall_s,

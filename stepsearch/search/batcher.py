@@ -64,6 +64,7 @@ class MicroBatcher:
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.batch_sizes: deque[int] = deque(maxlen=10000)  # queries per search_fn call (recent)
+        self.batch_ms: deque[float] = deque(maxlen=10000)  # wall time of each search_fn call (recent)
         self.num_batches = 0
         self._thread.start()
 
@@ -112,6 +113,7 @@ class MicroBatcher:
             return
         queries = [q for job in jobs for q in job.queries]
         topk = max(job.topk for job in jobs)
+        t0 = time.perf_counter()
         try:
             ids, scores = self.search_fn(queries, topk)  # (N, topk) each
         except Exception as exc:  # noqa: BLE001 - handed to every waiting request, the thread lives on
@@ -119,6 +121,7 @@ class MicroBatcher:
             for job in jobs:
                 job.future.set_exception(exc)
             return
+        self.batch_ms.append((time.perf_counter() - t0) * 1000)
         self.batch_sizes.append(len(queries))
         self.num_batches += 1
         start = 0

@@ -26,7 +26,7 @@ CORPUS_TABLE = "corpus.arrow"
 DENSE_INDEX = "dense.faiss"
 EMBEDDINGS = "emb.memmap"
 BM25_DIR = "bm25"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: corpus.mtime_ns replaces corpus.mtime
 METHODS = ("dense", "bm25", "hybrid")
 # Encoder settings that define the embedding space; an index must be queried with exactly these. Mirrors
 # encoders.IDENTITY_KEYS (kept here so bm25-only serving never imports torch; a test checks they agree).
@@ -94,7 +94,7 @@ def check_corpus(manifest: dict, corpus_path: str | os.PathLike | None) -> None:
             raise IndexLoadError(f"corpus {path} not found")
         return  # the source moved away; the served table (corpus.arrow) is self-contained
     stat = path.stat()
-    if stat.st_size == rec["size"] and stat.st_mtime_ns == rec["mtime_ns"]:
+    if stat.st_size == rec["size"] and stat.st_mtime_ns == rec.get("mtime_ns"):
         return  # same size and nanosecond mtime: trusted without re-hashing
     sha = file_sha256(path)
     if sha != rec["sha256"]:

@@ -66,6 +66,11 @@ class ServerConfig:
     max_batch_queries: int = 256
     max_wait_ms: float = 2.0
     coalesce: bool = True
+    # torch intra-op threads for query encoding (0: torch's default). 1 keeps small query batches fast when the
+    # node's cores are shared with the trainer/rollout (oversubscribed OpenMP threads stall each other).
+    torch_threads: int = 1
+    # Python GIL switch interval for the server process (default 5 ms; see main)
+    gil_switch_interval_ms: float = 0.5
     # a /retrieve that takes longer answers 504 (the client retries it)
     request_timeout_s: float = 120.0
     token: str | None = None
@@ -77,9 +82,12 @@ class ServerConfig:
             raise ValueError("[server] give exactly one of --index_dir DIR or --online serper")
         if self.online not in (None, "serper"):
             raise ValueError(f"[server] --online must be 'serper', got {self.online!r}")
-        for name in ("default_topk", "max_topk", "max_queries", "max_query_chars", "request_timeout_s"):
+        for name in ("default_topk", "max_topk", "max_queries", "max_query_chars", "request_timeout_s",
+                     "gil_switch_interval_ms"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"[server] --{name} must be positive, got {getattr(self, name)}")
+        if self.torch_threads < 0:
+            raise ValueError(f"[server] --torch_threads must be >= 0, got {self.torch_threads}")
         if self.default_topk > self.max_topk:
             raise ValueError(f"[server] --default_topk ({self.default_topk}) exceeds --max_topk ({self.max_topk})")
 
@@ -166,8 +174,10 @@ class LocalBackend:
         sizes = np.asarray(self.batcher.batch_sizes if self.batcher else [], dtype=np.float64)
         if sizes.size == 0:
             return {"batches": 0}
+        search_ms = np.asarray(self.batcher.batch_ms, dtype=np.float64)
         return {"batches": self.batcher.num_batches, "mean": float(sizes.mean()), "p50": float(np.median(sizes)),
-                "max": int(sizes.max()), "coalesce": self.batcher_cfg.coalesce,
+                "max": int(sizes.max()), "search_ms_p50": float(np.percentile(search_ms, 50)),
+                "search_ms_p99": float(np.percentile(search_ms, 99)), "coalesce": self.batcher_cfg.coalesce,
                 "max_batch_queries": self.batcher_cfg.max_batch_queries, "max_wait_ms": self.batcher_cfg.max_wait_ms}
 
     async def aclose(self) -> None:
@@ -205,6 +215,10 @@ def open_backend(cfg: ServerConfig):
     loaded = load_index(cfg.index_dir, LoadOptions(method=cfg.method, encoder=cfg.encoder,
                                                    encoder_mode=cfg.encoder_mode, device=cfg.device,
                                                    corpus=cfg.corpus))
+    if loaded.method != "bm25" and cfg.torch_threads > 0:
+        import torch
+
+        torch.set_num_threads(cfg.torch_threads)
     return LocalBackend(loaded, BatcherConfig(cfg.max_batch_queries, cfg.max_wait_ms, cfg.coalesce))
 
 
@@ -371,6 +385,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
     p.add_argument("--max_wait_ms", type=float, default=d["max_wait_ms"].default)
     p.add_argument("--no_coalesce", action="store_true", help="run each request alone (benchmark baseline)")
     p.add_argument("--request_timeout_s", type=float, default=d["request_timeout_s"].default)
+    p.add_argument("--torch_threads", type=int, default=d["torch_threads"].default,
+                   help="intra-op threads for query encoding; 0 = torch default")
+    p.add_argument("--gil_switch_interval_ms", type=float, default=d["gil_switch_interval_ms"].default)
     p.add_argument("--token_env", default=TOKEN_ENV, help="env var holding an optional bearer token")
     p.add_argument("--serper_api_key", help=f"Serper key (default: $SERPER_API_KEY)")
     p.add_argument("--serper_url", default=d["serper_url"].default)
@@ -383,7 +400,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
                        cache_normalization=a.cache_normalization, default_topk=a.default_topk, max_topk=a.max_topk,
                        max_queries=a.max_queries, max_query_chars=a.max_query_chars,
                        max_batch_queries=a.max_batch_queries, max_wait_ms=a.max_wait_ms, coalesce=not a.no_coalesce,
-                       request_timeout_s=a.request_timeout_s,
+                       request_timeout_s=a.request_timeout_s, gil_switch_interval_ms=a.gil_switch_interval_ms,
+                       torch_threads=a.torch_threads,
                        token=os.environ.get(a.token_env) or None, serper_api_key=a.serper_api_key,
                        serper_url=a.serper_url)
     return cfg, a
@@ -402,6 +420,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and cfg.token is None:
         logger.warning("binding %s without a bearer token: anyone who can reach this port can query", cfg.host)
+    # The owner thread releases the GIL inside every torch/faiss op and must win it back for the next op. With
+    # Python's default 5 ms switch interval a busy event loop makes each reacquisition wait up to 5 ms (a GIL
+    # convoy: ~1 s per MiniLM batch under load); a short interval lets the owner thread back in promptly.
+    sys.setswitchinterval(cfg.gil_switch_interval_ms / 1000.0)
     import uvicorn
 
     uvicorn.run(create_app(cfg, backend), host=cfg.host, port=cfg.port, log_level="warning", access_log=False)

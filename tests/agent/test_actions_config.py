@@ -39,7 +39,8 @@ def test_agent_config_checks():
 
 
 HITS = [
-    {"document": {"id": "7", "title": "Evan Morris", "text": "Evan Morris was a lobbyist.", "contents": "x"}, "score": 0.9},
+    {"document": {"id": "7", "title": "Evan Morris", "text": "Evan Morris was a lobbyist.", "contents": "x"},
+     "score": 0.9},
     {"document": {"id": "9", "contents": "\"Roche\"\nRoche is a company."}, "score": 0.5},
 ]
 

