@@ -40,7 +40,8 @@ fi
 
 REDIS_ARGS=()
 if [ "${NO_REDIS:-0}" != "1" ]; then
-  if command -v redis-cli >/dev/null 2>&1 && redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; then
+  if "$PYTHON" -c "import redis, sys; redis.Redis(port=int(sys.argv[1]), socket_connect_timeout=1).ping()" \
+       "$REDIS_PORT" >/dev/null 2>&1; then
     echo "[launch_retrieval] using the Redis already running on port $REDIS_PORT"
   elif command -v redis-server >/dev/null 2>&1; then
     redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --daemonize yes --save "" --appendonly no >/dev/null

@@ -24,15 +24,23 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-# Algorithm -> Hydra overrides on top of configs/cpu_demo.yaml. Budget: 32 trajectories per step for all three.
-ALGOS: dict[str, list[str]] = {
-    "steppo": [],
-    "ppo": ["reward.use_search_key_reward=false", "reward.use_step_rewards=false"],
-    "grpo": ["algorithm.adv_estimator=grpo", "actor_rollout_ref.rollout.n=4", "data.train_batch_size=8",
-             "actor_rollout_ref.actor.ppo_mini_batch_size=8", "algorithm.use_kl_in_reward=false",
-             "actor_rollout_ref.actor.use_kl_loss=true", "reward.use_search_key_reward=false",
-             "reward.use_step_rewards=false"],
-}
+# Reward ablation of SPEC §5.3: PPO and GRPO use the answer F1 only (no r_key, no step rewards).
+ANSWER_ONLY = ["reward.use_search_key_reward=false", "reward.use_step_rewards=false"]
+ALGOS = ("steppo", "ppo", "grpo")
+GRPO_GROUP = 4
+
+
+def algo_overrides(algo: str, trajectories: int) -> list[str]:
+    """Hydra overrides on top of configs/cpu_demo.yaml; every algorithm samples `trajectories` per step."""
+    if algo in ("steppo", "ppo"):
+        half = max(trajectories // 2, 1)
+        sizes = [f"data.train_batch_size={trajectories}", f"actor_rollout_ref.actor.ppo_mini_batch_size={half}",
+                 f"critic.ppo_mini_batch_size={half}"]
+        return sizes + ([] if algo == "steppo" else ANSWER_ONLY)
+    prompts = trajectories // GRPO_GROUP      # GRPO (SPEC §1.11): groups of GRPO_GROUP samples per prompt, KL as a loss
+    return [f"data.train_batch_size={prompts}", f"actor_rollout_ref.rollout.n={GRPO_GROUP}",
+            f"actor_rollout_ref.actor.ppo_mini_batch_size={prompts}", "algorithm.adv_estimator=grpo",
+            "algorithm.use_kl_in_reward=false", "actor_rollout_ref.actor.use_kl_loss=true", *ANSWER_ONLY]
 
 
 def run_training(algo: str, seed: int, a, url: str, run_dir: str) -> float:
@@ -43,7 +51,7 @@ def run_training(algo: str, seed: int, a, url: str, run_dir: str) -> float:
            f"trainer.default_local_dir={run_dir}", f"trainer.total_training_steps={a.steps}",
            f"trainer.save_freq={a.steps}", f"trainer.test_freq={a.test_freq}", "data.val_max_samples=-1",
            "trainer.resume_mode=disable", f"trainer.seed={seed}", f"data.seed={seed + 1}",
-           f"actor_rollout_ref.actor.seed={seed}", f"critic.seed={seed}", *ALGOS[algo]]
+           f"actor_rollout_ref.actor.seed={seed}", f"critic.seed={seed}", *algo_overrides(algo, a.trajectories)]
     start = time.perf_counter()
     with open(os.path.join(run_dir + ".log"), "w") as log:
         proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, timeout=a.run_timeout_s)
@@ -86,7 +94,7 @@ def plot(results: dict, path: str, threshold: float) -> None:
             xs, ys = zip(*([(0, r["em_before"])] + r["curve"])) if r["curve"] else ([0], [r["em_before"]])
             ax.plot(xs, ys, color=colors.get(algo), alpha=0.8, label=algo if i == 0 else None, marker=".")
     ax.axhline(threshold, ls="--", color="gray", lw=0.8)
-    ax.set_xlabel("PPO step (32 trajectories each)")
+    ax.set_xlabel("RL step")
     ax.set_ylabel("held-out EM (greedy)")
     ax.set_title("synthetic world: StePPO vs PPO vs GRPO, 3 seeds")
     ax.legend()
@@ -109,8 +117,9 @@ def write_markdown(results: dict, a, em_before: float, path: str, cmd: str, wall
              f"Command: `{cmd}`", "",
              f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores (shared with other jobs while it ran), "
              f"{platform.python_version()}; total wall {wall_s / 60:.1f} min.", "",
-             f"Same warm start (held-out EM {em_before:.3f}), {a.steps} steps x 32 trajectories per step "
-             f"(GRPO: 8 prompts x 4 samples), seeds {a.seeds}. EM threshold {a.threshold}.", "",
+             f"Same warm start (held-out EM {em_before:.3f}), {a.steps} steps x {a.trajectories} trajectories per "
+             f"step (GRPO: {a.trajectories // GRPO_GROUP} prompts x {GRPO_GROUP} samples), seeds {a.seeds}, "
+             f"EM threshold {a.threshold}. PPO and GRPO: answer-F1 reward only (SPEC §5.3).", "",
              "| algorithm | seed | steps to EM≥thr | final EM | final F1 | mean searches | redundancy P | wall s |",
              "|---|---|---|---|---|---|---|---|"]
     for algo, runs in results.items():
@@ -139,6 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--test_freq", type=int, default=10)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--algos", nargs="+", default=list(ALGOS), choices=list(ALGOS))
+    p.add_argument("--trajectories", type=int, default=32, help="trajectories per step (GRPO: /4 prompts x 4)")
     p.add_argument("--threshold", type=float, default=0.5)
     p.add_argument("--run_timeout_s", type=int, default=3600)
     p.add_argument("--results", default=os.path.join(REPO, "bench", "results", "credit_assignment.md"))

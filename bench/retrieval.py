@@ -458,10 +458,18 @@ def index_markdown(rows: list[dict], args, cmd: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_atomic(path: Path, text: str) -> None:
+def write_section(path: Path, name: str, text: str) -> None:
+    """Replace section `name` (between HTML comment markers) in the results file, or append it; atomic write."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{text.rstrip()}\n{end}\n"
+    old = path.read_text() if path.is_file() else ""
+    if start in old and end in old:
+        new = old[:old.index(start)] + block + old[old.index(end) + len(end):].lstrip("\n")
+    else:
+        new = old + ("\n" if old else "") + block
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    tmp.write_text(new)
     os.replace(tmp, path)
 
 
@@ -476,7 +484,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nprobe", type=int, default=16)
     p.add_argument("--ef_search", type=int, default=64)
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "retrieval.md"))
-    p.add_argument("--index_out", default=str(REPO / "bench" / "results" / "retrieval_index.md"))
     p.add_argument("--serve_naive", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--index_dir", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -487,12 +494,13 @@ def main(argv: list[str] | None = None) -> int:
     cmd = "HF_HUB_OFFLINE=1 .venv/bin/python bench/retrieval.py " + " ".join(argv if argv is not None else sys.argv[1:])
     sections = set(args.sections.split(","))
     if "index" in sections:
-        write_atomic(Path(args.index_out), index_markdown(index_section(args), args, cmd.strip()))
+        write_section(Path(args.out), "index", index_markdown(index_section(args), args, cmd.strip()))
     if "serve" in sections:
         load_start = os.getloadavg()
         res = serving_sections(args)
-        write_atomic(Path(args.out), serving_markdown(res, args, cmd.strip(), load_start))
-        print(Path(args.out).read_text())
+        text = serving_markdown(res, args, cmd.strip(), load_start)
+        write_section(Path(args.out), "serve", text)
+        print(text)
     return 0
 
 

@@ -5,7 +5,7 @@
 #   -> learning-curve PNG + trajectory viewer HTML.
 # Everything it starts (redis-server, the retrieval server) is stopped on exit, also on failure or Ctrl-C.
 # Knobs (environment): DEMO_OUT (runs/demo), DEMO_SEED (0), DEMO_STEPS (40), DEMO_SFT_STEPS (600), DEMO_THREADS (1),
-# DEMO_NUM_TRAIN (1000), DEMO_NUM_TEST (100), PY (.venv/bin/python).
+# DEMO_NUM_TRAIN (800), DEMO_NUM_TEST (100), PY (.venv/bin/python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -43,7 +43,7 @@ rm -rf "$OUT/rl" "$OUT/eval_before" "$OUT/eval_after"
 mkdir -p "$OUT/logs"
 
 stage "1/8 world (seed $SEED)"
-"$PY" -m stepsearch.envs.build --out "$OUT/world" --seed "$SEED" --num_train "${DEMO_NUM_TRAIN:-1000}" \
+"$PY" -m stepsearch.envs.build --out "$OUT/world" --seed "$SEED" --num_train "${DEMO_NUM_TRAIN:-800}" \
   --num_test "${DEMO_NUM_TEST:-100}"
 
 stage "2/8 MiniLM index over the world's passages"

@@ -41,9 +41,10 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
     p.add_argument("--num_relations", type=int, default=WorldConfig.num_relations)
     p.add_argument("--num_train", type=int, default=WorldConfig.num_train)
     p.add_argument("--num_test", type=int, default=WorldConfig.num_test)
+    p.add_argument("--mixed_relations", action="store_true", help="mix relations within a question (harder)")
     a = p.parse_args(argv)
     cfg = WorldConfig(seed=a.seed, num_entities=a.num_entities, num_relations=a.num_relations,
-                      num_train=a.num_train, num_test=a.num_test)
+                      num_train=a.num_train, num_test=a.num_test, mixed_relations=a.mixed_relations)
     world = generate_world(cfg)
     paths = write_world(world, a.out)
     info = describe(world)

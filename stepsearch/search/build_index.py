@@ -180,7 +180,12 @@ def build_faiss(cfg: BuildConfig, emb: np.ndarray, out: Path) -> None:
         rng = np.random.default_rng(cfg.seed)
         sample = np.sort(rng.choice(n, size=min(n, cfg.train_size), replace=False))
         log(cfg, f"training {cfg.index_factory} on {len(sample)} vectors")
-        index.train(np.ascontiguousarray(emb[sample]))
+        try:
+            index.train(np.ascontiguousarray(emb[sample]))
+        except RuntimeError as exc:  # e.g. PQ needs >= 256 points per sub-quantizer, IVFk needs >= k
+            raise ValueError(f"[build_index] cannot train --index_factory {cfg.index_factory!r} on {len(sample)} "
+                             f"vectors ({str(exc).splitlines()[-1]}); use Flat or HNSW32 for a corpus this "
+                             "small, or fewer IVF lists / PQ bits") from None
     step = 65536
     for start in tqdm(range(0, n, step), desc="faiss add", unit="chunk", disable=cfg.quiet):
         index.add(np.ascontiguousarray(emb[start:start + step]))

@@ -66,8 +66,9 @@ class ServerConfig:
     max_batch_queries: int = 256
     max_wait_ms: float = 2.0
     coalesce: bool = True
-    # torch intra-op threads for query encoding (0: torch's default). 1 keeps small query batches fast when the
-    # node's cores are shared with the trainer/rollout (oversubscribed OpenMP threads stall each other).
+    # torch intra-op threads for query encoding; 0 leaves torch alone (it follows OMP_NUM_THREADS). 1 keeps small
+    # query batches fast when the node's cores are shared with the trainer/rollout (oversubscribed OpenMP threads
+    # stall each other). The CLI default is 1 unless OMP_NUM_THREADS is set, which then wins.
     torch_threads: int = 1
     # Python GIL switch interval for the server process (default 5 ms; see main)
     gil_switch_interval_ms: float = 0.5
@@ -385,8 +386,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
     p.add_argument("--max_wait_ms", type=float, default=d["max_wait_ms"].default)
     p.add_argument("--no_coalesce", action="store_true", help="run each request alone (benchmark baseline)")
     p.add_argument("--request_timeout_s", type=float, default=d["request_timeout_s"].default)
-    p.add_argument("--torch_threads", type=int, default=d["torch_threads"].default,
-                   help="intra-op threads for query encoding; 0 = torch default")
+    p.add_argument("--torch_threads", type=int, default=0 if os.environ.get("OMP_NUM_THREADS") else 1,
+                   help="intra-op threads for query encoding; 0 = torch default (OMP_NUM_THREADS); default 1 unless "
+                        "OMP_NUM_THREADS is set")
     p.add_argument("--gil_switch_interval_ms", type=float, default=d["gil_switch_interval_ms"].default)
     p.add_argument("--token_env", default=TOKEN_ENV, help="env var holding an optional bearer token")
     p.add_argument("--serper_api_key", help=f"Serper key (default: $SERPER_API_KEY)")

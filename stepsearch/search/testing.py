@@ -172,4 +172,14 @@ def build_test_index(corpus: str | os.PathLike, out_dir: str | os.PathLike, meth
             os.replace(tmp, cache_dir)
         except OSError:  # another session cached it first
             shutil.rmtree(tmp, ignore_errors=True)
+        prune_embedding_cache(keep=4)
     return out_dir
+
+
+def prune_embedding_cache(keep: int) -> None:
+    """Drop all but the `keep` newest cached embeddings (older ones belong to earlier encoders.py versions)."""
+    entries = sorted((p for p in EMBEDDING_CACHE.iterdir() if p.is_dir() and ".tmp" not in p.name),
+                     key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in entries[keep:]:
+        if time.time() - old.stat().st_mtime > 3600:  # never pull one from under a session that just wrote it
+            shutil.rmtree(old, ignore_errors=True)

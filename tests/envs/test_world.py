@@ -9,7 +9,7 @@ import pytest
 from stepsearch.envs.build import write_world
 from stepsearch.envs.world import WorldConfig, generate_world, question_text, world_fingerprint, world_rows
 
-SMALL = WorldConfig(seed=3, num_entities=20, num_relations=3, num_train=60, num_test=15)
+SMALL = WorldConfig(seed=3, num_entities=30, num_relations=3, num_train=60, num_test=15)
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +25,10 @@ def test_same_seed_same_world_other_seed_differs():
 
 
 def test_sizes_and_hops(world):
-    assert len(world.passages()) == 20 * 3          # one passage per (person, relation)
+    assert len(world.passages()) == 30 * 3          # one passage per (person, relation)
     assert len(world.train) == 60 and len(world.test) == 15
     assert {len(q.relations) for q in world.train + world.test} <= {2, 3, 4}
-    assert len(set(world.entities)) == 20
+    assert len(set(world.entities)) == 30
     # no name is a prefix of another, so a name found in text is unambiguous
     assert not any(a != b and b.startswith(a) for a in world.entities for b in world.entities)
 
@@ -91,3 +91,10 @@ def test_files_load_with_the_trainer_dataset(tmp_path, world):
                                                           zip((world.test[0].start,) + world.test[0].entities[:-1],
                                                               world.test[0].relations)]
     assert json.load(open(paths["world.json"]))["fingerprint"] == world_fingerprint(world)
+
+
+def test_relation_mixing_option(world):
+    assert all(len(set(q.relations)) == 1 for q in world.train + world.test)       # default: one relation per chain
+    mixed = generate_world(WorldConfig(**{**SMALL.__dict__, "mixed_relations": True}))
+    assert all(a != b for q in mixed.train for a, b in zip(q.relations, q.relations[1:]))
+    assert any(len(set(q.relations)) > 1 for q in mixed.train)

@@ -10,7 +10,7 @@ from stepsearch.envs.warmstart import TinyModelConfig, build_demo_model, save_mo
 from stepsearch.envs.world import World, WorldConfig, generate_world
 from stepsearch.search.testing import build_test_index, start_retrieval_server
 
-CONFIG = WorldConfig(seed=5, num_entities=16, num_relations=3, num_train=48, num_test=12)
+CONFIG = WorldConfig(seed=5, num_entities=24, num_relations=3, num_train=48, num_test=12)
 
 
 @dataclass

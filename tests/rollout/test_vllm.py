@@ -103,3 +103,17 @@ def test_agent_rollout_identical_to_hf(tok, engine, retrieval_url):
         obs_text = tok.decode(resp[:length][mask[:length] == 0])
         assert obs_text.count("<information>") == obs_text.count("</information>") == 2
         assert tok.decode(resp[:length][mask[:length] == 1]) == QUERY_TEXT * 3
+
+
+def test_multiprocess_engine_weight_update(tok, models, tmp_path):
+    """in_process=False: the engine runs in child processes and weight buckets travel as bytes."""
+    path = save_model(models["A"], tok, tmp_path / "tiny_a")
+    engine = VLLMRolloutBackend(path, tok, in_process=False, dtype="float32", max_model_len=512, enforce_eager=True,
+                                bucket_bytes=100_000)
+    try:
+        assert ids(engine.generate(PROMPTS, GREEDY)) == ids(HFRolloutBackend(models["A"], tok).generate(PROMPTS, GREEDY))
+        engine.load_weights(models["B"].state_dict())
+        assert engine.num_weight_buckets_last_load > 1
+        assert ids(engine.generate(PROMPTS, GREEDY)) == ids(HFRolloutBackend(models["B"], tok).generate(PROMPTS, GREEDY))
+    finally:
+        engine.llm.llm_engine.engine_core.shutdown()

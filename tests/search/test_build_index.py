@@ -131,3 +131,29 @@ def test_identity_keys_mirror_the_encoder_module():
     from stepsearch.search.index import ENCODER_IDENTITY_KEYS
 
     assert tuple(ENCODER_IDENTITY_KEYS) == tuple(IDENTITY_KEYS)
+
+
+@pytest.mark.parametrize("factory", ["HNSW8", "IVF2,Flat"])
+def test_other_index_factories_train_add_and_search(small_index, tmp_path, factory):
+    import faiss
+
+    from stepsearch.search.build_index import build_faiss
+    from stepsearch.search.index import DENSE_INDEX
+
+    emb = np.array(np.memmap(small_index / EMBEDDINGS, dtype=np.float32, mode="r", shape=(N_SMALL, 384)))
+    build_faiss(BuildConfig(corpus="unused", out=str(tmp_path), index_factory=factory, quiet=True), emb, tmp_path)
+    index = faiss.read_index(str(tmp_path / DENSE_INDEX))
+    assert index.ntotal == N_SMALL and index.metric_type == faiss.METRIC_INNER_PRODUCT
+    if "IVF" in factory:
+        faiss.extract_index_ivf(index).nprobe = 2  # visit both lists: exact over the stored vectors
+    _, ids = index.search(emb[:6], 1)  # (6, 1): each passage's own vector finds itself
+    assert ids[:, 0].tolist() == list(range(6))
+
+
+def test_untrainable_factory_is_a_clear_error(small_index, tmp_path):
+    from stepsearch.search.build_index import build_faiss
+
+    emb = np.array(np.memmap(small_index / EMBEDDINGS, dtype=np.float32, mode="r", shape=(N_SMALL, 384)))
+    cfg = BuildConfig(corpus="unused", out=str(tmp_path), index_factory="IVF2,PQ8", quiet=True)
+    with pytest.raises(ValueError, match=r"cannot train --index_factory 'IVF2,PQ8' on 24 vectors.*use Flat"):
+        build_faiss(cfg, emb, tmp_path)  # 8-bit PQ needs >= 256 training points

@@ -105,6 +105,11 @@ def test_steppo_three_steps_kill_resume_and_hf_export(tmp_path, musi_parquet, mu
 
     from verl.utils import checkpoint as ckpt
 
+    from stepsearch.train import check_retriever
+
+    check_retriever(musi_retriever)  # what train.sh runs first; a dead URL fails fast with a message
+    with pytest.raises(SystemExit, match="no answer from http://127.0.0.1:9"):
+        check_retriever("http://127.0.0.1:9", timeout_s=2.0)
     out_dir = str(tmp_path / "run")
     cmd = _command(warm_policy, musi_parquet, musi_retriever, out_dir, "trainer.total_training_steps=4",
                    "trainer.save_freq=3")

@@ -50,6 +50,7 @@ def ray_cluster():
     ray.shutdown()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_ray_worker_group_dp_dispatch_gloo_and_timeouts(ray_cluster):
     from verl.single_controller.ray import RayResourcePool, RayWaitTimeout, RayWorkerGroup

@@ -87,6 +87,7 @@ def test_in_process_workers_step_save_load_export(tiny_model_dir, tmp_path):
         assert torch.allclose(value, w.module.state_dict()[name]), name
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_two_gloo_ranks_fsdp2_match_one_rank(tiny_model_dir):
     """FSDP2 over 2 gloo ranks: log-probs equal the single-process ones; both ranks stay in sync."""

@@ -101,12 +101,23 @@ def _shard(module: torch.nn.Module, cfg: FSDPConfig, device: torch.device, world
     fully_shard(module, **kw)
 
 
-def _full_state_items(module: torch.nn.Module):
-    """(name, full tensor) for every entry of the (possibly sharded) state dict; a collective per tensor."""
+def _full_state_items(module: torch.nn.Module, device: torch.device):
+    """(name, full tensor) for every entry of the (possibly sharded) state dict; a collective per tensor.
+
+    With FSDP2 CPU offload the local shards sit on the CPU while the process group is NCCL, so each shard is
+    moved to ``device`` before the all-gather.
+    """
     from torch.distributed.tensor import DTensor
 
     for name, value in module.state_dict().items():
-        yield name, value.full_tensor() if isinstance(value, DTensor) else value
+        if not isinstance(value, DTensor):
+            yield name, value
+            continue
+        local = value.to_local()
+        if local.device != device:
+            value = DTensor.from_local(local.to(device), value.device_mesh, value.placements, run_check=False,
+                                       shape=value.shape, stride=value.stride())
+        yield name, value.full_tensor()
 
 
 class _DistributedWorker(Worker):
@@ -268,7 +279,7 @@ class ActorRolloutRefWorker(_DistributedWorker):
         start = time.perf_counter()
         bucket_bytes = self.config.weight_bucket_mb * 2**20 if self.config.rollout.backend == "vllm" else 0
         bucket, size = {}, 0
-        for name, tensor in _full_state_items(self.module):
+        for name, tensor in _full_state_items(self.module, self.device):
             bucket[name] = tensor.detach()
             size += tensor.numel() * tensor.element_size()
             if bucket_bytes and size >= bucket_bytes:
@@ -316,7 +327,7 @@ class ActorRolloutRefWorker(_DistributedWorker):
         """Rank 0 writes the policy as an HF model dir (config + tokenizer + safetensors), atomically."""
         from transformers import AutoModelForCausalLM
 
-        state = {name: t.detach().to("cpu", torch.float32) for name, t in _full_state_items(self.module)}
+        state = {name: t.detach().to("cpu", torch.float32) for name, t in _full_state_items(self.module, self.device)}
         if self.rank == 0:
             with torch.random.fork_rng(devices=[]):  # the random init must not move the checkpointed RNG
                 model = AutoModelForCausalLM.from_config(self.hf_config, dtype=torch.float32)

@@ -10,10 +10,12 @@ vLLM fuses q/k/v (and gate/up) into one parameter and re-processes a layer once 
 of a layer must arrive together (checked: splitting q/k/v over two calls corrupts the layer).
 
 Scripts that create a `VLLMRolloutBackend` with `in_process=False` need an `if __name__ == "__main__":` guard,
-because vLLM then spawns its engine in a child process.
+because vLLM then spawns its engine in a child process; weight buckets then travel as `torch.save` bytes with a
+pickled loader function (this sets `VLLM_ALLOW_INSECURE_SERIALIZATION=1` unless already set).
 """
 from __future__ import annotations
 
+import io
 import os
 import re
 from typing import Iterator
@@ -56,6 +58,22 @@ def iter_weight_buckets(state_dict: dict[str, torch.Tensor],
         yield bucket
 
 
+def _reload_serialized_bucket(worker, payload: bytes) -> None:
+    """Runs inside a vLLM worker process: unpack one `torch.save`d bucket and reload it in place.
+
+    Used when the engine lives in other processes: vLLM's message encoding does not carry a list of
+    (name, tensor) pairs intact, so the bucket travels as bytes.
+    """
+    bucket = torch.load(io.BytesIO(payload), weights_only=True)
+    worker.reload_weights(weights_iterator=[(name, tensor) for name, tensor in bucket], is_checkpoint_format=True)
+
+
+def _serialize_bucket(bucket: list[tuple[str, torch.Tensor]]) -> bytes:
+    buffer = io.BytesIO()
+    torch.save([(name, tensor.cpu()) for name, tensor in bucket], buffer)
+    return buffer.getvalue()
+
+
 class VLLMRolloutBackend(RolloutBackend):
     """`vllm.LLM` behind the RolloutBackend interface.
 
@@ -70,6 +88,9 @@ class VLLMRolloutBackend(RolloutBackend):
 
     def __init__(self, model_path: str, tokenizer, in_process: bool = True, enable_sleep_mode: bool = False,
                  sleep_level: int = 1, bucket_bytes: int = 512 * 1024 ** 2, **engine_kw):
+        if not in_process:
+            # weight buckets are sent as a function + bytes to the worker processes (pickled callables)
+            os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
         if in_process:
             # vLLM reads this when the engine is built; off = the engine core runs in this process.
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -80,13 +101,16 @@ class VLLMRolloutBackend(RolloutBackend):
 
         self._vllm = vllm
         engine_kw.setdefault("seed", 0)
-        if vllm.platforms.current_platform.is_cpu():
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu():
             # On CPU, gpu_memory_utilization is the share of *host* memory vLLM reserves; its default (0.92)
             # fails on any machine with other work on it. A fixed KV-cache size is what a CPU run wants.
             engine_kw.setdefault("gpu_memory_utilization", 0.1)
             engine_kw.setdefault("kv_cache_memory_bytes", 256 * 1024 ** 2)
         self.llm = vllm.LLM(model=model_path, enable_sleep_mode=enable_sleep_mode, **engine_kw)
         self.tokenizer = tokenizer
+        self.in_process = in_process
         self.sleep_enabled = enable_sleep_mode
         self.sleep_level = sleep_level
         self.bucket_bytes = bucket_bytes
@@ -131,8 +155,11 @@ class VLLMRolloutBackend(RolloutBackend):
             raise ValueError("[rollout.vllm] load_weights got an empty state_dict")
         n = 0
         for bucket in iter_weight_buckets(state_dict, self.bucket_bytes):
-            self.llm.collective_rpc("reload_weights",
-                                    kwargs={"weights_iterator": bucket, "is_checkpoint_format": True})
+            if self.in_process:  # same process: the tensors are handed over as they are
+                self.llm.collective_rpc("reload_weights",
+                                        kwargs={"weights_iterator": bucket, "is_checkpoint_format": True})
+            else:
+                self.llm.collective_rpc(_reload_serialized_bucket, args=(_serialize_bucket(bucket),))
             n += 1
         self.num_weight_buckets_last_load = n
         self.llm.reset_prefix_cache()  # KV computed with the old weights must not be reused
