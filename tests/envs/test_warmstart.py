@@ -1,6 +1,7 @@
 """Warm start: the SFT loss mask and loss (against a slow loop), and, end to end (slow), scripted trajectories
 through the real rollout loop and retriever whose loss mask covers exactly the policy's own actions."""
 import math
+import re
 
 import pytest
 import torch
@@ -58,6 +59,7 @@ def test_scripted_trajectories_and_sft_through_the_real_loop(world_stack):
     from stepsearch.agent.config import AgentConfig
     from stepsearch.envs.scripted import ScriptedPolicyConfig
     from stepsearch.envs.warmstart import collect_scripted_rollouts
+    from stepsearch.search.client import RetrievalClient
 
     tok = AutoTokenizer.from_pretrained(world_stack.model_dir)
     agent = AgentConfig(max_turns=5, topk=3, max_prompt_length=1024, max_new_tokens=32, max_response_length=512,
@@ -65,11 +67,15 @@ def test_scripted_trajectories_and_sft_through_the_real_loop(world_stack):
     data = collect_scripted_rollouts(f"{world_stack.world_dir}/train.parquet", tok, world_stack.url, agent,
                                      ScriptedPolicyConfig(copy_correct_prob=1.0), 96, batch_size=16, max_samples=16)
     assert len(data) == 16
+    client = RetrievalClient(world_stack.url)
     for i, q in enumerate(world_stack.world.train[:16]):
         generated = tok.decode(data.batch["responses"][i][data.batch["response_mask"][i].bool()])
-        subjects = (q.start,) + q.entities[:-1]
-        expected = "".join(f"<search> {r} of {s} </search>" for r, s in zip(q.relations, subjects))
-        assert generated == expected + f"<answer> {q.answer} </answer>"     # only the policy's actions are trained
+        entity, expected = q.start, ""
+        for r in q.relations:                       # reference: follow the retriever's top-1 passage at every hop
+            expected += f"<search> {r} of {entity} </search>"
+            text = client.retrieve([f"{r} of {entity}"], topk=3)[0][0]["document"]["text"]
+            entity = re.fullmatch(r"The \w+ of \w+ is (\w+)\.", text).group(1)
+        assert generated == expected + f"<answer> {entity} </answer>"     # only the policy's actions are trained
         assert data.non_tensor_batch["response_text"][i].count("<information>") == len(q.relations)
     model = AutoModelForCausalLM.from_pretrained(world_stack.model_dir)
     torch.manual_seed(0)

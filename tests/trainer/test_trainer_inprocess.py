@@ -160,3 +160,13 @@ def test_resume_skips_half_written_checkpoint_and_missing_marker(files, tmp_path
     assert [r["step"] for r in trace] == [1, 2, 2]
     assert trace[2]["index"] == trace[1]["index"] and trace[2]["worker_rng"] == trace[1]["worker_rng"]
     assert ckpt.read_latest(out) == 2 and ckpt.is_complete(ckpt.step_dir(out, 2))
+
+
+@pytest.mark.timeout(300)
+def test_critic_warmup_skips_actor_updates(files, tmp_path):
+    train, val, model = files
+    cfg = _config(train, val, model, str(tmp_path / "warmup"), total_training_steps=1, save_freq=-1, test_freq=-1,
+                  critic_warmup=1)
+    last = run_ppo(cfg)
+    assert last["actor/updated"] == 0.0 and "actor/pg_loss" not in last and "perf/weight_sync_s" not in last
+    assert np.isfinite(last["critic/vf_loss"])
