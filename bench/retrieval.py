@@ -345,7 +345,7 @@ def cached_embeddings(texts: list[str], what: str, mode: str = "fast") -> np.nda
     return emb
 
 
-INDEX_FACTORIES = ("Flat", "SQfp16", "SQ8", "HNSW32", "HNSW32,SQ8", "IVF128,Flat", "IVF128,PQ48", "IVF128,PQ96")
+INDEX_FACTORIES = ("Flat", "SQfp16", "SQ8", "HNSW32", "HNSW32,SQ8", "IVF128,Flat", "IVF128,SQ8", "IVF128,PQ48")
 
 
 def index_section(args) -> list[dict]:
