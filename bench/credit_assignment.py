@@ -35,11 +35,13 @@ def algo_overrides(algo: str, trajectories: int) -> list[str]:
     if algo in ("steppo", "ppo"):
         half = max(trajectories // 2, 1)
         sizes = [f"data.train_batch_size={trajectories}", f"actor_rollout_ref.actor.ppo_mini_batch_size={half}",
-                 f"critic.ppo_mini_batch_size={half}"]
+                 f"actor_rollout_ref.actor.ppo_micro_batch_size_per_device={half}", f"critic.ppo_mini_batch_size={half}",
+                 f"critic.ppo_micro_batch_size_per_device={half}"]
         return sizes + ([] if algo == "steppo" else ANSWER_ONLY)
     prompts = trajectories // GRPO_GROUP      # GRPO (SPEC §1.11): groups of GRPO_GROUP samples per prompt, KL as a loss
     return [f"data.train_batch_size={prompts}", f"actor_rollout_ref.rollout.n={GRPO_GROUP}",
-            f"actor_rollout_ref.actor.ppo_mini_batch_size={prompts}", "algorithm.adv_estimator=grpo",
+            f"actor_rollout_ref.actor.ppo_mini_batch_size={prompts}",
+            f"actor_rollout_ref.actor.ppo_micro_batch_size_per_device={trajectories}", "algorithm.adv_estimator=grpo",
             "algorithm.use_kl_in_reward=false", "actor_rollout_ref.actor.use_kl_loss=true", *ANSWER_ONLY]
 
 
@@ -49,7 +51,7 @@ def run_training(algo: str, seed: int, a, url: str, run_dir: str) -> float:
            f"model.path={a.demo_dir}/sft_model", f"data.train_files=[{a.demo_dir}/world/train.parquet]",
            f"data.val_files=[{a.demo_dir}/world/test.parquet]", f"retriever.url={url}",
            f"trainer.default_local_dir={run_dir}", f"trainer.total_training_steps={a.steps}",
-           f"trainer.save_freq={a.steps}", f"trainer.test_freq={a.test_freq}", "data.val_max_samples=-1",
+           f"trainer.save_freq={a.steps}", f"trainer.test_freq={a.test_freq}",
            "trainer.resume_mode=disable", f"trainer.seed={seed}", f"data.seed={seed + 1}",
            f"actor_rollout_ref.actor.seed={seed}", f"critic.seed={seed}", *algo_overrides(algo, a.trajectories)]
     start = time.perf_counter()
@@ -120,22 +122,43 @@ def write_markdown(results: dict, a, em_before: float, path: str, cmd: str, wall
              f"Same warm start (held-out EM {em_before:.3f}), {a.steps} steps x {a.trajectories} trajectories per "
              f"step (GRPO: {a.trajectories // GRPO_GROUP} prompts x {GRPO_GROUP} samples), seeds {a.seeds}, "
              f"EM threshold {a.threshold}. PPO and GRPO: answer-F1 reward only (SPEC §5.3).", "",
-             "| algorithm | seed | steps to EM≥thr | final EM | final F1 | mean searches | redundancy P | wall s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| algorithm | seed | steps to EM≥thr | final EM | final F1 | support recall | format ok | mean searches "
+             "| redundancy P | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for algo, runs in results.items():
         for r in runs:
             lines.append(f"| {algo} | {r['seed']} | {fmt(r['steps_to'], '{}')} | {fmt(r['em'])} | {fmt(r['f1'])} | "
+                         f"{fmt(r.get('support_recall'))} | {fmt(r.get('format_ok'))} | "
                          f"{fmt(r['num_searches'], '{:.2f}')} | {fmt(r['redundancy'])} | {r['wall_s']:.0f} |")
-    lines += ["", "| algorithm | runs reaching thr | mean final EM | mean searches | mean redundancy |", "|---|---|---|---|---|"]
+    lines += ["", "| algorithm | runs reaching thr | mean final EM | mean support recall | mean format ok | mean searches "
+              "| mean redundancy |", "|---|---|---|---|---|---|---|"]
     for algo, runs in results.items():
         reached = sum(r["steps_to"] is not None for r in runs)
         lines.append(f"| {algo} | {reached}/{len(runs)} | {fmt(mean([r['em'] for r in runs]))} | "
+                     f"{fmt(mean([r.get('support_recall') for r in runs]))} | "
+                     f"{fmt(mean([r.get('format_ok') for r in runs]))} | "
                      f"{fmt(mean([r['num_searches'] for r in runs]), '{:.2f}')} | "
                      f"{fmt(mean([r['redundancy'] for r in runs]))} |")
     lines += ["", "![credit assignment](credit_assignment.png)", ""]
     with open(path + ".tmp", "w") as f:
         f.write("\n".join(lines))
     os.replace(path + ".tmp", path)
+
+
+def report_from_work(a, argv) -> dict:
+    """Rebuild the table and plot from a finished --work folder (results.json plus each run's eval summary)."""
+    saved = json.load(open(os.path.join(a.work, "results.json")))
+    for algo, runs in saved["results"].items():
+        for r in runs:
+            summary = json.load(open(os.path.join(a.work, f"{algo}_seed{r['seed']}_eval", "summary.json")))
+            r.update({k: summary["per_source"]["all"][k] for k in ("support_recall", "format_ok")})
+            r["steps_to"] = steps_to([tuple(x) for x in r["curve"]], a.threshold)
+    png = os.path.join(os.path.dirname(a.results), "credit_assignment.png")
+    plot(saved["results"], png, a.threshold)
+    cmd = "python bench/credit_assignment.py " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:]))
+    wall = sum(r["wall_s"] for runs in saved["results"].values() for r in runs)
+    write_markdown(saved["results"], a, saved["before"]["em"], a.results, cmd, wall)
+    return saved["results"]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -152,7 +175,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threshold", type=float, default=0.5)
     p.add_argument("--run_timeout_s", type=int, default=3600)
     p.add_argument("--results", default=os.path.join(REPO, "bench", "results", "credit_assignment.md"))
+    p.add_argument("--report_only", action="store_true", help="rebuild the markdown and plot from --work; no runs")
     a = p.parse_args(argv)
+    if a.report_only:
+        return report_from_work(a, argv)
     for need in ("world/test.parquet", "index/manifest.json", "sft_model/config.json"):
         if not os.path.exists(os.path.join(a.demo_dir, need)):
             raise SystemExit(f"{a.demo_dir}/{need} is missing: run `make demo` first (or pass --demo_dir)")
@@ -173,6 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
                 results.setdefault(algo, []).append({
                     "seed": seed, "curve": curve, "steps_to": steps_to(curve, a.threshold), "em": final["em"],
                     "f1": final["f1"], "num_searches": final["num_searches"], "redundancy": final["redundancy"],
+                    "support_recall": final["support_recall"], "format_ok": final["format_ok"],
                     "wall_s": wall, "em_before": before["em"]})
                 print(f"{algo} seed {seed}: final EM {final['em']:.3f}, curve {curve}, {wall:.0f}s", flush=True)
                 with open(os.path.join(a.work, "results.json"), "w") as f:

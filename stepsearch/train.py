@@ -4,21 +4,63 @@
     trainer.reward_fn:  stepsearch.train.build_reward_fn    # StepSearch token rewards (stepsearch.rewards)
 
 Each factory receives the whole config as a plain dict plus the tokenizer, converts its own sections once into
-frozen dataclasses (``AgentConfig``, ``RewardConfig``) and returns the callable the trainer uses.
+frozen dataclasses (``AgentConfig``, ``RewardConfig``, ``RetrieverConfig``) and returns the callable the trainer
+uses. The reward callable also carries ``prediction_records(batch, result)``, which the trainer's validation calls
+to add the ``stepsearch.eval`` row fields (trajectory, targets, answer, rounds, ...) to ``predictions/step_N.jsonl``.
 ``python -m stepsearch.train ...`` is the same as ``python -m verl.trainer.main_ppo ...``.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 from verl.protocol import DataProto
 from verl.trainer.ppo.ray_trainer import RewardResult
 
-__all__ = ["agent_config_from", "reward_config_from", "build_rollout_fn", "build_reward_fn", "check_retriever"]
+__all__ = ["RetrieverConfig", "retriever_config_from", "agent_config_from", "reward_config_from", "build_rollout_fn",
+           "build_reward_fn", "check_retriever"]
 
 # Sampling settings live in actor_rollout_ref.rollout (the actor needs the temperature too); the agent takes them.
 _SAMPLING_KEYS = ("temperature", "top_p", "top_k", "max_new_tokens")
+
+
+@dataclasses.dataclass(frozen=True)
+class RetrieverConfig:
+    """The ``retriever`` section: how the rollout reaches the retrieval server (stepsearch.search.server)."""
+    url: str
+    """Base URL, e.g. http://127.0.0.1:8000 (``/retrieve`` is appended)."""
+    timeout_s: float = 30.0
+    max_retries: int = 3
+    token: str | None = None
+    """Bearer token of a server started with one; None (unset): read from $STEPSEARCH_RETRIEVAL_TOKEN if set."""
+
+    def __post_init__(self):
+        from stepsearch.search.client import TOKEN_ENV
+
+        if not isinstance(self.url, str) or not self.url:
+            raise ValueError(f"[retriever] url must be a non-empty string, got {self.url!r}")
+        if self.token is None:
+            object.__setattr__(self, "token", os.environ.get(TOKEN_ENV) or None)
+        object.__setattr__(self, "timeout_s", float(self.timeout_s))
+        object.__setattr__(self, "max_retries", int(self.max_retries))
+
+    def client(self):
+        from stepsearch.search.client import RetrievalClient
+
+        return RetrievalClient(self.url, timeout_s=self.timeout_s, max_retries=self.max_retries, token=self.token)
+
+
+def retriever_config_from(config: dict) -> RetrieverConfig:
+    """RetrieverConfig from the ``retriever`` section; an unknown key is an error that names it."""
+    section = dict(config.get("retriever") or {})
+    valid = [f.name for f in dataclasses.fields(RetrieverConfig)]
+    unknown = sorted(set(section) - set(valid))
+    if unknown:
+        raise KeyError(f"[retriever] unknown key(s) {unknown}; valid keys: {valid}")
+    if "url" not in section:
+        raise KeyError("[retriever] url is required (e.g. http://127.0.0.1:8000)")
+    return RetrieverConfig(**section)
 
 
 def agent_config_from(config: dict):
@@ -44,16 +86,11 @@ def reward_config_from(config: dict):
 def build_rollout_fn(config: dict, tokenizer):
     """rollout(batch, backend, validate) -> DataProto: the search agent; greedy (seeded) when validating."""
     from stepsearch.agent.loop import run_rollout
-    from stepsearch.search.client import RetrievalClient
 
     train_cfg = agent_config_from(config)
     val_cfg = dataclasses.replace(train_cfg, greedy=True,
                                   seed=int(config["actor_rollout_ref"]["rollout"].get("seed", 0)))
-    retriever = dict(config.get("retriever") or {})
-    if "url" not in retriever:
-        raise KeyError("[retriever] url is required (e.g. http://127.0.0.1:8000)")
-    client = RetrievalClient(retriever["url"], timeout_s=float(retriever.get("timeout_s", 30.0)),
-                             max_retries=int(retriever.get("max_retries", 3)))
+    client = retriever_config_from(config).client()
 
     def rollout(batch: DataProto, backend, validate: bool) -> DataProto:
         return run_rollout(batch, backend, client, tokenizer, val_cfg if validate else train_cfg)
@@ -82,15 +119,33 @@ def build_reward_fn(config: dict, tokenizer):
         nt = batch.non_tensor_batch
         samples = [_per_sample(s, nt["response_text"][i], nt["ground_truth"][i]) for i, s in enumerate(per)]
         return RewardResult(token_level_scores=scores, metrics=metrics, per_sample=samples)
+
+    def prediction_records(batch: DataProto, result: RewardResult) -> list[dict]:
+        """The ``stepsearch.eval`` rows of a validation batch (validation only: this re-scores each row)."""
+        return eval_prediction_rows(batch, cfg)
+
+    reward.prediction_records = prediction_records
     return reward
 
 
-def check_retriever(url: str, timeout_s: float = 10.0) -> None:
-    """Fail fast with a clear message when the retrieval server does not answer a one-query request."""
-    from stepsearch.search.client import RetrievalClient, RetrievalError
+def eval_prediction_rows(batch: DataProto, cfg) -> list[dict]:
+    """One scored ``stepsearch.eval`` prediction per rollout row (the schema that ``python -m stepsearch.eval
+    --from-predictions`` and ``stepsearch.viz`` read): ``raw_predictions`` + ``score_prediction`` themselves."""
+    from stepsearch.eval.harness import raw_predictions
+    from stepsearch.eval.metrics import score_prediction
 
+    return [score_prediction(raw, cfg, f"validation row {i}") for i, raw in enumerate(raw_predictions(batch))]
+
+
+def check_retriever(url: str, timeout_s: float = 10.0, token: str | None = None) -> None:
+    """Fail fast with a clear message when the retrieval server does not answer a one-query request.
+
+    token: the server's bearer token; None reads $STEPSEARCH_RETRIEVAL_TOKEN (as ``retriever.token`` does)."""
+    from stepsearch.search.client import RetrievalError
+
+    client = RetrieverConfig(url, timeout_s=timeout_s, max_retries=1, token=token).client()
     try:
-        hits = RetrievalClient(url, timeout_s=timeout_s, max_retries=1).retrieve(["health check"], topk=1)
+        hits = client.retrieve(["health check"], topk=1)
     except RetrievalError as exc:
         raise SystemExit(f"[retriever] no answer from {url}: {exc}\nStart it first, e.g. "
                          f"`python -m stepsearch.search.server --index_dir DIR --port 8000`, or set retriever.url")

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from stepsearch.agent.prompts import STOP_STRINGS
+from stepsearch.search.client import DEFAULT_MAX_QUERY_CHARS
 
 
 @dataclass(frozen=True)
@@ -32,12 +33,16 @@ class AgentConfig:
     logprobs: bool = False
     """Return `rollout_log_probs` from the engine."""
     stop: tuple[str, ...] = STOP_STRINGS
+    max_query_chars: int = DEFAULT_MAX_QUERY_CHARS
+    """A search query is cut to its first this-many characters before it is sent (and recorded in `rounds`): the
+    server rejects a longer one with a 422 for the turn's whole batched request. Default: the server's default
+    `--max_query_chars`; keep it <= the server's setting."""
     on_retrieval_error: Literal["observe", "abort"] = "observe"
     """observe: the sample sees a retrieval-error observation and goes on; abort: raise, failing the batch."""
 
     def __post_init__(self):
         for name in ("max_turns", "topk", "max_prompt_length", "max_new_tokens", "max_response_length",
-                     "max_obs_length"):
+                     "max_obs_length", "max_query_chars"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"[agent] {name} must be an int >= 1, got {value!r}")

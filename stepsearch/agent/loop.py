@@ -140,6 +140,12 @@ def _retrieve(queries: list[str], client: RetrievalClient, cfg: AgentConfig, tur
         timings.retrieve += time.perf_counter() - start
 
 
+def _cut_query(action: Action, max_chars: int) -> Action:
+    if len(action.content) <= max_chars:
+        return action
+    return Action(action.kind, action.content[:max_chars].rstrip())
+
+
 def _step_environment(active: list[Trajectory], actions: list[Action], client: RetrievalClient,
                       encoder: ObservationEncoder, cfg: AgentConfig, turn: int, timings: _Timings) -> None:
     """Observations for the samples still running after this turn: docs, warnings or retrieval errors."""
@@ -153,6 +159,9 @@ def _step_environment(active: list[Trajectory], actions: list[Action], client: R
             t.done = True  # no room left for an <information> block: the episode ends unfinished
     observations: dict[int, Observation] = {}
     if searchers:
+        # One over-long query would get the whole batched request a 422: cut it to the server's cap. The content
+        # is stripped and non-empty, so a cut query is never blank.
+        searchers = [(t, _cut_query(a, cfg.max_query_chars)) for t, a in searchers]
         result = _retrieve([a.content for _, a in searchers], client, cfg, turn, timings)
         if isinstance(result, RetrievalError):
             for t, _ in searchers:
@@ -220,11 +229,16 @@ def _compose(batch: DataProto, trajs: list[Trajectory], tokenizer, cfg: AgentCon
 def _metrics(trajs: list[Trajectory], response_mask: torch.Tensor, timings: _Timings, wall_s: float) -> dict:
     lengths = np.array([len(t.response) for t in trajs], dtype=np.float64)
     model_tokens = response_mask.sum().item()
+    per_sample = {"num_searches": [len(t.rounds) for t in trajs], "num_turns": [t.num_turns for t in trajs],
+                  "valid_action_ratio": [t.num_valid_actions / max(t.num_turns, 1) for t in trajs],
+                  "finished": [float(t.finished) for t in trajs]}
+    stats = {}
+    for key, values in per_sample.items():  # the only writer of these: the trainer adds no search/* stats
+        v = np.asarray(values, dtype=np.float64)
+        stats.update({f"search/{key}/mean": float(v.mean()), f"search/{key}/max": float(v.max()),
+                      f"search/{key}/min": float(v.min())})
     return {
-        "search/num_turns/mean": float(np.mean([t.num_turns for t in trajs])),
-        "search/num_searches/mean": float(np.mean([len(t.rounds) for t in trajs])),
-        "search/valid_action_ratio/mean": float(np.mean([t.num_valid_actions / max(t.num_turns, 1) for t in trajs])),
-        "search/finish_ratio": float(np.mean([t.finished for t in trajs])),
+        **stats,
         "search/retrieval_errors": float(sum(len(t.retrieval_errors) for t in trajs)),
         # turns whose context lost its oldest tokens (possibly the question) to max_prompt_length
         "search/truncated_contexts": float(sum(t.num_truncated_contexts for t in trajs)),

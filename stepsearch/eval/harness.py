@@ -103,7 +103,7 @@ def make_backend(cfg: EvalConfig, tokenizer):
     from transformers import AutoModelForCausalLM
 
     from verl.workers.rollout.hf import HFRolloutBackend
-    model = AutoModelForCausalLM.from_pretrained(cfg.model, torch_dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32).eval()
     return HFRolloutBackend(model, tokenizer), "hf"
 
 

@@ -19,6 +19,12 @@ from tenacity import (AsyncRetrying, RetryError, Retrying, retry_if_exception, s
                       wait_exponential)
 
 
+TOKEN_ENV = "STEPSEARCH_RETRIEVAL_TOKEN"
+"""The environment variable holding the server's optional bearer token (server `--token_env` default)."""
+DEFAULT_MAX_QUERY_CHARS = 4096
+"""The server's default cap on one query's length (`--max_query_chars`); a longer query gets a 422."""
+
+
 class RetrievalError(RuntimeError):
     """The retrieval server could not answer (after retries for transient failures)."""
 

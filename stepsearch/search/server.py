@@ -35,11 +35,11 @@ from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr
 
 from stepsearch.search.batcher import BatcherConfig, MicroBatcher
 from stepsearch.search.cache import CacheConfig, RetrievalCache
+from stepsearch.search.client import DEFAULT_MAX_QUERY_CHARS, TOKEN_ENV
 from stepsearch.search.index import IndexLoadError, LoadedIndex, LoadOptions, load_index
 from stepsearch.search.online import SerperBackend, SerperConfig, UpstreamError
 
 logger = logging.getLogger("stepsearch.search.server")
-TOKEN_ENV = "STEPSEARCH_RETRIEVAL_TOKEN"
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ class ServerConfig:
     default_topk: int = 3
     max_topk: int = 100
     max_queries: int = 4096
-    max_query_chars: int = 4096
+    max_query_chars: int = DEFAULT_MAX_QUERY_CHARS
     max_batch_queries: int = 256
     max_wait_ms: float = 2.0
     coalesce: bool = True

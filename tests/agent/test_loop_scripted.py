@@ -135,7 +135,9 @@ def test_records_per_sample(tok, rollout, retrieval_url):
             assert all(d["title"] and d["text"] for d in r["docs"])
     metrics = out.meta_info["rollout_metrics"]
     assert metrics["search/num_turns/mean"] == pytest.approx(3.0)
-    assert metrics["search/finish_ratio"] == pytest.approx(2 / 3)
+    assert metrics["search/finished/mean"] == pytest.approx(2 / 3)
+    assert "search/finish_ratio" not in metrics  # one writer per statistic
+    assert metrics["search/num_turns/max"] == 4.0 and metrics["search/num_turns/min"] == 1.0
     assert metrics["search/truncated_contexts"] == 0.0
 
 

@@ -5,7 +5,7 @@ import torch
 from tests.rollout.models import tag_tokenizer
 from verl.utils.tiny_model import build_tokenizer
 from verl.workers.rollout.base import GenerationOutput, SamplingConfig, StopCutter
-from verl.workers.rollout.vllm import iter_weight_buckets, layer_key
+from verl.workers.rollout.base import iter_weight_buckets, layer_key
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -97,3 +97,37 @@ def test_weight_buckets_keep_layers_whole():
     assert [len(b) for b in iter_weight_buckets(sd, bucket_bytes=1)] == [1, 3, 3, 3, 1]
     with pytest.raises(ValueError, match="bucket_bytes"):
         list(iter_weight_buckets(sd, bucket_bytes=0))
+
+
+def test_weight_buckets_never_split_a_tiny_qwen2_layer():
+    """A real tiny Qwen2 state dict, streamed as the worker streams it (one (name, tensor) pair at a time)."""
+    from verl.utils.tiny_model import build_tiny_causal_lm
+
+    model = build_tiny_causal_lm(build_tokenizer(vocab_size=300), hidden_size=32, num_layers=3, num_heads=2)
+    sd = model.state_dict()
+    nbytes = {n: t.numel() * t.element_size() for n, t in sd.items()}
+    layer_bytes = [sum(b for n, b in nbytes.items() if n.startswith(f"model.layers.{i}.")) for i in range(3)]
+    assert len({*layer_bytes}) == 1  # every layer has the same size: L bytes, 12 tensors
+    L = layer_bytes[0]
+    assert sum(n.startswith("model.layers.0.") for n in sd) == 12
+    # One layer and a half per bucket: the old byte-count cut ended buckets inside a layer.
+    buckets = list(iter_weight_buckets(iter(sd.items()), bucket_bytes=L + L // 2))
+    assert [n for b in buckets for n, _ in b] == list(sd)  # every tensor once, in state-dict order
+    seen = {}
+    for i, bucket in enumerate(buckets):
+        for name, _ in bucket:
+            assert seen.setdefault(layer_key(name), i) == i, f"{layer_key(name)} split over buckets"
+        assert sum(nbytes[n] for n, _ in bucket) <= L + L // 2 or len({layer_key(n) for n, _ in bucket}) == 1
+    # L = 66176 bytes, the bucket 99264. embed (38400) + layer 0 would be 104576: embed alone; two layers never
+    # fit: layers 0 and 1 alone; layer 2 + norm (128) = 66304, + lm_head (38400) would exceed: lm_head alone.
+    # (The old cut, "flush once the byte count reaches the size", ended the first bucket inside layer 0.)
+    groups = [[layer_key(n) for n, _ in b] for b in buckets]
+    assert groups == [["model.embed_tokens.weight"], ["model.layers.0"] * 12, ["model.layers.1"] * 12,
+                      ["model.layers.2"] * 12 + ["model.norm.weight"], ["lm_head.weight"]]
+    # A group bigger than the bucket goes alone, whole.
+    assert [len(b) for b in iter_weight_buckets(sd, bucket_bytes=L // 4)] == [1, 12, 12, 12, 1, 1]
+    # A stream whose layer reappears after another group cannot be bucketed without splitting it.
+    names = list(sd)
+    shuffled = [(n, sd[n]) for n in names[:3] + names[14:20] + names[3:14] + names[20:]]
+    with pytest.raises(ValueError, match="not contiguous"):
+        list(iter_weight_buckets(iter(shuffled), bucket_bytes=10**9))

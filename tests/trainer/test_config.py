@@ -64,3 +64,25 @@ def test_stepsearch_hooks_build_agent_and_reward_configs():
     cfg["agent"]["temperature"] = 0.5
     with pytest.raises(KeyError, match="belong in actor_rollout_ref.rollout"):
         agent_config_from(cfg)
+
+
+def test_retriever_section_is_checked_and_carries_a_token(monkeypatch):
+    from omegaconf import OmegaConf
+
+    from stepsearch.train import RetrieverConfig, build_rollout_fn, retriever_config_from
+
+    monkeypatch.delenv("STEPSEARCH_RETRIEVAL_TOKEN", raising=False)
+    cfg = OmegaConf.to_container(_compose("stepsearch_qwen2.5_3b", "+retriever.timeout_sec=5"), resolve=True)
+    with pytest.raises(KeyError, match=r"\[retriever\] unknown key\(s\) \['timeout_sec'\]"):
+        retriever_config_from(cfg)
+    with pytest.raises(KeyError, match="timeout_sec"):  # the rollout hook refuses it too
+        build_rollout_fn(cfg, tokenizer=None)
+    cfg = OmegaConf.to_container(_compose("ppo_trainer"), resolve=True)
+    assert retriever_config_from(cfg) == RetrieverConfig("http://127.0.0.1:8000", 30.0, 3, None)
+    monkeypatch.setenv("STEPSEARCH_RETRIEVAL_TOKEN", "from-env")
+    assert retriever_config_from(cfg).token == "from-env"  # unset in the YAML: the server's env var
+    cfg["retriever"]["token"] = "s3cret"
+    client = retriever_config_from(cfg).client()
+    assert client.headers == {"Authorization": "Bearer s3cret"}
+    with pytest.raises(Exception):  # frozen
+        retriever_config_from(cfg).url = "x"

@@ -119,3 +119,31 @@ def test_two_gloo_ranks_fsdp2_match_one_rank(tiny_model_dir):
         assert a.token_ids == b.token_ids
     finally:
         ray.shutdown()
+
+
+def test_update_counters_survive_checkpoint(tiny_model_dir, tmp_path):
+    """Actor/Critic._num_updates seeds the mini-batch shuffling: it is saved and restored with the worker."""
+    from verl.single_controller.base import LocalWorkerGroup
+    from verl.workers.fsdp_workers import ActorRolloutRefWorker, CriticWorker
+
+    actor_cfg, critic_cfg = _worker_configs(tiny_model_dir, 1)
+    actor = LocalWorkerGroup(ActorRolloutRefWorker, "actor", config=actor_cfg)
+    critic = LocalWorkerGroup(CriticWorker, "critic", config=critic_cfg)
+    actor.init_model(); critic.init_model()
+    a, c = actor.workers[0].actor, critic.workers[0].critic
+    _train_once(actor, critic, _batch())
+    _train_once(actor, critic, _batch(seed=1))
+    assert (a._num_updates, c._num_updates) == (2, 2)  # one update_policy / update_critic call each
+    step_dir = str(tmp_path / "global_step_2")
+    actor.save_checkpoint(step_dir); critic.save_checkpoint(step_dir)
+    _train_once(actor, critic, _batch(seed=2))
+    assert (a._num_updates, c._num_updates) == (3, 3)
+    actor.load_checkpoint(step_dir); critic.load_checkpoint(step_dir)
+    assert (a._num_updates, c._num_updates) == (2, 2)
+    # Fresh workers (a resumed run) start at 0 and get the saved counters back.
+    actor2 = LocalWorkerGroup(ActorRolloutRefWorker, "actor", config=actor_cfg)
+    critic2 = LocalWorkerGroup(CriticWorker, "critic", config=critic_cfg)
+    actor2.init_model(); critic2.init_model()
+    assert (actor2.workers[0].actor._num_updates, critic2.workers[0].critic._num_updates) == (0, 0)
+    actor2.load_checkpoint(step_dir); critic2.load_checkpoint(step_dir)
+    assert (actor2.workers[0].actor._num_updates, critic2.workers[0].critic._num_updates) == (2, 2)

@@ -148,15 +148,16 @@ class _DistributedWorker(Worker):
 
     # ---- checkpoints -----------------------------------------------------------------------------------------
     def _save_state(self, directory: str) -> None:
-        """Model + optimizer via torch.distributed.checkpoint (every rank writes its shard), scheduler + RNG per
-        rank. The driver marks the step directory complete only after every rank returned."""
+        """Model + optimizer via torch.distributed.checkpoint (every rank writes its shard); scheduler, RNG and the
+        Actor/Critic update counter (``_num_updates``, the seed of mini-batch shuffling) per rank. The driver
+        marks the step directory complete only after every rank returned."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=os.path.join(directory, "dcp"))
         extra = {"lr_scheduler": self.lr_scheduler.state_dict(), "rng": capture_rng_state(),
-                 "world_size": self.world_size}
+                 "world_size": self.world_size, "num_updates": self._role()._num_updates}
         atomic_torch_save(extra, os.path.join(directory, f"extra_rank_{self.rank}.pt"))
         dist.barrier()
 
@@ -175,6 +176,15 @@ class _DistributedWorker(Worker):
         extra = torch.load(extra_path, weights_only=False)
         self.lr_scheduler.load_state_dict(extra["lr_scheduler"])
         restore_rng_state(extra["rng"])
+        if "num_updates" in extra:
+            self._role()._num_updates = int(extra["num_updates"])  # seeds the mini-batch shuffling
+        else:
+            logger.warning("[checkpoint] %s has no num_updates (an older checkpoint): mini-batch shuffling "
+                           "restarts from update 0", extra_path)
+
+    def _role(self):
+        """The RL-core ``Actor``/``Critic`` whose update counter is checkpointed."""
+        raise NotImplementedError
 
     @register(Dispatch.ONE_TO_ALL)
     def rng_fingerprint(self) -> str:
@@ -275,18 +285,19 @@ class ActorRolloutRefWorker(_DistributedWorker):
         """Push the actor's current weights into the rollout engine in buckets; returns seconds taken.
 
         Every rank all-gathers each sharded tensor (a collective, same order everywhere) and loads full copies.
+        With vLLM the tensors go over in buckets of about ``weight_bucket_mb`` cut only between decoder layers
+        (``iter_weight_buckets``): a layer whose q/k/v arrive in two ``load_weights`` calls is corrupted.
         """
+        from verl.workers.rollout.base import iter_weight_buckets
+
         start = time.perf_counter()
-        bucket_bytes = self.config.weight_bucket_mb * 2**20 if self.config.rollout.backend == "vllm" else 0
-        bucket, size = {}, 0
-        for name, tensor in _full_state_items(self.module, self.device):
-            bucket[name] = tensor.detach()
-            size += tensor.numel() * tensor.element_size()
-            if bucket_bytes and size >= bucket_bytes:
-                self.backend.load_weights(bucket)
-                bucket, size = {}, 0
-        if bucket:
-            self.backend.load_weights(bucket)
+        items = _full_state_items(self.module, self.device)
+        bucket_bytes = self.config.weight_bucket_mb * 2**20
+        if self.config.rollout.backend == "vllm" and bucket_bytes > 0:  # <= 0: the whole state dict at once
+            for bucket in iter_weight_buckets(items, bucket_bytes):
+                self.backend.load_weights(dict(bucket))
+        else:
+            self.backend.load_weights({name: tensor.detach() for name, tensor in items})
         return time.perf_counter() - start
 
     # ---- training --------------------------------------------------------------------------------------------
@@ -313,6 +324,9 @@ class ActorRolloutRefWorker(_DistributedWorker):
         return dict(self.actor.update_policy(self._to_device(data)))
 
     # ---- checkpoints -----------------------------------------------------------------------------------------
+    def _role(self):
+        return self.actor
+
     @register(Dispatch.ONE_TO_ALL)
     def save_checkpoint(self, directory: str) -> None:
         self._save_state(os.path.join(directory, "actor"))
@@ -372,6 +386,9 @@ class CriticWorker(_DistributedWorker):
     @register(Dispatch.DP_COMPUTE_PROTO)
     def update_critic(self, data: DataProto) -> dict:
         return dict(self.critic.update_critic(self._to_device(data)))
+
+    def _role(self):
+        return self.critic
 
     @register(Dispatch.ONE_TO_ALL)
     def save_checkpoint(self, directory: str) -> None:

@@ -47,6 +47,10 @@ class RolloutFn(Protocol):
 
 
 class RewardFn(Protocol):
+    """``reward(batch) -> RewardResult``. Optionally the callable carries an attribute
+    ``prediction_records(batch, result) -> list[dict]`` (one dict per row): validation merges those fields into
+    the ``predictions/step_N.jsonl`` rows (the trainer's own fields win), so a tool can dump rows in its own
+    evaluation format. It is called on validation batches only."""
     def __call__(self, batch: DataProto) -> RewardResult: ...
 
 
@@ -267,7 +271,7 @@ class RayPPOTrainer:
 
     # ---- metrics ---------------------------------------------------------------------------------------------
     def _data_metrics(self, batch: DataProto) -> dict:
-        b, nt = batch.batch, batch.non_tensor_batch
+        b = batch.batch
         mask = b["response_mask"].float()
         out = {}
         out.update(_stats("critic/score", b["token_level_scores"].sum(-1)))
@@ -280,9 +284,7 @@ class RayPPOTrainer:
         response_len = b["responses"].shape[1]
         out.update(_stats("response_length_with_obs", b["attention_mask"][:, -response_len:].sum(-1)))
         out["response_length/clip_ratio"] = float((b["attention_mask"][:, -1] == 1).float().mean())
-        for key in ("num_searches", "num_turns", "valid_action_ratio", "finished"):
-            if key in nt:
-                out.update(_stats(f"search/{key}", np.asarray(nt[key], dtype=np.float64)))
+        # Tool-specific statistics (search/*) come from the rollout hook's meta_info["rollout_metrics"] only.
         return out
 
     def _perf_metrics(self, batch: DataProto, metrics: dict, elapsed_s: float) -> dict:
@@ -320,6 +322,13 @@ class RayPPOTrainer:
                             "question": str(nt["question"][i]), "response": str(nt["response_text"][i]),
                             "ground_truth": list(gt.get("target", [])) if isinstance(gt, dict) else gt,
                             **sample})
+        hook = getattr(self.reward_fn, "prediction_records", None)
+        if hook is not None:
+            extra = list(hook(gen, result))
+            if len(extra) != len(records):
+                raise ValueError(f"[trainer] reward_fn.prediction_records returned {len(extra)} rows for "
+                                 f"{len(records)} validation samples")
+            records = [{**e, **r} for e, r in zip(extra, records)]
         return records
 
     @staticmethod

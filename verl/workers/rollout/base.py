@@ -7,8 +7,9 @@ interface, so the HF and vLLM engines (and the scripted engine of the tests) are
 from __future__ import annotations
 
 import abc
+import re
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Iterable, Iterator, Literal, Mapping, Sequence
 
 import torch
 
@@ -142,3 +143,62 @@ def eos_ids_of(tokenizer, generation_config=None) -> list[int]:
         raise ValueError("[rollout] the tokenizer has no eos_token_id and the model config names none; "
                          "set tokenizer.eos_token")
     return sorted(ids)
+
+
+# ---- weight buckets (weight sync from the trainer into an engine) ------------------------------------------------
+_LAYER_PREFIX = re.compile(r"^(.*?\blayers\.\d+)\.")
+
+
+def layer_key(name: str) -> str:
+    """The unit a weight bucket must keep whole: "model.layers.3" for decoder-layer tensors, else the tensor name."""
+    m = _LAYER_PREFIX.match(name)
+    return m.group(1) if m else name
+
+
+def iter_weight_buckets(items: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+                        bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Yield lists of (name, tensor) of about `bucket_bytes` each, cutting only between `layer_key` groups.
+
+    `items` is a state dict or a stream of (name, tensor) pairs (e.g. the worker's all-gathered tensors, one at a
+    time). A group larger than `bucket_bytes` becomes one bucket of its own, never split. A dict is grouped by
+    key wherever its tensors sit; a stream must list each group's tensors contiguously (state-dict order does),
+    and a group that reappears after it was closed raises, because its layer would arrive in two calls.
+    Used by `ActorRolloutRefWorker.sync_rollout_weights` and `VLLMRolloutBackend.load_weights`: vLLM fuses q/k/v
+    (and gate/up) and re-processes a layer once it is loaded, so a layer split over two calls is corrupted.
+    """
+    if bucket_bytes < 1:
+        raise ValueError(f"[rollout] bucket_bytes must be >= 1, got {bucket_bytes}")
+    if isinstance(items, Mapping):
+        grouped: dict[str, list[tuple[str, torch.Tensor]]] = {}
+        for name, tensor in items.items():
+            grouped.setdefault(layer_key(name), []).append((name, tensor))
+        items = [pair for group in grouped.values() for pair in group]
+    bucket: list[tuple[str, torch.Tensor]] = []
+    size = 0
+
+    def groups() -> Iterator[list[tuple[str, torch.Tensor]]]:
+        closed: set[str] = set()
+        key, group = None, []
+        for name, tensor in items:
+            k = layer_key(name)
+            if k != key:
+                if group:
+                    closed.add(key)
+                    yield group
+                if k in closed:
+                    raise ValueError(f"[rollout] weight group {k!r} is not contiguous ({name!r} comes after "
+                                     f"other groups); its tensors would be split over two buckets")
+                key, group = k, []
+            group.append((name, tensor.detach()))
+        if group:
+            yield group
+
+    for group in groups():
+        group_size = sum(t.numel() * t.element_size() for _, t in group)
+        if bucket and size + group_size > bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.extend(group)
+        size += group_size
+    if bucket:
+        yield bucket

@@ -18,46 +18,14 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import re
 import sys
-from typing import Iterator
 
 import torch
 
 from verl.workers.rollout.base import (GenerationOutput, RolloutBackend, SamplingConfig, StopCutter,
-                                       check_prompts, eos_ids_of)
+                                       check_prompts, eos_ids_of, iter_weight_buckets, layer_key)
 
-_LAYER_PREFIX = re.compile(r"^(.*?\blayers\.\d+)\.")
-
-
-def layer_key(name: str) -> str:
-    """The unit a bucket must keep whole: "model.layers.3" for decoder-layer tensors, else the tensor name."""
-    m = _LAYER_PREFIX.match(name)
-    return m.group(1) if m else name
-
-
-def iter_weight_buckets(state_dict: dict[str, torch.Tensor],
-                        bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """Yield lists of (name, tensor) of about `bucket_bytes` each, cutting only between layers.
-
-    A single layer larger than `bucket_bytes` becomes one bucket of its own (never split).
-    """
-    if bucket_bytes < 1:
-        raise ValueError(f"[rollout.vllm] bucket_bytes must be >= 1, got {bucket_bytes}")
-    groups: dict[str, list[tuple[str, torch.Tensor]]] = {}
-    for name, tensor in state_dict.items():
-        groups.setdefault(layer_key(name), []).append((name, tensor.detach()))
-    bucket: list[tuple[str, torch.Tensor]] = []
-    size = 0
-    for items in groups.values():
-        group_size = sum(t.numel() * t.element_size() for _, t in items)
-        if bucket and size + group_size > bucket_bytes:
-            yield bucket
-            bucket, size = [], 0
-        bucket.extend(items)
-        size += group_size
-    if bucket:
-        yield bucket
+__all__ = ["VLLMRolloutBackend", "iter_weight_buckets", "layer_key"]
 
 
 def _reload_serialized_bucket(worker, payload: bytes) -> None:

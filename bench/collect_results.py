@@ -1,0 +1,38 @@
+"""Build bench/RESULTS.md from the per-benchmark sections in bench/results/*.md.
+
+Each benchmark writes its own section (with the command that produced it) to bench/results/<name>.md, so
+benchmarks can be rerun one at a time; this script joins them in a fixed order. Run: python bench/collect_results.py
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ORDER = ["retrieval", "retrieval_load", "rewards", "rollout", "core_algos", "ppo_step", "credit_assignment",
+         "data_pipeline", "gpu_smoke"]
+
+HEADER = """# Benchmark results
+
+Every number here was measured side by side in one run, on the machine named in each section, by the command
+given with it. Targets are ratios (ours against a reference run in the same process or on the same machine),
+never absolute times. Sections are produced by the benchmarks themselves into `bench/results/<name>.md`;
+`python bench/collect_results.py` joins them into this file.
+
+"""
+
+
+def main() -> None:
+    here = Path(__file__).resolve().parent
+    sections = {p.stem: p for p in (here / "results").glob("*.md")}
+    names = [n for n in ORDER if n in sections] + sorted(set(sections) - set(ORDER))
+    toc = "\n".join(f"- [{n}](#{n.replace('_', '-')}) (`bench/results/{n}.md`)" for n in names)
+    body = "\n\n".join(sections[n].read_text().strip() for n in names)
+    out = here / "RESULTS.md"
+    tmp = out.with_suffix(".md.tmp")
+    tmp.write_text(HEADER + toc + "\n\n" + body + "\n")
+    os.replace(tmp, out)
+    print(f"wrote {out} ({len(names)} sections)")
+
+
+if __name__ == "__main__":
+    main()
