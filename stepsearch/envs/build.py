@@ -1,7 +1,8 @@
 """Write a synthetic world to disk: `corpus.jsonl` (retriever format), `train.parquet` / `test.parquet` (seed
 format) and `world.json` (config, sizes, fingerprint).
 
-    python -m stepsearch.envs.build --out runs/world --seed 0 [--num_entities 60 --num_train 1000 --num_test 100]
+    python -m stepsearch.envs.build --out runs/world --seed 0 [--num_entities 60 --num_train 1000 --num_test 100] \
+        [--hop_weights 2:0.5,3:0.3,4:0.2]
 """
 from __future__ import annotations
 
@@ -33,6 +34,15 @@ def write_world(world: World, out_dir: str) -> dict[str, str]:
     return paths
 
 
+def parse_hop_weights(text: str) -> tuple[tuple[int, float], ...]:
+    """"2:0.5,3:0.3,4:0.2" -> ((2, 0.5), (3, 0.3), (4, 0.2)); WorldConfig validates the values."""
+    try:
+        pairs = [item.split(":") for item in text.split(",") if item.strip()]
+        return tuple((int(h), float(w)) for h, w in pairs)
+    except ValueError as e:
+        raise ValueError(f"[world] --hop_weights {text!r} must look like 2:0.5,3:0.3,4:0.2") from e
+
+
 def main(argv: list[str] | None = None) -> dict[str, str]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output folder")
@@ -41,10 +51,13 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
     p.add_argument("--num_relations", type=int, default=WorldConfig.num_relations)
     p.add_argument("--num_train", type=int, default=WorldConfig.num_train)
     p.add_argument("--num_test", type=int, default=WorldConfig.num_test)
+    p.add_argument("--hop_weights", default=",".join(f"{h}:{w}" for h, w in WorldConfig.hop_weights),
+                   help="hop count:share pairs, e.g. 2:1 (2-hop questions only) or 2:0.5,3:0.3,4:0.2")
     p.add_argument("--mixed_relations", action="store_true", help="mix relations within a question (harder)")
     a = p.parse_args(argv)
     cfg = WorldConfig(seed=a.seed, num_entities=a.num_entities, num_relations=a.num_relations,
-                      num_train=a.num_train, num_test=a.num_test, mixed_relations=a.mixed_relations)
+                      num_train=a.num_train, num_test=a.num_test, hop_weights=parse_hop_weights(a.hop_weights),
+                      mixed_relations=a.mixed_relations)
     world = generate_world(cfg)
     paths = write_world(world, a.out)
     info = describe(world)

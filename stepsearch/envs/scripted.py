@@ -1,19 +1,27 @@
-"""A scripted, deliberately noisy search policy for the synthetic world, as a real `RolloutBackend`.
+"""A scripted warm-start search policy for the synthetic world, as a real `RolloutBackend`.
 
 It produces the warm-start (SFT) trajectories. Running it through `stepsearch.agent.loop.run_rollout` means the
 warm-start data has exactly the token layout, observation format and masks that RL rollouts will have.
 
 The policy knows the *format* and the *procedure* (search the innermost relation first, one hop per search,
-answer after the last hop) but it is unreliable about *which* retrieved passage to trust: whenever it copies a
-name out of an `<information>` block (into its next query, or into its answer) it takes the object of the
-top-ranked passage with probability `copy_correct_prob`, and otherwise the object of the second-ranked passage
-(a distractor that talks about the same person). A model cloned from it therefore searches in the right shape
-but follows the distractor under greedy decoding; RL has to discover, from rewards, which passage to copy.
+copy the name out of the last `<information>` block into the next query or the answer), with two configurable
+flaws:
+
+- `premature_answer_prob` (the demo's flaw): after each hop's `<information>` block except the last hop's, it
+  stops searching with this probability and answers at once with the name it just read, an intermediate entity,
+  i.e. a wrong answer. A model cloned from it answers prematurely under greedy decoding (low EM), while sampling
+  still runs the full chain often enough for RL to find it. The choice "`<search>` vs `<answer>` after an
+  `<information>` block" is a single early decision that both the answer F1 and the information gain of the next
+  hop's gold passage reward.
+- `copy_correct_prob`: whenever it copies a name it takes the object of the top-ranked passage with this
+  probability, and otherwise the object of the second-ranked passage (a distractor about the same person). The
+  demo uses 1.0 (always correct); 0.4 is the earlier design, which a 0.2M-parameter model did not unlearn by RL.
 
 Every turn opens with a short plan, `<think> N left </think>`, the number of hops still to search (read off the
-question at the first turn, then counted down). Without it a 0.2M-parameter model never learned when to stop:
-the count of searches so far against the count of relations in the question was beyond it in the SFT budget,
-so it searched until the turn limit and never answered.
+question at the first turn, then counted down; a premature answer keeps the true count, so the stop decision is
+the token after the plan). Without it a 0.2M-parameter model never learned when to stop: the count of searches
+so far against the count of relations in the question was beyond it in the SFT budget, so it searched until the
+turn limit and never answered.
 """
 from __future__ import annotations
 
@@ -35,12 +43,16 @@ _INFO_RE = re.compile(r"<information>(.*?)</information>", re.S)
 @dataclass(frozen=True)
 class ScriptedPolicyConfig:
     # probability of copying the name from the top-ranked passage (else the second-ranked one)
-    copy_correct_prob: float = 0.4
+    copy_correct_prob: float = 1.0
+    # probability of answering with the name just read instead of searching the next hop, after every hop but
+    # the last (0: always search the full chain)
+    premature_answer_prob: float = 0.0
     seed: int = 0
 
     def __post_init__(self):
-        if not 0.0 <= self.copy_correct_prob <= 1.0:
-            raise ValueError(f"[scripted] copy_correct_prob ({self.copy_correct_prob}) must lie in [0, 1]")
+        for name in ("copy_correct_prob", "premature_answer_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"[scripted] {name} ({getattr(self, name)}) must lie in [0, 1]")
 
 
 def parse_question(context: str) -> tuple[str, list[str]]:
@@ -84,6 +96,8 @@ class ScriptedSearchBackend(RolloutBackend):
         left = max(len(relations) - len(blocks), 0)
         if subject is None:   # the retriever returned nothing parseable: give up with an answer
             return "<think> 0 left </think><answer> unknown </answer>"
+        if left > 0 and blocks and rng.random() < self.cfg.premature_answer_prob:
+            return f"<think> {left} left </think><answer> {subject} </answer>"   # stops too early: wrong answer
         if left > 0:
             return f"<think> {left} left </think><search> {hop_query(relations[len(blocks)], subject)} </search>"
         return f"<think> 0 left </think><answer> {subject} </answer>"

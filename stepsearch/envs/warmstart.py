@@ -1,12 +1,12 @@
 """Warm start for the demo: a tokenizer trained on the world's text, a tiny Qwen2 LM, and a short SFT on the
-scripted (noisy) policy's trajectories, collected through the real rollout loop and the real retriever.
+scripted (flawed) policy's trajectories, collected through the real rollout loop and the real retriever.
 
     python -m stepsearch.envs.warmstart --world_dir runs/world --retriever_url http://127.0.0.1:8000/retrieve \
-        --out runs/sft_model [--sft_steps 300 --copy_correct_prob 0.4]
+        --out runs/sft_model [--sft_steps 300 --premature_answer_prob 0.65 --copy_correct_prob 1.0]
 
-SFT teaches the tag format and the hop-by-hop procedure; since the scripted policy copies the wrong passage's
-name most of the time (`stepsearch.envs.scripted`), the warm-started model is mostly wrong on held-out questions,
-and any rise in accuracy afterwards comes from RL.
+SFT teaches the tag format and the hop-by-hop procedure; since the scripted policy stops searching too early
+most of the time and answers with an intermediate name (`stepsearch.envs.scripted`), the warm-started model is
+mostly wrong on held-out questions under greedy decoding, and any rise in accuracy afterwards comes from RL.
 """
 from __future__ import annotations
 
@@ -197,7 +197,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--sft_steps", type=int, default=SFTConfig.steps)
     p.add_argument("--sft_batch_size", type=int, default=SFTConfig.batch_size)
     p.add_argument("--lr", type=float, default=SFTConfig.lr)
-    p.add_argument("--copy_correct_prob", type=float, default=ScriptedPolicyConfig.copy_correct_prob)
+    p.add_argument("--copy_correct_prob", type=float, default=ScriptedPolicyConfig.copy_correct_prob,
+                   help="probability of copying the top-ranked passage's name (else the second-ranked one's)")
+    p.add_argument("--premature_answer_prob", type=float, default=ScriptedPolicyConfig.premature_answer_prob,
+                   help="probability of answering with the name just read instead of searching the next hop")
     p.add_argument("--hidden_size", type=int, default=TinyModelConfig.hidden_size)
     p.add_argument("--num_layers", type=int, default=TinyModelConfig.num_layers)
     p.add_argument("--max_samples", type=int, default=-1, help="use the first N training questions (-1: all)")
@@ -210,7 +213,8 @@ def main(argv: list[str] | None = None) -> dict:
     report = warm_start(a.world_dir, a.retriever_url, a.out,
                         TinyModelConfig(hidden_size=a.hidden_size, num_layers=a.num_layers, seed=a.seed),
                         SFTConfig(steps=a.sft_steps, batch_size=a.sft_batch_size, lr=a.lr, seed=a.seed),
-                        ScriptedPolicyConfig(copy_correct_prob=a.copy_correct_prob, seed=a.seed), agent_cfg,
+                        ScriptedPolicyConfig(copy_correct_prob=a.copy_correct_prob,
+                                             premature_answer_prob=a.premature_answer_prob, seed=a.seed), agent_cfg,
                         max_samples=a.max_samples)
     print(json.dumps(report))
     return report

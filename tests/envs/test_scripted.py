@@ -35,3 +35,45 @@ def test_scripted_policy_copy_rate_is_the_configured_probability():
              for i in range(2000)]
     share = sum(a.endswith("<search> rival of Nathi </search>") for a in picks) / len(picks)
     assert abs(share - 0.4) < 0.035            # binomial sd = sqrt(.4*.6/2000) = 0.011; 3 sd
+
+
+TWO_HOP = ("<|im_start|>user\nAnswer the question by searching. Question: Who is the rival of the rival of "
+           "Kiba?<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_scripted_policy_premature_answer_actions():
+    always = ScriptedSearchBackend(None, ScriptedPolicyConfig(premature_answer_prob=1.0))
+    never = ScriptedSearchBackend(None, ScriptedPolicyConfig(premature_answer_prob=0.0))
+    # the first turn always searches (there is nothing to answer with yet)
+    assert always.next_action(TWO_HOP) == "<think> 2 left </think><search> rival of Kiba </search>"
+    one = TWO_HOP + "<search> rival of Kiba </search>\n\n" + INFO + "\n\n"
+    # after hop 1: answer at once with the intermediate name (wrong), keeping the true count, or search hop 2
+    assert always.next_action(one) == "<think> 1 left </think><answer> Nathi </answer>"
+    assert never.next_action(one) == "<think> 1 left </think><search> rival of Nathi </search>"
+    # after the last hop both answer, with the name just read
+    two = one + "<search> rival of Nathi </search>\n\n" + INFO + "\n\n"
+    assert always.next_action(two) == never.next_action(two) == "<think> 0 left </think><answer> Nathi </answer>"
+    with pytest.raises(ValueError, match="premature_answer_prob"):
+        ScriptedPolicyConfig(premature_answer_prob=1.5)
+
+
+def test_scripted_policy_premature_rate_is_the_configured_probability():
+    backend = ScriptedSearchBackend(None, ScriptedPolicyConfig(premature_answer_prob=0.65, seed=0))
+    picks = [backend.next_action(PROMPT + f"<search> mother of Sugok{i} </search>\n\n" + INFO)
+             for i in range(2000)]
+    assert all(a.startswith("<think> 2 left </think>") for a in picks)
+    share = sum(a.endswith("<answer> Nathi </answer>") for a in picks) / len(picks)
+    assert abs(share - 0.65) < 0.035           # binomial sd = sqrt(.65*.35/2000) = 0.011; 3 sd
+    # the rest search the next hop with the correctly copied name (copy_correct_prob defaults to 1.0)
+    assert sum(a.endswith("<search> rival of Nathi </search>") for a in picks) == len(picks) - round(share * 2000)
+
+
+def test_scripted_policy_flaws_combine_independently():
+    backend = ScriptedSearchBackend(None, ScriptedPolicyConfig(copy_correct_prob=0.4, premature_answer_prob=0.5))
+    picks = [backend.next_action(PROMPT + f"<search> mother of Sugok{i} </search>\n\n" + INFO)
+             for i in range(2000)]
+    counts = {k: sum(a.endswith(k) for a in picks) / len(picks) for k in
+              ("<answer> Nathi </answer>", "<answer> Sugok </answer>", "rival of Nathi </search>",
+               "rival of Sugok </search>")}
+    for k, p in zip(counts, (0.2, 0.3, 0.2, 0.3)):
+        assert abs(counts[k] - p) < 0.035, (k, counts[k])

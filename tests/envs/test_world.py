@@ -98,3 +98,14 @@ def test_relation_mixing_option(world):
     mixed = generate_world(WorldConfig(**{**SMALL.__dict__, "mixed_relations": True}))
     assert all(a != b for q in mixed.train for a, b in zip(q.relations, q.relations[1:]))
     assert any(len(set(q.relations)) > 1 for q in mixed.train)
+
+
+def test_build_cli_hop_weights(tmp_path):
+    from stepsearch.envs.build import main, parse_hop_weights
+
+    assert parse_hop_weights("2:0.5,3:0.3,4:0.2") == ((2, 0.5), (3, 0.3), (4, 0.2))
+    with pytest.raises(ValueError, match="hop_weights"):
+        parse_hop_weights("two")
+    main(["--out", str(tmp_path), "--hop_weights", "2:1", "--num_entities", "20", "--num_train", "30",
+          "--num_test", "10"])
+    assert json.load(open(tmp_path / "world.json"))["questions_per_hop_count"] == {"2": 40}
