@@ -11,12 +11,13 @@ tensors are shared, not cloned, unless an operation such as indexing creates new
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
+
+from verl.utils.checkpoint import atomic_torch_save
 
 __all__ = ["DataProto", "DataProtoItem", "to_object_array"]
 
@@ -287,17 +288,7 @@ class DataProto:
         path = os.fspath(path)
         payload = {"batch": {k: v.detach().cpu() for k, v in self.batch.items()},
                    "non_tensor_batch": self.non_tensor_batch, "meta_info": self.meta_info}
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".dataproto-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(payload, f)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_torch_save(payload, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "DataProto":

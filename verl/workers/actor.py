@@ -107,6 +107,40 @@ def clip_grad_and_step(module: torch.nn.Module, optimizer: torch.optim.Optimizer
 def mean_metrics(records: dict[str, list[float]]) -> dict[str, float]:
     return {k: float(np.mean(v)) for k, v in records.items() if v}
 
+def run_ppo_updates(worker, data: DataProto, mask_key: str, micro_batch_loss, role: str) -> dict[str, float]:
+    """The update loop shared by the actor and the critic: PPO epochs over mini-batches, each one optimizer step.
+
+    Each mini-batch's loss is accumulated over micro-batches weighted so that the sum equals the mini-batch loss
+    under `loss_agg_mode` (`weighted_micro_batches`, tokens counted on `mask_key`); a non-finite grad norm skips
+    the step. `worker` has module, optimizer, lr_scheduler, config and _num_updates (which seeds the shuffle).
+    `micro_batch_loss(micro) -> (loss, metrics)`. Returns metrics averaged over mini-batches plus
+    `{role}/grad_norm`, `{role}/skipped_steps` (a count) and `{role}/lr`.
+    """
+    cfg = worker.config
+    records: dict[str, list[float]] = defaultdict(list)
+    worker.optimizer.zero_grad(set_to_none=True)
+    for mini in iter_mini_batches(data, cfg.ppo_mini_batch_size_per_device, cfg.ppo_epochs, cfg.shuffle,
+                                  cfg.seed + 1000 * worker._num_updates):
+        mini_metrics: dict[str, float] = defaultdict(float)
+        for micro, weight in weighted_micro_batches(mini, cfg.ppo_micro_batch_size_per_device, mask_key,
+                                                    cfg.loss_agg_mode):
+            loss, metrics = micro_batch_loss(micro)
+            (loss * weight).backward()
+            for k, v in metrics.items():
+                mini_metrics[k] += weight * v
+        grad_norm, stepped = clip_grad_and_step(worker.module, worker.optimizer, cfg.grad_clip)
+        for k, v in mini_metrics.items():
+            records[k].append(v)
+        records[f"{role}/grad_norm"].append(grad_norm)
+        records[f"{role}/skipped_steps"].append(0.0 if stepped else 1.0)
+    worker._num_updates += 1
+    if worker.lr_scheduler is not None:
+        worker.lr_scheduler.step()
+    result = mean_metrics(records)
+    result[f"{role}/skipped_steps"] = float(sum(records[f"{role}/skipped_steps"]))
+    result[f"{role}/lr"] = float(worker.optimizer.param_groups[0]["lr"])
+    return result
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Actor
@@ -197,26 +231,5 @@ class Actor:
         self.module.train()
         temperature = self._temperature(data)
         data = data.select(batch_keys=[k for k in keys + ("position_ids",) if k in data.batch])
-        records: dict[str, list[float]] = defaultdict(list)
-        self.optimizer.zero_grad(set_to_none=True)
-        for mini in iter_mini_batches(data, cfg.ppo_mini_batch_size_per_device, cfg.ppo_epochs, cfg.shuffle,
-                                      cfg.seed + 1000 * self._num_updates):
-            mini_metrics: dict[str, float] = defaultdict(float)
-            for micro, weight in weighted_micro_batches(mini, cfg.ppo_micro_batch_size_per_device,
-                                                        "response_mask", cfg.loss_agg_mode):
-                loss, metrics = self._micro_batch_loss(micro, temperature)
-                (loss * weight).backward()
-                for k, v in metrics.items():
-                    mini_metrics[k] += weight * v
-            grad_norm, stepped = clip_grad_and_step(self.module, self.optimizer, cfg.grad_clip)
-            for k, v in mini_metrics.items():
-                records[k].append(v)
-            records["actor/grad_norm"].append(grad_norm)
-            records["actor/skipped_steps"].append(0.0 if stepped else 1.0)
-        self._num_updates += 1
-        if self.lr_scheduler is not None:
-            self.lr_scheduler.step()
-        result = mean_metrics(records)
-        result["actor/skipped_steps"] = float(sum(records["actor/skipped_steps"]))
-        result["actor/lr"] = float(self.optimizer.param_groups[0]["lr"])
-        return result
+        return run_ppo_updates(self, data, "response_mask", lambda micro: self._micro_batch_loss(micro, temperature),
+                               "actor")

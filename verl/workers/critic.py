@@ -5,15 +5,13 @@ verl.models.value_model.CausalLMWithValueHead, possibly FSDP2-wrapped.
 """
 from __future__ import annotations
 
-from collections import defaultdict
-
 import torch
 
 from verl.protocol import DataProto
 from verl.trainer.ppo.core_algos import compute_value_loss
 from verl.utils.torch_functional import masked_mean, response_slice_logits
-from verl.workers.actor import (autocast, clip_grad_and_step, enable_gradient_checkpointing, iter_mini_batches,
-                                mean_metrics, model_inputs, module_device, require_keys, weighted_micro_batches)
+from verl.workers.actor import (autocast, enable_gradient_checkpointing, model_inputs, module_device, require_keys,
+                                run_ppo_updates)
 from verl.workers.config import CriticConfig
 
 __all__ = ["Critic", "value_mask"]
@@ -91,26 +89,4 @@ class Critic:
         self.module.train()
         keys = [k for k in CRITIC_UPDATE_KEYS + ("position_ids",) if k in data.batch]
         data = self._with_value_mask(data.select(batch_keys=keys))
-        records: dict[str, list[float]] = defaultdict(list)
-        self.optimizer.zero_grad(set_to_none=True)
-        for mini in iter_mini_batches(data, cfg.ppo_mini_batch_size_per_device, cfg.ppo_epochs, cfg.shuffle,
-                                      cfg.seed + 1000 * self._num_updates):
-            mini_metrics: dict[str, float] = defaultdict(float)
-            for micro, weight in weighted_micro_batches(mini, cfg.ppo_micro_batch_size_per_device, _VALUE_MASK,
-                                                        cfg.loss_agg_mode):
-                loss, metrics = self._micro_batch_loss(micro)
-                (loss * weight).backward()
-                for k, v in metrics.items():
-                    mini_metrics[k] += weight * v
-            grad_norm, stepped = clip_grad_and_step(self.module, self.optimizer, cfg.grad_clip)
-            for k, v in mini_metrics.items():
-                records[k].append(v)
-            records["critic/grad_norm"].append(grad_norm)
-            records["critic/skipped_steps"].append(0.0 if stepped else 1.0)
-        self._num_updates += 1
-        if self.lr_scheduler is not None:
-            self.lr_scheduler.step()
-        result = mean_metrics(records)
-        result["critic/skipped_steps"] = float(sum(records["critic/skipped_steps"]))
-        result["critic/lr"] = float(self.optimizer.param_groups[0]["lr"])
-        return result
+        return run_ppo_updates(self, data, _VALUE_MASK, self._micro_batch_loss, "critic")
