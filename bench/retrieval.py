@@ -149,26 +149,17 @@ class NaiveProc:
 
 
 def start_naive(index_dir: str, timeout_s: float = 180.0) -> NaiveProc:
-    import httpx
-
-    from stepsearch.search.testing import free_port
+    from stepsearch.search.testing import free_port, wait_for_health
 
     port = free_port()
     proc = subprocess.Popen([sys.executable, __file__, "--serve_naive", "--index_dir", index_dir, "--port", str(port)],
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     np_ = NaiveProc(proc, f"http://127.0.0.1:{port}")
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"naive server exited with {proc.returncode}")
-        try:
-            if httpx.get(np_.url + "/health", timeout=1.0).status_code == 200:
-                return np_
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
+    failure = wait_for_health(proc, np_.url, timeout_s, poll_s=0.2)
+    if failure is None:
+        return np_
     np_.stop()
-    raise RuntimeError(f"naive server did not answer within {timeout_s}s")
+    raise RuntimeError(f"naive server {failure}")
 
 
 # ---------------------------------------------------------------- load generation (loopback, bounded)

@@ -13,7 +13,6 @@ speed-ups use process CPU time, which a machine shared with other jobs disturbs 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import random
@@ -35,19 +34,14 @@ from stepsearch.rewards.info_gain import GoldTfidf, clear_term_cache, info_gain_
 from stepsearch.rewards.qa import clear_answer_cache  # noqa: E402
 from stepsearch.rewards.reference import reference_info_gain, reference_token_scores  # noqa: E402
 from stepsearch.rewards.scoring import gold_texts, round_doc_texts  # noqa: E402
+from stepsearch.search.corpus import iter_passages  # noqa: E402
 from verl.protocol import DataProto  # noqa: E402
 
 SAMPLE = REPO / "data" / "samples" / "wiki18_sample_1000.jsonl"
 
 
 def load_passages() -> list[dict]:
-    out = []
-    with open(SAMPLE, encoding="utf-8") as f:
-        for line in f:
-            row = json.loads(line)
-            title, _, text = row["contents"].partition("\n")
-            out.append({"id": row["id"], "title": title.strip('"'), "text": text})
-    return out
+    return [{"id": p.id, "title": p.title, "text": p.text} for p in iter_passages(SAMPLE)]
 
 
 def build_batch(num_traj: int, num_rounds: int, k: int, seed: int) -> DataProto:

@@ -117,18 +117,27 @@ def start_retrieval_server(index_dir: str | os.PathLike | None, redis_url: str |
     log = _log_file("retrieval-server-")
     proc = subprocess.Popen(args, stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=full_env, cwd=REPO_ROOT)
     sp = ServerProc(proc, log, url=f"http://127.0.0.1:{port}", args=args)
+    failure = wait_for_health(proc, sp.url, timeout_s)
+    if failure is None:
+        return sp
+    sp.kill()
+    raise RuntimeError(f"retrieval server {failure}:\n{sp.output()}")
+
+
+def wait_for_health(proc: subprocess.Popen, url: str, timeout_s: float, poll_s: float = 0.1) -> str | None:
+    """Poll `GET {url}/health` until it answers 200. Returns None then, else why not ("exited with N" when the
+    process died first, "did not become healthy within Ts" on timeout); the caller stops the process."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"retrieval server exited with {proc.returncode}:\n{sp.output()}")
+            return f"exited with {proc.returncode}"
         try:
-            if httpx.get(sp.url + "/health", timeout=1.0).status_code == 200:
-                return sp
+            if httpx.get(url + "/health", timeout=1.0).status_code == 200:
+                return None
         except httpx.HTTPError:
             pass
-        time.sleep(0.1)
-    sp.kill()
-    raise RuntimeError(f"retrieval server did not become healthy within {timeout_s}s:\n{sp.output()}")
+        time.sleep(poll_s)
+    return f"did not become healthy within {timeout_s}s"
 
 
 def _embedding_cache_key(corpus: Path, encoder: str, max_length: int) -> str:

@@ -1,22 +1,17 @@
 """Real wiki-18 passages (data/samples/wiki18_sample_1000.jsonl) and a seeded generator of randomized reward cases."""
-import json
 import random
 from functools import lru_cache
 from pathlib import Path
+
+from stepsearch.search.corpus import iter_passages
 
 SAMPLE = Path(__file__).resolve().parents[2] / "data" / "samples" / "wiki18_sample_1000.jsonl"
 
 
 @lru_cache(maxsize=1)
 def wiki_passages() -> tuple[dict, ...]:
-    """[{"id", "title", "text"}] of the 1000 bundled passages ("Title"\\ntext split on the first newline)."""
-    out = []
-    with open(SAMPLE, encoding="utf-8") as f:
-        for line in f:
-            row = json.loads(line)
-            title, _, text = row["contents"].partition("\n")
-            out.append({"id": row["id"], "title": title.strip('"'), "text": text})
-    return tuple(out)
+    """[{"id", "title", "text"}] of the 1000 bundled passages, read by the retriever's own corpus reader."""
+    return tuple({"id": p.id, "title": p.title, "text": p.text} for p in iter_passages(SAMPLE))
 
 
 def random_doc_text(rng: random.Random, golds: list[str]) -> str:
