@@ -31,7 +31,7 @@ class TinyModelConfig:
     """The demo policy: a tiny Qwen2 with a BPE vocabulary trained on the world's text."""
 
     vocab_size: int = 1024
-    hidden_size: int = 64
+    hidden_size: int = 128
     num_layers: int = 2
     num_heads: int = 4
     seed: int = 0
@@ -45,6 +45,10 @@ class SFTConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     seed: int = 0
+    # give every SFT sample its own random relabelling of the world's people and relations
+    # (`permute_token_groups`), so the model cannot memorize the knowledge base or a favourite relation and must
+    # learn to copy names out of <information> blocks and the relation out of the question
+    permute_names: bool = True
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
@@ -79,9 +83,40 @@ def sft_step_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     return -(token_logp * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-def run_sft(model, data: DataProto, cfg: SFTConfig) -> list[float]:
-    """Supervised fine-tuning on rollout trajectories (loss on generated tokens only); returns per-step losses."""
+def single_token_ids(tokenizer, words: list[str]) -> list[int]:
+    """Ids of the words that are one token when preceded by a space (how names and relations occur in world texts)."""
+    ids = []
+    for word in words:
+        toks = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+        if len(toks) == 1:
+            ids.append(toks[0])
+    return sorted(set(ids))
+
+
+def permute_token_groups(input_ids: torch.Tensor, groups: list[torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+    """input_ids (B, L) with, in each row, the ids of every group (N_g,) relabelled by the row's own random
+    permutation of that group (names among names, relations among relations).
+
+    A relabelled trajectory is still a consistent chain (every occurrence of a name or relation maps to the same new
+    one), but its facts are no longer the knowledge base's and its relation no longer says which one was asked:
+    the only way to predict a name or relation the policy copied is to copy it.
+    """
+    B = input_ids.shape[0]
+    vocab = int(max([int(input_ids.max())] + [int(g.max()) for g in groups])) + 1
+    mapping = torch.arange(vocab).repeat(B, 1)                                          # (B, V) identity
+    for ids in groups:
+        perms = torch.argsort(torch.rand(B, len(ids), generator=generator), dim=1)     # (B, N_g)
+        mapping[:, ids] = ids[perms]
+    return mapping.gather(1, input_ids)
+
+
+def run_sft(model, data: DataProto, cfg: SFTConfig, permute_groups: list[list[int]] = ()) -> list[float]:
+    """Supervised fine-tuning on rollout trajectories (loss on generated tokens only); returns per-step losses.
+    With cfg.permute_names, each sampled trajectory gets its own relabelling of every id group in `permute_groups`
+    (the world's single-token names, its relations)."""
     g = torch.Generator().manual_seed(cfg.seed)
+    groups = [torch.tensor(ids, dtype=torch.long) for ids in permute_groups if len(ids) > 1]
+    permute = cfg.permute_names and bool(groups)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     loss_mask = sft_loss_mask(data)
     ids, am, pos = data.batch["input_ids"], data.batch["attention_mask"], data.batch["position_ids"]
@@ -92,7 +127,8 @@ def run_sft(model, data: DataProto, cfg: SFTConfig) -> list[float]:
         idx = torch.randperm(n, generator=g)[: cfg.batch_size]
         used = am[idx].sum(0).nonzero()                                            # drop all-pad columns
         cols = slice(int(used.min()), int(used.max()) + 1)
-        loss = sft_step_loss(model, ids[idx, cols], am[idx, cols], pos[idx, cols], loss_mask[idx, cols])
+        batch_ids = permute_token_groups(ids[idx, cols], groups, g) if permute else ids[idx, cols]
+        loss = sft_step_loss(model, batch_ids, am[idx, cols], pos[idx, cols], loss_mask[idx, cols])
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -154,6 +190,22 @@ def world_texts(world_dir: str) -> list[str]:
     return texts
 
 
+def world_vocabulary(world_dir: str) -> tuple[list[str], list[str]]:
+    """(people, relations) of a written world: a passage's title is its subject, its text "The R of S is O."."""
+    import re
+
+    names, relations = set(), set()
+    with open(os.path.join(world_dir, "corpus.jsonl")) as f:
+        for line in f:
+            if line.strip():
+                row = json.loads(line)
+                names.add(row["title"])
+                m = re.match(r"The (\w+) of ", row["text"])
+                if m:
+                    relations.add(m.group(1))
+    return sorted(names), sorted(relations)
+
+
 def save_model_dir(model, tokenizer, out_dir: str) -> str:
     """Save model + tokenizer into a temp sibling folder, then swap it in (no half-written model folder)."""
     import shutil
@@ -175,10 +227,13 @@ def warm_start(world_dir: str, retriever_url: str, out_dir: str, model_cfg: Tiny
     data = collect_scripted_rollouts(os.path.join(world_dir, "train.parquet"), tokenizer, retriever_url, agent_cfg,
                                      policy_cfg, max_prompt_length, max_samples=max_samples)
     t_collect = time.perf_counter() - t0
-    losses = run_sft(model, data, sft_cfg)
+    names, relations = world_vocabulary(world_dir)
+    name_ids, relation_ids = single_token_ids(tokenizer, names), single_token_ids(tokenizer, relations)
+    losses = run_sft(model, data, sft_cfg, [name_ids, relation_ids])
     save_model_dir(model, tokenizer, out_dir)
     report = {"model": asdict(model_cfg), "sft": asdict(sft_cfg), "policy": asdict(policy_cfg),
-              "num_trajectories": len(data), "response_width": int(data.batch["responses"].shape[1]),
+              "num_names": len(names), "num_single_token_names": len(name_ids),
+              "relations": relations, "num_single_token_relations": len(relation_ids), "num_trajectories": len(data), "response_width": int(data.batch["responses"].shape[1]),
               "first_losses": losses[:5], "last_losses": losses[-5:], "collect_s": round(t_collect, 1),
               "total_s": round(time.perf_counter() - t0, 1), "out": out_dir}
     with open(os.path.join(out_dir, "warm_start.json"), "w") as f:
@@ -201,7 +256,10 @@ def main(argv: list[str] | None = None) -> dict:
                    help="probability of copying the top-ranked passage's name (else the second-ranked one's)")
     p.add_argument("--premature_answer_prob", type=float, default=ScriptedPolicyConfig.premature_answer_prob,
                    help="probability of answering with the name just read instead of searching the next hop")
+    p.add_argument("--no_permute_names", action="store_true",
+                   help="train on the trajectories as collected (default: rename the people per sample)")
     p.add_argument("--hidden_size", type=int, default=TinyModelConfig.hidden_size)
+    p.add_argument("--vocab_size", type=int, default=TinyModelConfig.vocab_size)
     p.add_argument("--num_layers", type=int, default=TinyModelConfig.num_layers)
     p.add_argument("--max_samples", type=int, default=-1, help="use the first N training questions (-1: all)")
     p.add_argument("--seed", type=int, default=0)
@@ -211,8 +269,10 @@ def main(argv: list[str] | None = None) -> dict:
     agent_cfg = AgentConfig(max_turns=5, topk=3, max_prompt_length=1024, max_new_tokens=32, max_response_length=1024,
                             max_obs_length=256, greedy=True)
     report = warm_start(a.world_dir, a.retriever_url, a.out,
-                        TinyModelConfig(hidden_size=a.hidden_size, num_layers=a.num_layers, seed=a.seed),
-                        SFTConfig(steps=a.sft_steps, batch_size=a.sft_batch_size, lr=a.lr, seed=a.seed),
+                        TinyModelConfig(vocab_size=a.vocab_size, hidden_size=a.hidden_size, num_layers=a.num_layers,
+                                        seed=a.seed),
+                        SFTConfig(steps=a.sft_steps, batch_size=a.sft_batch_size, lr=a.lr, seed=a.seed,
+                                  permute_names=not a.no_permute_names),
                         ScriptedPolicyConfig(copy_correct_prob=a.copy_correct_prob,
                                              premature_answer_prob=a.premature_answer_prob, seed=a.seed), agent_cfg,
                         max_samples=a.max_samples)

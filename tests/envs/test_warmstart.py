@@ -6,7 +6,8 @@ import re
 import pytest
 import torch
 
-from stepsearch.envs.warmstart import SFTConfig, run_sft, sft_loss_mask, sft_step_loss
+from stepsearch.envs.warmstart import (SFTConfig, permute_token_groups, run_sft, sft_loss_mask, sft_step_loss,
+                                      single_token_ids)
 from verl.protocol import DataProto
 from verl.utils.tiny_model import build_tiny_causal_lm, build_tokenizer
 
@@ -26,6 +27,28 @@ def _toy_batch():
 def test_loss_mask_is_response_mask_after_the_prompt():
     mask = sft_loss_mask(_toy_batch())
     assert mask.tolist() == [[0, 0, 0, 1, 0, 1, 0], [0, 0, 0, 1, 1, 0, 1]]
+
+
+def test_permute_token_groups_relabels_each_row_consistently_within_its_group():
+    names, relations = torch.tensor([20, 21, 22, 23, 24]), torch.tensor([30, 31, 32])
+    # row: names 20, 22, 20 and relation 31, 31 between other tokens (1, 2, 3, 4)
+    row = [1, 20, 31, 2, 22, 3, 20, 31, 4]
+    ids = torch.tensor([row] * 64)
+    out = permute_token_groups(ids, [names, relations], torch.Generator().manual_seed(0))
+    assert out.shape == ids.shape
+    for r in out.tolist():
+        assert [r[i] for i in (0, 3, 5, 8)] == [1, 2, 3, 4]                   # other tokens untouched
+        assert r[1] == r[6] and r[1] != r[4]                                    # same name -> same new name
+        assert {r[1], r[4]} <= set(names.tolist()) and r[2] == r[7] and r[2] in relations.tolist()
+    # rows get their own permutations: over 64 rows the first name takes every value of its group
+    assert {r[1] for r in out.tolist()} == set(names.tolist())
+    assert {r[2] for r in out.tolist()} == set(relations.tolist())
+
+
+def test_single_token_ids_keeps_only_words_that_are_one_token_after_a_space():
+    tok = build_tokenizer(["the mother of Kiba is Nathi"] * 50, vocab_size=300)
+    ids = single_token_ids(tok, ["Kiba", "mother", "Zzqxwv"])                 # Zzqxwv never seen: split in pieces
+    assert ids == sorted({tok(" Kiba")["input_ids"][0], tok(" mother")["input_ids"][0]})
 
 
 def test_sft_loss_matches_a_slow_loop():
