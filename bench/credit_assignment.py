@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -185,6 +186,8 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     os.makedirs(a.work, exist_ok=True)
     start = time.perf_counter()
+    # SIGTERM (kill, a CI timeout) unwinds through `finally` like Ctrl-C, so the retrieval server is stopped too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     server = start_retrieval_server(os.path.join(a.demo_dir, "index"))
     try:
         before = run_eval(f"{a.demo_dir}/sft_model", a, server.url, os.path.join(a.work, "eval_warm_start"))
