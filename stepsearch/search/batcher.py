@@ -66,6 +66,7 @@ class MicroBatcher:
         self.batch_sizes: deque[int] = deque(maxlen=10000)  # queries per search_fn call (recent)
         self.batch_ms: deque[float] = deque(maxlen=10000)  # wall time of each search_fn call (recent)
         self.num_batches = 0
+        self.busy_s = 0.0  # total wall time inside search_fn (owner-thread utilisation = busy_s / elapsed)
         self._thread.start()
 
     async def submit(self, queries: list[str], topk: int):
@@ -121,6 +122,7 @@ class MicroBatcher:
             for job in jobs:
                 job.future.set_exception(exc)
             return
+        self.busy_s += time.perf_counter() - t0
         self.batch_ms.append((time.perf_counter() - t0) * 1000)
         self.batch_sizes.append(len(queries))
         self.num_batches += 1

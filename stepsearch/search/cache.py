@@ -212,6 +212,26 @@ class RetrievalCache:
         if self.redis is not None:
             self.redis.set_many(items)
 
+    def put_lru(self, queries: list[str], topk: int, results: list[list]) -> list[tuple[str, str]]:
+        """Store results in the LRU only; returns (key, serialised hits) per query for `put_redis`."""
+        items = [(self.key(q, topk), json.dumps(hits)) for q, hits in zip(queries, results)]
+        for key, value in items:
+            self.lru.put(key, value)
+        return items
+
+    def put_redis(self, items: dict[str, tuple[str, str]] | list[tuple[str, str]]) -> None:
+        """Write (key, value) pairs from `put_lru` to Redis (blocking; no-op without Redis)."""
+        if self.redis is not None:
+            pairs = items.values() if isinstance(items, dict) else items
+            self.redis.set_many(dict(pairs))
+
+    def count(self, found: list[str | None]) -> None:
+        """Count the hits and misses of a finished raw lookup (`finish` without decoding)."""
+        n_hits = sum(v is not None for v in found)
+        with self._lock:
+            self.hits += n_hits
+            self.misses += len(found) - n_hits
+
     def health(self) -> dict:
         if self.redis is None:
             return {"redis": "disabled", "lru_entries": len(self.lru)}

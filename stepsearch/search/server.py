@@ -12,6 +12,13 @@ Layout: `main` parses flags into a frozen `ServerConfig`, opens the backend (ref
 mismatched index before the port is bound), then `create_app` wires the routes to a `RetrievalService` that does
 validation-free work (cache, dedupe, backend call, formatting). Local search runs on one owner thread
 (`batcher.MicroBatcher`) that coalesces concurrent requests.
+
+Fast lane (issue 8): `FastLane` wraps the FastAPI app as a plain ASGI callable. A well-formed, authorised
+`POST /retrieve` is answered there without FastAPI's per-request machinery (routing, dependency injection, pydantic
+models): the body is parsed once with `json`, checked with the same rules, and answered from pre-serialised cache
+entries (a cache hit never decodes or re-encodes JSON and never leaves the event loop). Anything else (bad input,
+a wrong token, other routes) goes to FastAPI unchanged, so every error message stays the same.
+`--no_fast_lane` serves everything through FastAPI.
 """
 from __future__ import annotations
 
@@ -52,7 +59,10 @@ class ServerConfig:
     port: int = 8000
     method: str | None = None  # dense | bm25 | hybrid; None: dense when built
     encoder: str | None = None  # must match the manifest's encoder
-    encoder_mode: str = "exact"
+    # fast: guarded bf16 + fp32 fallback on CPUs with native bf16 (else sorted fp32), fp16 on GPU; exact: fp32
+    encoder_mode: str = "fast"
+    guard_eps: float | None = None  # guarded: score gap that triggers the fp32 fallback (None: calibrated value)
+    guard_order: bool = False  # guarded: also keep the fp32 top-k order, not only the id set
     device: str = "cpu"
     corpus: str | None = None  # if given, must match the manifest's corpus sha256
     redis_url: str | None = None
@@ -74,6 +84,10 @@ class ServerConfig:
     gil_switch_interval_ms: float = 0.5
     # a /retrieve that takes longer answers 504 (the client retries it)
     request_timeout_s: float = 120.0
+    # answer well-formed /retrieve requests in a plain ASGI handler in front of FastAPI (see FastLane)
+    fast_lane: bool = True
+    # guarded mode: build the bf16 kernels for the common batch shapes at start-up (Encoder.warm_up_bf16)
+    warm_up: bool = True
     token: str | None = None
     serper_api_key: str | None = None
     serper_url: str = "https://google.serper.dev/search"
@@ -165,20 +179,30 @@ class LocalBackend:
         """The same encode+search+lookup, in-process, without HTTP or the batcher (benchmark baseline)."""
         return self.hits(*self.search_ids(queries, topk))
 
+    def encoder(self):
+        """The dense query encoder (also inside hybrid), or None for BM25."""
+        return getattr(self.loaded.retriever, "encoder", None) or getattr(
+            getattr(self.loaded.retriever, "dense", None), "encoder", None)
+
     def health(self) -> dict:
         m = self.loaded.manifest
+        encoder = self.encoder()
         return {"backend": "local", "method": self.loaded.method, "num_passages": len(self.loaded.corpus),
                 "encoder": (m.get("encoder") or {}).get("model"), "index_factory": m.get("index_factory"),
-                "identity": self.identity}
+                "encoder_mode": encoder.config.mode if encoder is not None else None,
+                "guard_eps": encoder.guard_eps if encoder is not None else None, "identity": self.identity}
 
     def batch_stats(self) -> dict:
         sizes = np.asarray(self.batcher.batch_sizes if self.batcher else [], dtype=np.float64)
         if sizes.size == 0:
             return {"batches": 0}
         search_ms = np.asarray(self.batcher.batch_ms, dtype=np.float64)
-        return {"batches": self.batcher.num_batches, "mean": float(sizes.mean()), "p50": float(np.median(sizes)),
-                "max": int(sizes.max()), "search_ms_p50": float(np.percentile(search_ms, 50)),
-                "search_ms_p99": float(np.percentile(search_ms, 99)), "coalesce": self.batcher_cfg.coalesce,
+        guard = getattr(self.loaded.retriever, "guard_stats", lambda: None)()  # guarded mode: fp32 fallbacks
+        return {**({"guard": guard} if guard else {}), "batches": self.batcher.num_batches,
+                "mean": float(sizes.mean()), "p50": float(np.median(sizes)), "max": int(sizes.max()),
+                "search_ms_p50": float(np.percentile(search_ms, 50)),
+                "search_ms_p99": float(np.percentile(search_ms, 99)), "busy_s": self.batcher.busy_s,
+                "coalesce": self.batcher_cfg.coalesce,
                 "max_batch_queries": self.batcher_cfg.max_batch_queries, "max_wait_ms": self.batcher_cfg.max_wait_ms}
 
     async def aclose(self) -> None:
@@ -215,7 +239,8 @@ def open_backend(cfg: ServerConfig):
         return OnlineBackend(SerperBackend(SerperConfig.from_args(cfg.serper_api_key, url=cfg.serper_url)))
     loaded = load_index(cfg.index_dir, LoadOptions(method=cfg.method, encoder=cfg.encoder,
                                                    encoder_mode=cfg.encoder_mode, device=cfg.device,
-                                                   corpus=cfg.corpus))
+                                                   corpus=cfg.corpus, guard_eps=cfg.guard_eps,
+                                                   guard_order=cfg.guard_order))
     if loaded.method != "bm25" and cfg.torch_threads > 0:
         import torch
 
@@ -235,6 +260,10 @@ class RetrievalService:
         self.started_at = time.time()
         self.requests = self.queries = self.errors = 0
         self.latencies_ms: deque[float] = deque(maxlen=20000)
+        # Redis writes of fresh results, drained by one background task in one pipeline per round (all on the
+        # event loop, so no lock): a coalesced batch of 32 single-query requests costs one Redis round trip
+        self._redis_pending: list[tuple[str, str]] = []
+        self._redis_writer: asyncio.Task | None = None
 
     async def retrieve(self, queries: list[str], topk: int) -> list[list[dict]]:
         cached = await self.cached(queries, topk)
@@ -244,6 +273,38 @@ class RetrievalService:
             await self._off_loop(self.cache.put_many, missing, topk, [fresh[q] for q in missing])
             cached = [fresh[q] if hit is None else hit for q, hit in zip(queries, cached)]
         return cached
+
+    def lookup_raw(self, queries: list[str], topk: int) -> tuple[list[str], list[str | None]]:
+        """(keys, pre-serialised hits per query or None) from the in-process LRU only; cheap, on the event loop."""
+        keys = [self.cache.key(q, topk) for q in queries]
+        return keys, self.cache.lookup_lru(keys)
+
+    async def retrieve_raw(self, queries: list[str], topk: int, keys: list[str],
+                           found: list[str | None]) -> list[str]:
+        """Each query's hits as a JSON array string (the cache's stored form), filling the LRU misses `found`
+        from Redis (a worker thread) and then from the backend. Redis writes run in the background."""
+        if self.cache.redis is not None and None in found:
+            found = await asyncio.to_thread(self.cache.lookup_redis, keys, found)
+        self.cache.count(found)
+        missing = list(dict.fromkeys(q for q, v in zip(queries, found) if v is None))  # unique, in order
+        if not missing:
+            return found
+        hits = await self.backend.search(missing, topk)
+        fresh = dict(zip(missing, self.cache.put_lru(missing, topk, hits)))
+        if self.cache.redis is not None:
+            self._redis_pending.extend(fresh.values())
+            if self._redis_writer is None:
+                self._redis_writer = asyncio.ensure_future(self._write_redis())
+        return [fresh[q][1] if v is None else v for q, v in zip(queries, found)]
+
+    async def _write_redis(self) -> None:
+        """Drain `_redis_pending` to Redis on a worker thread until it stays empty (RedisLayer swallows errors)."""
+        try:
+            while self._redis_pending:
+                items, self._redis_pending = self._redis_pending, []
+                await asyncio.to_thread(self.cache.put_redis, items)
+        finally:
+            self._redis_writer = None
 
     async def cached(self, queries: list[str], topk: int) -> list[list | None]:
         """LRU on the event loop; only its misses go to Redis, on a worker thread (blocking I/O)."""
@@ -297,6 +358,108 @@ def format_result(hits: list[list[dict]], return_scores: bool) -> dict:
     return {"result": [[h["document"] for h in per_query] for per_query in hits]}
 
 
+def raw_body(per_query: list[str], return_scores: bool) -> bytes:
+    """Response body from each query's hits as stored in the cache (JSON array strings): spliced as they are
+    when scores are wanted, else decoded and reduced to the bare document rows."""
+    if return_scores:
+        return ('{"result":[' + ",".join(per_query) + "]}").encode()
+    docs = [[h["document"] for h in json.loads(v)] for v in per_query]
+    return json.dumps({"result": docs}, ensure_ascii=False).encode()
+
+
+def parse_fast(body: bytes, cfg: ServerConfig) -> tuple[list[str], int, bool] | None:
+    """(queries, topk, return_scores) when `body` is a request the FastAPI route would accept as it is; None
+    for anything else (which then goes to FastAPI for its exact error message). Mirrors RetrieveRequest
+    (strict types, extra fields ignored) and validate_request."""
+    try:
+        req = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(req, dict):
+        return None
+    queries, topk, scores = req.get("queries"), req.get("topk"), req.get("return_scores", False)
+    if type(queries) is not list or not all(type(q) is str for q in queries) or type(scores) is not bool:
+        return None
+    topk = cfg.default_topk if topk is None else topk
+    if type(topk) is not int or not 1 <= topk <= cfg.max_topk or not 1 <= len(queries) <= cfg.max_queries:
+        return None
+    if any(len(q) > cfg.max_query_chars or not q.strip() for q in queries):
+        return None
+    return queries, topk, scores
+
+
+class FastLane:
+    """ASGI wrapper: answers well-formed, authorised `POST /retrieve` requests itself (see the module docstring);
+    passes everything else, lifespan included, to the FastAPI `app` untouched."""
+
+    def __init__(self, app: FastAPI, cfg: ServerConfig):
+        self.app, self.cfg = app, cfg
+        self.auth = f"Bearer {cfg.token}".encode() if cfg.token is not None else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] != "/retrieve" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # client went away
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        ctype = headers.get(b"content-type", b"application/json")
+        parsed = parse_fast(body, self.cfg) if ctype.startswith(b"application/json") else None
+        if parsed is None or (self.auth is not None and not hmac.compare_digest(headers.get(b"authorization", b""),
+                                                                               self.auth)):
+            return await self.app(scope, _replay(body, receive), send)
+        await self.answer(parsed, send)
+
+    async def answer(self, parsed: tuple[list[str], int, bool], send) -> None:
+        queries, topk, return_scores = parsed
+        service: RetrievalService = self.app.state.service
+        t0 = time.perf_counter()
+        keys, found = service.lookup_raw(queries, topk)
+        status, body = 200, None
+        if None not in found:  # all cache hits: no task, no thread, no JSON decoding
+            service.cache.count(found)
+            body = raw_body(found, return_scores)
+        else:
+            try:
+                per_query = await asyncio.wait_for(service.retrieve_raw(queries, topk, keys, found),
+                                                   self.cfg.request_timeout_s)
+                body = raw_body(per_query, return_scores)
+            except asyncio.TimeoutError:
+                status, detail = 504, f"retrieval took longer than {self.cfg.request_timeout_s}s (overloaded?)"
+            except UpstreamError as exc:
+                status, detail = 502, f"online search failed: {exc}"
+            except Exception as exc:  # noqa: BLE001 - a failed search must not take the server down
+                logger.exception("retrieve failed")
+                status, detail = 500, f"retrieval failed: {type(exc).__name__}: {exc}"
+            if status != 200:
+                service.errors += 1
+                body = json.dumps({"detail": detail}).encode()
+        if status == 200:
+            service.record(len(queries), (time.perf_counter() - t0) * 1000)
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def _replay(body: bytes, receive):
+    """An ASGI `receive` that yields the already-read body once, then defers to the real one."""
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
 async def validation_error_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
     """Malformed JSON -> 400, schema errors -> 422; the detail names the field ('queries[2]') and the problem."""
     errors = exc.errors()
@@ -321,6 +484,10 @@ def create_app(cfg: ServerConfig, backend) -> FastAPI:
         service = RetrievalService(cfg, backend)
         app.state.service = service
         if isinstance(backend, LocalBackend):
+            encoder = backend.encoder()
+            if cfg.warm_up and encoder is not None:  # bf16 kernels for the common shapes (guarded mode), ~2-5 s
+                shapes = await asyncio.to_thread(encoder.warm_up_bf16)
+                logger.info("warmed up %d bf16 batch shapes", shapes)
             await backend.search(["warm-up query"], 1)  # first encode allocates; keep it off the first request
         logger.info("retrieval server ready: %s", backend.health())
         yield
@@ -371,7 +538,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--method", choices=("dense", "bm25", "hybrid"), help="default: dense if the index has it")
     p.add_argument("--encoder", help="query encoder; must match the index manifest (default: the manifest's)")
-    p.add_argument("--encoder_mode", default="exact", help="encoder speed mode: exact, sorted, int8, fp16, fast")
+    p.add_argument("--encoder_mode", default=d["encoder_mode"].default,
+                   help="query encoder path: fast (default: guarded bf16 with fp32 fallback on CPUs with native bf16, "
+                        "else sorted; fp16 on GPU), guarded, sorted, fp16, exact (Search-R1's fp32 path)")
+    p.add_argument("--guard_eps", type=float, help="guarded mode: bf16 score gap below which a query is re-encoded "
+                                                   "in fp32 (default: the model's calibrated value)")
+    p.add_argument("--guard_order", action="store_true", help="guarded mode: keep fp32's top-k order, not only its set")
     p.add_argument("--device", default="cpu")
     p.add_argument("--corpus", help="corpus file; refuse to start unless it matches the manifest's sha256")
     p.add_argument("--redis_url", help="e.g. redis://127.0.0.1:6379/0; omit for the in-process LRU only")
@@ -386,6 +558,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
     p.add_argument("--max_wait_ms", type=float, default=d["max_wait_ms"].default)
     p.add_argument("--no_coalesce", action="store_true", help="run each request alone (benchmark baseline)")
     p.add_argument("--request_timeout_s", type=float, default=d["request_timeout_s"].default)
+    p.add_argument("--no_fast_lane", action="store_true", help="serve /retrieve through FastAPI only (slower)")
+    p.add_argument("--no_warm_up", action="store_true", help="guarded mode: skip the bf16 shape warm-up at start-up")
     p.add_argument("--torch_threads", type=int, default=0 if os.environ.get("OMP_NUM_THREADS") else 1,
                    help="intra-op threads for query encoding; 0 = torch default (OMP_NUM_THREADS); default 1 unless "
                         "OMP_NUM_THREADS is set")
@@ -397,7 +571,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
     p.add_argument("--log_level", default="info")
     a = p.parse_args(argv)
     cfg = ServerConfig(index_dir=a.index_dir, online=a.online, host=a.host, port=a.port, method=a.method,
-                       encoder=a.encoder, encoder_mode=a.encoder_mode, device=a.device, corpus=a.corpus,
+                       encoder=a.encoder, encoder_mode=a.encoder_mode, guard_eps=a.guard_eps,
+                       guard_order=a.guard_order, device=a.device, corpus=a.corpus, fast_lane=not a.no_fast_lane,
+                       warm_up=not a.no_warm_up,
                        redis_url=a.redis_url, cache_ttl_s=a.cache_ttl_s, lru_size=a.lru_size,
                        cache_normalization=a.cache_normalization, default_topk=a.default_topk, max_topk=a.max_topk,
                        max_queries=a.max_queries, max_query_chars=a.max_query_chars,
@@ -428,7 +604,9 @@ def main(argv: list[str] | None = None) -> int:
     sys.setswitchinterval(cfg.gil_switch_interval_ms / 1000.0)
     import uvicorn
 
-    uvicorn.run(create_app(cfg, backend), host=cfg.host, port=cfg.port, log_level="warning", access_log=False)
+    app = create_app(cfg, backend)
+    uvicorn.run(FastLane(app, cfg) if cfg.fast_lane else app, host=cfg.host, port=cfg.port, log_level="warning",
+                access_log=False)
     return 0
 
 

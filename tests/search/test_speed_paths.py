@@ -68,8 +68,12 @@ def test_fast_mode_keeps_top3_agreement(mode, emb_atol, flat, questions, exact_r
     assert top3_agreement(ids, ref_ids) >= 0.99
 
 
-def test_fast_is_sorted_on_cpu():
-    assert Encoder(mode="fast").config.mode == "sorted"
+def test_fast_on_cpu_is_guarded_or_sorted():
+    """`fast` on CPU: guarded bf16 where the CPU has native bf16 (tests/search/test_guarded.py), else sorted fp32;
+    either way encode_queries itself is the fp32 sorted path."""
+    from stepsearch.search.encoders import cpu_has_fast_bf16
+
+    assert Encoder(mode="fast").config.mode == ("guarded" if cpu_has_fast_bf16() else "sorted")
 
 
 def test_sorted_handles_duplicates_in_input_order(exact_run, questions):
