@@ -5,12 +5,13 @@
 #   -> held-out eval (before) -> StePPO (verl.trainer.main_ppo, configs/cpu_demo.yaml) -> held-out eval (after)
 #   -> learning-curve PNG + trajectory viewer HTML.
 # Everything it starts (redis-server, the retrieval server) is stopped on exit, also on failure or Ctrl-C.
-# Knobs (environment): DEMO_OUT (runs/demo), DEMO_SEED (0), DEMO_STEPS (40), DEMO_SFT_STEPS (1200), DEMO_THREADS (1),
+# Knobs (environment): DEMO_OUT (runs/demo), DEMO_SEED (0), DEMO_STEPS (40), DEMO_SFT_STEPS (3000, at most), DEMO_THREADS (1),
 # DEMO_NUM_TRAIN (800), DEMO_NUM_TEST (100), DEMO_HOPS (2:1, i.e. 2-hop questions only; 2:0.5,3:0.3,4:0.2 is the
 # world's default mix), DEMO_NUM_ENTITIES (240: a world of N people has at most 4N distinct 2-hop questions),
 # DEMO_PREMATURE (0.6, the scripted searcher's premature-answer probability),
 # DEMO_COPY (1.0, its probability of copying the top-ranked passage's name), DEMO_HIDDEN (128, the tiny Qwen2's
-# hidden size), DEMO_REUSE (0), PY (.venv/bin/python).
+# hidden size), DEMO_SFT_STOP_ACC (0.9: SFT stops once held-out copy accuracy on names and relations reaches it;
+# 0 runs all DEMO_SFT_STEPS), DEMO_SFT_MIN_STEPS (600), DEMO_REUSE (0), PY (.venv/bin/python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,7 +19,7 @@ PY=${PY:-.venv/bin/python}
 OUT=${DEMO_OUT:-runs/demo}
 SEED=${DEMO_SEED:-0}
 STEPS=${DEMO_STEPS:-40}
-SFT_STEPS=${DEMO_SFT_STEPS:-1200}
+SFT_STEPS=${DEMO_SFT_STEPS:-3000}
 # One intra-op thread per process: on a small or shared machine, torch's default thread pool oversubscribes the
 # cores (a tiny-model step measured 4-6x slower with 2 threads than with 1 under load). DEMO_THREADS=2 on an idle box.
 export OMP_NUM_THREADS=${DEMO_THREADS:-1} MKL_NUM_THREADS=${DEMO_THREADS:-1}
@@ -87,11 +88,12 @@ done
 "$PY" -c "import httpx; httpx.get('$URL/health', timeout=5).raise_for_status()"
 
 if [ $REUSE = 0 ]; then
-  stage "4/8 warm start: tiny Qwen2 + SFT on the scripted searcher ($SFT_STEPS steps)"
+  stage "4/8 warm start: tiny Qwen2 + SFT on the scripted searcher (at most $SFT_STEPS steps)"
   rm -rf "$OUT/sft_model"
   "$PY" -m stepsearch.envs.warmstart --world_dir "$OUT/world" --retriever_url "$URL" --out "$OUT/sft_model" \
     --sft_steps "$SFT_STEPS" --seed "$SEED" --premature_answer_prob "${DEMO_PREMATURE:-0.6}" \
-    --copy_correct_prob "${DEMO_COPY:-1.0}" --hidden_size "${DEMO_HIDDEN:-128}" 2>&1 | tee "$OUT/logs/warmstart.log" | grep -E "sft step|Error" || true
+    --copy_correct_prob "${DEMO_COPY:-1.0}" --hidden_size "${DEMO_HIDDEN:-128}" \
+    --stop_copy_acc "${DEMO_SFT_STOP_ACC:-0.9}" --min_sft_steps "${DEMO_SFT_MIN_STEPS:-600}" 2>&1 | tee "$OUT/logs/warmstart.log" | grep -E "sft step [0-9]+ held-out|sft step 1/|Error" || true
   test -f "$OUT/sft_model/warm_start.json"
 else
   stage "1,2,4/8 reusing $OUT/world, $OUT/index and $OUT/sft_model (DEMO_REUSE=1)"

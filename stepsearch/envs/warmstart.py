@@ -49,11 +49,20 @@ class SFTConfig:
     # (`permute_token_groups`), so the model cannot memorize the knowledge base or a favourite relation and must
     # learn to copy names out of <information> blocks and the relation out of the question
     permute_names: bool = True
+    # stop early once the teacher-forced accuracy on copied tokens (each id group: names, relations) of held-out
+    # trajectories reaches this value for every group (0: always run `steps`); checked every `eval_every` steps
+    # from `min_steps` on. Whether and when the copy circuit forms depends on the initialisation and the data
+    # order (docs/demo.md), so a fixed step count is either wasteful or, for some seeds, too short.
+    stop_copy_acc: float = 0.0
+    min_steps: int = 0
+    eval_every: int = 100
 
     def __post_init__(self):
-        if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise ValueError(f"[sft] steps ({self.steps}), batch_size ({self.batch_size}) and lr ({self.lr}) "
-                             "must be positive")
+        if self.steps < 1 or self.batch_size < 1 or self.lr <= 0 or self.eval_every < 1:
+            raise ValueError(f"[sft] steps ({self.steps}), batch_size ({self.batch_size}), lr ({self.lr}) and "
+                             f"eval_every ({self.eval_every}) must be positive")
+        if not 0.0 <= self.stop_copy_acc <= 1.0:
+            raise ValueError(f"[sft] stop_copy_acc ({self.stop_copy_acc}) must lie in [0, 1] (0 turns it off)")
 
 
 def build_demo_model(texts: list[str], cfg: TinyModelConfig = TinyModelConfig()):
@@ -110,10 +119,36 @@ def permute_token_groups(input_ids: torch.Tensor, groups: list[torch.Tensor], ge
     return mapping.gather(1, input_ids)
 
 
-def run_sft(model, data: DataProto, cfg: SFTConfig, permute_groups: list[list[int]] = ()) -> list[float]:
+@torch.no_grad()
+def copy_accuracy(model, data: DataProto, groups: list[torch.Tensor], batch_size: int = 64) -> list[float]:
+    """Teacher-forced greedy accuracy on the policy's own tokens that belong to each id group (N_g,): for every
+    group, the share of its tokens in the response actions that argmax(logits) predicts (nan if none occur)."""
+    was_training = model.training
+    model.eval()
+    loss_mask = sft_loss_mask(data)
+    hits, counts = [0] * len(groups), [0] * len(groups)
+    for start in range(0, len(data), batch_size):
+        sl = slice(start, start + batch_size)
+        ids = data.batch["input_ids"][sl]
+        logits = model(input_ids=ids, attention_mask=data.batch["attention_mask"][sl],
+                       position_ids=data.batch["position_ids"][sl]).logits
+        predicted, target = logits[:, :-1].argmax(-1), ids[:, 1:]                   # (B, L-1)
+        action = loss_mask[sl, 1:].bool()
+        for k, group in enumerate(groups):
+            in_group = action & torch.isin(target, group)
+            hits[k] += int((in_group & (predicted == target)).sum())
+            counts[k] += int(in_group.sum())
+    model.train(was_training)
+    return [h / c if c else float("nan") for h, c in zip(hits, counts)]
+
+
+def run_sft(model, data: DataProto, cfg: SFTConfig, permute_groups: list[list[int]] = (),
+            val_data: DataProto | None = None, history: list | None = None) -> list[float]:
     """Supervised fine-tuning on rollout trajectories (loss on generated tokens only); returns per-step losses.
     With cfg.permute_names, each sampled trajectory gets its own relabelling of every id group in `permute_groups`
-    (the world's single-token names, its relations)."""
+    (the world's single-token names, its relations). With `val_data` and cfg.stop_copy_acc > 0 it stops once
+    `copy_accuracy` on val_data reaches cfg.stop_copy_acc for every group; each check is appended to `history`
+    as {"step", "copy_acc"}."""
     g = torch.Generator().manual_seed(cfg.seed)
     groups = [torch.tensor(ids, dtype=torch.long) for ids in permute_groups if len(ids) > 1]
     permute = cfg.permute_names and bool(groups)
@@ -136,6 +171,16 @@ def run_sft(model, data: DataProto, cfg: SFTConfig, permute_groups: list[list[in
         losses.append(float(loss.detach()))
         if step % 50 == 0 or step == cfg.steps - 1:
             logger.info("sft step %d/%d loss %.4f", step + 1, cfg.steps, losses[-1])
+        done = step + 1
+        if val_data is not None and groups and cfg.stop_copy_acc > 0 and done >= cfg.min_steps \
+                and done % cfg.eval_every == 0:
+            acc = copy_accuracy(model, val_data, groups)
+            if history is not None:
+                history.append({"step": done, "copy_acc": [round(a, 4) for a in acc]})
+            logger.info("sft step %d held-out copy accuracy %s (stop at %.2f)", done,
+                        " ".join(f"{a:.3f}" for a in acc), cfg.stop_copy_acc)
+            if all(a >= cfg.stop_copy_acc for a in acc if a == a):
+                break
     model.eval()
     return losses
 
@@ -229,11 +274,17 @@ def warm_start(world_dir: str, retriever_url: str, out_dir: str, model_cfg: Tiny
     t_collect = time.perf_counter() - t0
     names, relations = world_vocabulary(world_dir)
     name_ids, relation_ids = single_token_ids(tokenizer, names), single_token_ids(tokenizer, relations)
-    losses = run_sft(model, data, sft_cfg, [name_ids, relation_ids])
+    val_data, history = None, []
+    if sft_cfg.stop_copy_acc > 0:   # the last 10% of the training questions' trajectories decide when to stop
+        n_val = max(len(data) // 10, 1)
+        data, val_data = data[: len(data) - n_val], data[len(data) - n_val:]
+    losses = run_sft(model, data, sft_cfg, [name_ids, relation_ids], val_data=val_data, history=history)
     save_model_dir(model, tokenizer, out_dir)
     report = {"model": asdict(model_cfg), "sft": asdict(sft_cfg), "policy": asdict(policy_cfg),
               "num_names": len(names), "num_single_token_names": len(name_ids),
-              "relations": relations, "num_single_token_relations": len(relation_ids), "num_trajectories": len(data), "response_width": int(data.batch["responses"].shape[1]),
+              "relations": relations, "num_single_token_relations": len(relation_ids), "num_trajectories": len(data),
+              "num_val_trajectories": len(val_data) if val_data is not None else 0, "sft_steps_run": len(losses),
+              "copy_acc_history": history, "response_width": int(data.batch["responses"].shape[1]),
               "first_losses": losses[:5], "last_losses": losses[-5:], "collect_s": round(t_collect, 1),
               "total_s": round(time.perf_counter() - t0, 1), "out": out_dir}
     with open(os.path.join(out_dir, "warm_start.json"), "w") as f:
@@ -256,6 +307,9 @@ def main(argv: list[str] | None = None) -> dict:
                    help="probability of copying the top-ranked passage's name (else the second-ranked one's)")
     p.add_argument("--premature_answer_prob", type=float, default=ScriptedPolicyConfig.premature_answer_prob,
                    help="probability of answering with the name just read instead of searching the next hop")
+    p.add_argument("--stop_copy_acc", type=float, default=SFTConfig.stop_copy_acc,
+                   help="stop SFT once held-out copy accuracy (names and relations) reaches this (0: run all steps)")
+    p.add_argument("--min_sft_steps", type=int, default=SFTConfig.min_steps)
     p.add_argument("--no_permute_names", action="store_true",
                    help="train on the trajectories as collected (default: rename the people per sample)")
     p.add_argument("--hidden_size", type=int, default=TinyModelConfig.hidden_size)
@@ -272,7 +326,8 @@ def main(argv: list[str] | None = None) -> dict:
                         TinyModelConfig(vocab_size=a.vocab_size, hidden_size=a.hidden_size, num_layers=a.num_layers,
                                         seed=a.seed),
                         SFTConfig(steps=a.sft_steps, batch_size=a.sft_batch_size, lr=a.lr, seed=a.seed,
-                                  permute_names=not a.no_permute_names),
+                                  permute_names=not a.no_permute_names, stop_copy_acc=a.stop_copy_acc,
+                                  min_steps=a.min_sft_steps),
                         ScriptedPolicyConfig(copy_correct_prob=a.copy_correct_prob,
                                              premature_answer_prob=a.premature_answer_prob, seed=a.seed), agent_cfg,
                         max_samples=a.max_samples)

@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from stepsearch.envs.warmstart import (SFTConfig, permute_token_groups, run_sft, sft_loss_mask, sft_step_loss,
+from stepsearch.envs.warmstart import (SFTConfig, copy_accuracy, permute_token_groups, run_sft, sft_loss_mask, sft_step_loss,
                                       single_token_ids)
 from verl.protocol import DataProto
 from verl.utils.tiny_model import build_tiny_causal_lm, build_tokenizer
@@ -49,6 +49,53 @@ def test_single_token_ids_keeps_only_words_that_are_one_token_after_a_space():
     tok = build_tokenizer(["the mother of Kiba is Nathi"] * 50, vocab_size=300)
     ids = single_token_ids(tok, ["Kiba", "mother", "Zzqxwv"])                 # Zzqxwv never seen: split in pieces
     assert ids == sorted({tok(" Kiba")["input_ids"][0], tok(" mother")["input_ids"][0]})
+
+
+def _constant_batch(rows=4):
+    # every row: prompt [1, 2, 3] then the response [4, 5, 6, 7] (all policy tokens)
+    prompts, responses = torch.tensor([[1, 2, 3]] * rows), torch.tensor([[4, 5, 6, 7]] * rows)
+    ones = torch.ones(rows, 7, dtype=torch.long)
+    return DataProto.from_dict(tensors={
+        "prompts": prompts, "responses": responses, "response_mask": torch.ones(rows, 4, dtype=torch.long),
+        "input_ids": torch.cat([prompts, responses], 1), "attention_mask": ones,
+        "position_ids": torch.arange(7).repeat(rows, 1)})
+
+
+def test_copy_accuracy_matches_a_slow_loop_over_group_tokens():
+    tok = build_tokenizer(["a b c d e f g h"], vocab_size=300)
+    model = build_tiny_causal_lm(tok, hidden_size=16, num_layers=1, num_heads=2, seed=3)
+    b = _toy_batch()
+    groups = [torch.tensor([11, 14, 16]), torch.tensor([12, 15]), torch.tensor([99])]
+    acc = copy_accuracy(model, b, groups, batch_size=1)
+    logits = model(input_ids=b.batch["input_ids"], attention_mask=b.batch["attention_mask"],
+                   position_ids=b.batch["position_ids"]).logits
+    mask = sft_loss_mask(b)
+    for k, group in enumerate(groups[:2]):
+        hits = total = 0
+        for i in range(2):
+            for t in range(1, 7):
+                token = int(b.batch["input_ids"][i, t])
+                if mask[i, t] and token in group.tolist():
+                    total += 1
+                    hits += int(logits[i, t - 1].argmax()) == token
+        # group 0 occurs at the policy tokens 14 and 16 (11 is masked out), group 1 at 12 only (15 is masked)
+        assert total == (2 if k == 0 else 1) and acc[k] == hits / total
+    assert math.isnan(acc[2])                                                   # never occurs
+
+
+def test_sft_stops_once_held_out_copy_accuracy_is_reached():
+    tok = build_tokenizer(["a b c d e f g h"], vocab_size=300)
+    model = build_tiny_causal_lm(tok, hidden_size=16, num_layers=1, num_heads=2, seed=0)
+    data = _constant_batch()
+    history = []
+    cfg = SFTConfig(steps=400, batch_size=4, lr=1e-2, permute_names=False, stop_copy_acc=1.0, min_steps=10,
+                    eval_every=10)
+    losses = run_sft(model, data, cfg, permute_groups=[[6, 7]], val_data=data, history=history)
+    assert [h["step"] for h in history] == list(range(10, len(losses) + 1, 10))
+    assert history[-1]["copy_acc"] == [1.0] and all(h["copy_acc"] != [1.0] for h in history[:-1])
+    assert len(losses) < 400 and len(losses) == history[-1]["step"]            # stopped at the first check that passed
+    with pytest.raises(ValueError, match="stop_copy_acc"):
+        SFTConfig(stop_copy_acc=1.5)
 
 
 def test_sft_loss_matches_a_slow_loop():
