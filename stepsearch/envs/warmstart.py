@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from transformers import AutoTokenizer
+
 from verl.protocol import DataProto
 from verl.utils.tiny_model import build_tiny_causal_lm, build_tokenizer
 
@@ -119,13 +121,26 @@ def permute_token_groups(input_ids: torch.Tensor, groups: list[torch.Tensor], ge
     return mapping.gather(1, input_ids)
 
 
+def after_first_observation_mask(data: DataProto) -> torch.Tensor:
+    """(B, L) bool: True from the first observation token (an <information> block) of each row's response on."""
+    prompts, response_mask = data.batch["prompts"], data.batch["response_mask"]
+    P = prompts.shape[1]
+    observation = (data.batch["attention_mask"][:, P:] == 1) & (response_mask == 0)     # (B, T)
+    return torch.cat([torch.zeros_like(prompts, dtype=torch.bool), observation.cumsum(1) > 0], dim=1)
+
+
 @torch.no_grad()
-def copy_accuracy(model, data: DataProto, groups: list[torch.Tensor], batch_size: int = 64) -> list[float]:
+def copy_accuracy(model, data: DataProto, groups: list[torch.Tensor], after_observation: list[bool] | None = None,
+                  batch_size: int = 64) -> list[float]:
     """Teacher-forced greedy accuracy on the policy's own tokens that belong to each id group (N_g,): for every
-    group, the share of its tokens in the response actions that argmax(logits) predicts (nan if none occur)."""
+    group, the share of its tokens in the response actions that argmax(logits) predicts (nan if none occur).
+    `after_observation[k]` counts only group k's tokens after the first <information> block: for names, the ones
+    copied out of retrieved passages rather than out of the question."""
+    after_observation = after_observation or [False] * len(groups)
     was_training = model.training
     model.eval()
-    loss_mask = sft_loss_mask(data)
+    loss_mask = sft_loss_mask(data).bool()
+    after = after_first_observation_mask(data)
     hits, counts = [0] * len(groups), [0] * len(groups)
     for start in range(0, len(data), batch_size):
         sl = slice(start, start + batch_size)
@@ -133,9 +148,11 @@ def copy_accuracy(model, data: DataProto, groups: list[torch.Tensor], batch_size
         logits = model(input_ids=ids, attention_mask=data.batch["attention_mask"][sl],
                        position_ids=data.batch["position_ids"][sl]).logits
         predicted, target = logits[:, :-1].argmax(-1), ids[:, 1:]                   # (B, L-1)
-        action = loss_mask[sl, 1:].bool()
+        action = loss_mask[sl, 1:]
         for k, group in enumerate(groups):
             in_group = action & torch.isin(target, group)
+            if after_observation[k]:
+                in_group &= after[sl, 1:]
             hits[k] += int((in_group & (predicted == target)).sum())
             counts[k] += int(in_group.sum())
     model.train(was_training)
@@ -147,8 +164,9 @@ def run_sft(model, data: DataProto, cfg: SFTConfig, permute_groups: list[list[in
     """Supervised fine-tuning on rollout trajectories (loss on generated tokens only); returns per-step losses.
     With cfg.permute_names, each sampled trajectory gets its own relabelling of every id group in `permute_groups`
     (the world's single-token names, its relations). With `val_data` and cfg.stop_copy_acc > 0 it stops once
-    `copy_accuracy` on val_data reaches cfg.stop_copy_acc for every group; each check is appended to `history`
-    as {"step", "copy_acc"}."""
+    `copy_accuracy` on val_data reaches cfg.stop_copy_acc for every group, counting the first group (the names)
+    only after the first <information> block (copying out of passages is the skill that forms late; copying the
+    start entity out of the question forms first); each check is appended to `history` as {"step", "copy_acc"}."""
     g = torch.Generator().manual_seed(cfg.seed)
     groups = [torch.tensor(ids, dtype=torch.long) for ids in permute_groups if len(ids) > 1]
     permute = cfg.permute_names and bool(groups)
@@ -174,12 +192,13 @@ def run_sft(model, data: DataProto, cfg: SFTConfig, permute_groups: list[list[in
         done = step + 1
         if val_data is not None and groups and cfg.stop_copy_acc > 0 and done >= cfg.min_steps \
                 and done % cfg.eval_every == 0:
-            acc = copy_accuracy(model, val_data, groups)
+            acc = copy_accuracy(model, val_data, groups, after_observation=[k == 0 for k in range(len(groups))])
             if history is not None:
                 history.append({"step": done, "copy_acc": [round(a, 4) for a in acc]})
-            logger.info("sft step %d held-out copy accuracy %s (stop at %.2f)", done,
+            logger.info("sft step %d held-out copy accuracy (names from passages, relations) %s (stop at %.2f)", done,
                         " ".join(f"{a:.3f}" for a in acc), cfg.stop_copy_acc)
-            if all(a >= cfg.stop_copy_acc for a in acc if a == a):
+            measured = [a for a in acc if a == a]                                  # nan: the group never occurs
+            if measured and all(a >= cfg.stop_copy_acc for a in measured):
                 break
     model.eval()
     return losses
@@ -269,6 +288,11 @@ def warm_start(world_dir: str, retriever_url: str, out_dir: str, model_cfg: Tiny
     torch.manual_seed(sft_cfg.seed)
     t0 = time.perf_counter()
     tokenizer, model = build_demo_model(world_texts(world_dir), model_cfg)
+    # Use the tokenizer exactly as every later stage (eval, trainer, rollout) loads it: AutoTokenizer on the saved
+    # folder builds a Qwen2Tokenizer, whose pre-tokenizer splits digits ("Doc 1" is 3 tokens there, 2 in the
+    # freshly built one). SFT data tokenized the other way put every <information> block a token off at eval time.
+    save_model_dir(model, tokenizer, out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(out_dir)
     data = collect_scripted_rollouts(os.path.join(world_dir, "train.parquet"), tokenizer, retriever_url, agent_cfg,
                                      policy_cfg, max_prompt_length, max_samples=max_samples)
     t_collect = time.perf_counter() - t0

@@ -19,7 +19,10 @@ _ARTICLES = re.compile(r"\b(a|an|the)\b")
 # ASCII punctuation; a regex deletion is ~3x faster than str.translate with a deletion table.
 PUNCT_RE = re.compile("[" + re.escape(string.punctuation) + "]")
 # Non-greedy, across newlines (SPEC §1.3). Tags are matched literally.
-_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+# an answer span never contains another "<answer>": in "<answer> A </think><answer> B </answer>" the last answer is
+# " B " (a hedging policy that opens a second answer inside the first is scored on its last answer only, not on
+# the token overlap of both candidates)
+_ANSWER_RE = re.compile(r"<answer>((?:(?!<answer>).)*?)</answer>", re.DOTALL)
 _SEARCH_RE = re.compile(r"<search>(.*?)</search>", re.DOTALL)
 # End-of-turn markers a decoder may leave at the very end of a response; they count as whitespace for the gate.
 _TRAILING_END_MARKERS = ("<|im_end|>", "<|endoftext|>")

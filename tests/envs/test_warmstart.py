@@ -52,11 +52,11 @@ def test_single_token_ids_keeps_only_words_that_are_one_token_after_a_space():
 
 
 def _constant_batch(rows=4):
-    # every row: prompt [1, 2, 3] then the response [4, 5, 6, 7] (all policy tokens)
+    # every row: prompt [1, 2, 3] then the response [4, 5, 6, 7]; 5 is an observation token, the rest policy tokens
     prompts, responses = torch.tensor([[1, 2, 3]] * rows), torch.tensor([[4, 5, 6, 7]] * rows)
     ones = torch.ones(rows, 7, dtype=torch.long)
     return DataProto.from_dict(tensors={
-        "prompts": prompts, "responses": responses, "response_mask": torch.ones(rows, 4, dtype=torch.long),
+        "prompts": prompts, "responses": responses, "response_mask": torch.tensor([[1, 0, 1, 1]] * rows),
         "input_ids": torch.cat([prompts, responses], 1), "attention_mask": ones,
         "position_ids": torch.arange(7).repeat(rows, 1)})
 
@@ -67,19 +67,26 @@ def test_copy_accuracy_matches_a_slow_loop_over_group_tokens():
     b = _toy_batch()
     groups = [torch.tensor([11, 14, 16]), torch.tensor([12, 15]), torch.tensor([99])]
     acc = copy_accuracy(model, b, groups, batch_size=1)
+    acc_after = copy_accuracy(model, b, groups, after_observation=[True, True, False])
     logits = model(input_ids=b.batch["input_ids"], attention_mask=b.batch["attention_mask"],
                    position_ids=b.batch["position_ids"]).logits
     mask = sft_loss_mask(b)
-    for k, group in enumerate(groups[:2]):
-        hits = total = 0
-        for i in range(2):
-            for t in range(1, 7):
-                token = int(b.batch["input_ids"][i, t])
-                if mask[i, t] and token in group.tolist():
-                    total += 1
-                    hits += int(logits[i, t - 1].argmax()) == token
-        # group 0 occurs at the policy tokens 14 and 16 (11 is masked out), group 1 at 12 only (15 is masked)
-        assert total == (2 if k == 0 else 1) and acc[k] == hits / total
+    # first observation token (response_mask 0 inside the attended response): row 0 at t=4, row 1 at t=5
+    first_observation = [4, 5]
+    for after, expected_totals, got in ((False, [2, 1], acc), (True, [1, 1], acc_after)):
+        for k, group in enumerate(groups[:2]):
+            hits = total = 0
+            for i in range(2):
+                for t in range(1, 7):
+                    token = int(b.batch["input_ids"][i, t])
+                    if mask[i, t] and token in group.tolist() and (not after or t > first_observation[i]):
+                        total += 1
+                        hits += int(logits[i, t - 1].argmax()) == token
+            # group 0 occurs at the policy tokens 14 (row 1, t=4) and 16 (row 1, t=6, after the observation at t=5;
+            # 11 is itself an observation), group 1 at 12 (row 0, t=5, after that row's observation 11 at t=4; 15
+            # is an observation)
+            assert total == expected_totals[k]
+            assert (math.isnan(got[k]) if total == 0 else got[k] == hits / total)
     assert math.isnan(acc[2])                                                   # never occurs
 
 

@@ -52,6 +52,9 @@ def test_extract_answer_takes_last_block_across_newlines():
     text = "<think>x</think><answer> first </answer> more <answer>\n second\nline </answer>"
     assert extract_answer(text) == "second\nline"
     assert extract_answer("<answer>unclosed") is None
+    # a second answer opened inside the first: only the last opened one counts (no credit for hedging)
+    assert extract_answer("<answer> Bivix </think><answer> Zorai </answer>") == "Zorai"
+    assert check_format("<answer> Bivix </think><answer> Zorai </answer>")
     assert extract_answer("no tags") is None
 
 
