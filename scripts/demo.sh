@@ -5,7 +5,7 @@
 #   -> held-out eval (before) -> StePPO (verl.trainer.main_ppo, configs/cpu_demo.yaml) -> held-out eval (after)
 #   -> learning-curve PNG + trajectory viewer HTML.
 # Everything it starts (redis-server, the retrieval server) is stopped on exit, also on failure or Ctrl-C.
-# Knobs (environment): DEMO_OUT (runs/demo), DEMO_SEED (0), DEMO_STEPS (40), DEMO_SFT_STEPS (3000, at most), DEMO_THREADS (1),
+# Knobs (environment): DEMO_OUT (runs/demo), DEMO_SEED (0), DEMO_STEPS (30), DEMO_SFT_STEPS (3000, at most), DEMO_THREADS (1),
 # DEMO_NUM_TRAIN (800), DEMO_NUM_TEST (100), DEMO_HOPS (2:1, i.e. 2-hop questions only; 2:0.5,3:0.3,4:0.2 is the
 # world's default mix), DEMO_NUM_ENTITIES (240: a world of N people has at most 4N distinct 2-hop questions),
 # DEMO_PREMATURE (0.6, the scripted searcher's premature-answer probability),
@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 OUT=${DEMO_OUT:-runs/demo}
 SEED=${DEMO_SEED:-0}
-STEPS=${DEMO_STEPS:-40}
+STEPS=${DEMO_STEPS:-30}
 SFT_STEPS=${DEMO_SFT_STEPS:-3000}
 # One intra-op thread per process: on a small or shared machine, torch's default thread pool oversubscribes the
 # cores (a tiny-model step measured 4-6x slower with 2 threads than with 1 under load). DEMO_THREADS=2 on an idle box.
