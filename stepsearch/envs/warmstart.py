@@ -256,17 +256,15 @@ def world_texts(world_dir: str) -> list[str]:
 
 def world_vocabulary(world_dir: str) -> tuple[list[str], list[str]]:
     """(people, relations) of a written world: a passage's title is its subject, its text "The R of S is O."."""
-    import re
+    from stepsearch.envs.scripted import _DOC_RE
+    from stepsearch.search.corpus import iter_passages
 
     names, relations = set(), set()
-    with open(os.path.join(world_dir, "corpus.jsonl")) as f:
-        for line in f:
-            if line.strip():
-                row = json.loads(line)
-                names.add(row["title"])
-                m = re.match(r"The (\w+) of ", row["text"])
-                if m:
-                    relations.add(m.group(1))
+    for passage in iter_passages(os.path.join(world_dir, "corpus.jsonl")):
+        names.add(passage.title)
+        fact = _DOC_RE.match(passage.text)
+        if fact:
+            relations.add(fact.group(1))
     return sorted(names), sorted(relations)
 
 
