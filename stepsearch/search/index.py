@@ -127,13 +127,20 @@ class SearchResult:
 class DenseRetriever:
     """FAISS inner-product search over L2-normalized embeddings (score = cosine, as Search-R1)."""
 
-    def __init__(self, index_path: Path, encoder):
+    def __init__(self, index_path: Path, encoder, gpu: bool = False, gpu_storage: str = "fp16"):
         import faiss
 
         self.index = faiss.read_index(str(index_path))
         self.encoder = encoder
         if self.index.d != encoder.dim:
             raise IndexLoadError(f"{index_path}: index dim {self.index.d} != encoder dim {encoder.dim}")
+        if gpu:  # flat index -> every visible GPU, `gpu_storage` vectors (gpu_index.TorchFlatIndex, same search API)
+            from stepsearch.search.gpu_index import TorchFlatIndex
+
+            try:
+                self.index = TorchFlatIndex.from_faiss(self.index, storage=gpu_storage)
+            except ValueError as exc:
+                raise IndexLoadError(f"{index_path}: {exc}") from None
         self.guard_queries = self.guard_fallbacks = 0  # mode="guarded": queries seen / re-encoded in fp32
 
     def search(self, queries: list[str], topk: int) -> SearchResult:
@@ -259,6 +266,8 @@ class LoadOptions:
     corpus: str | None = None  # if given, must match the manifest's corpus sha256
     guard_eps: float | None = None  # encoder_mode guarded/fast: None = the model's calibrated value
     guard_order: bool = False  # guarded: keep the fp32 top-k order too, not only the set
+    faiss_gpu: bool = False  # dense index on every visible GPU (flat indexes; Search-R1's --faiss_gpu)
+    gpu_storage: str = "fp16"  # faiss_gpu: vector storage on the GPU (fp16 | bf16 | fp32)
 
 
 @dataclass
@@ -292,7 +301,7 @@ def load_index(index_dir: str | os.PathLike, opts: LoadOptions = LoadOptions()) 
     if method in ("dense", "hybrid"):
         encoder = encoder_from_manifest(manifest, opts.encoder, mode, opts.device,
                                         guard_eps=opts.guard_eps, guard_order=opts.guard_order)
-        dense = DenseRetriever(index_dir / DENSE_INDEX, encoder)
+        dense = DenseRetriever(index_dir / DENSE_INDEX, encoder, gpu=opts.faiss_gpu, gpu_storage=opts.gpu_storage)
         if dense.index.ntotal != len(corpus):
             raise IndexLoadError(f"{index_dir}: FAISS index holds {dense.index.ntotal} vectors for {len(corpus)} "
                               "passages; rebuild the index")

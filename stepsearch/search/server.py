@@ -64,6 +64,10 @@ class ServerConfig:
     guard_eps: float | None = None  # guarded: score gap that triggers the fp32 fallback (None: calibrated value)
     guard_order: bool = False  # guarded: also keep the fp32 top-k order, not only the id set
     device: str = "cpu"
+    # dense flat index on every visible GPU (Search-R1's --faiss_gpu), vectors stored as gpu_storage (fp16 halves
+    # wiki-18/e5 to 32 GB); see gpu_index.TorchFlatIndex
+    faiss_gpu: bool = False
+    gpu_storage: str = "fp16"
     corpus: str | None = None  # if given, must match the manifest's corpus sha256
     redis_url: str | None = None
     cache_ttl_s: int = 7 * 24 * 3600
@@ -101,6 +105,8 @@ class ServerConfig:
                      "gil_switch_interval_ms"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"[server] --{name} must be positive, got {getattr(self, name)}")
+        if self.gpu_storage not in ("fp16", "bf16", "fp32"):
+            raise ValueError(f"[server] --gpu_storage must be fp16, bf16 or fp32, got {self.gpu_storage!r}")
         if self.torch_threads < 0:
             raise ValueError(f"[server] --torch_threads must be >= 0, got {self.torch_threads}")
         if self.default_topk > self.max_topk:
@@ -240,7 +246,8 @@ def open_backend(cfg: ServerConfig):
     loaded = load_index(cfg.index_dir, LoadOptions(method=cfg.method, encoder=cfg.encoder,
                                                    encoder_mode=cfg.encoder_mode, device=cfg.device,
                                                    corpus=cfg.corpus, guard_eps=cfg.guard_eps,
-                                                   guard_order=cfg.guard_order))
+                                                   guard_order=cfg.guard_order, faiss_gpu=cfg.faiss_gpu,
+                                                   gpu_storage=cfg.gpu_storage))
     if loaded.method != "bm25" and cfg.torch_threads > 0:
         import torch
 
@@ -544,7 +551,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
     p.add_argument("--guard_eps", type=float, help="guarded mode: bf16 score gap below which a query is re-encoded "
                                                    "in fp32 (default: the model's calibrated value)")
     p.add_argument("--guard_order", action="store_true", help="guarded mode: keep fp32's top-k order, not only its set")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="query encoder device: cpu or cuda[:N]")
+    p.add_argument("--faiss_gpu", action="store_true", help="put the dense (flat) index on every visible GPU")
+    p.add_argument("--gpu_storage", default="fp16", choices=("fp16", "bf16", "fp32"),
+                   help="--faiss_gpu: how the vectors are stored on the GPU")
     p.add_argument("--corpus", help="corpus file; refuse to start unless it matches the manifest's sha256")
     p.add_argument("--redis_url", help="e.g. redis://127.0.0.1:6379/0; omit for the in-process LRU only")
     p.add_argument("--cache_ttl_s", type=int, default=d["cache_ttl_s"].default)
@@ -572,7 +582,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
     a = p.parse_args(argv)
     cfg = ServerConfig(index_dir=a.index_dir, online=a.online, host=a.host, port=a.port, method=a.method,
                        encoder=a.encoder, encoder_mode=a.encoder_mode, guard_eps=a.guard_eps,
-                       guard_order=a.guard_order, device=a.device, corpus=a.corpus, fast_lane=not a.no_fast_lane,
+                       guard_order=a.guard_order, device=a.device, faiss_gpu=a.faiss_gpu,
+                       gpu_storage=a.gpu_storage, corpus=a.corpus, fast_lane=not a.no_fast_lane,
                        warm_up=not a.no_warm_up,
                        redis_url=a.redis_url, cache_ttl_s=a.cache_ttl_s, lru_size=a.lru_size,
                        cache_normalization=a.cache_normalization, default_topk=a.default_topk, max_topk=a.max_topk,

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Every GPU check in one command, for a lent single-GPU machine with torch + transformers and no network:
+#   1. bench/retrieval_gpu.py run: e5-sized fp16 encoder, flat index on the GPU, queries/s at batch 512, top-3
+#      agreement with exact fp32 (needs `bench/retrieval_gpu.py prepare --dir .gpu/retrieval` run beforehand on a
+#      machine with the shared data, FAISS and the bundled MiniLM)
+#   2. scripts/gpu_smoke.sh: two StePPO steps on the GPU, a checkpoint, a resume
+#
+#   bash scripts/gpu_checks.sh OUT_DIR        (pure-python wheels in .whl/ are installed to /tmp/site first)
+# Results land in OUT_DIR: retrieval_gpu.json + .log, gpu_smoke.log. Turn the JSON into bench/results/retrieval.md's
+# `gpu` section with `python bench/retrieval_gpu.py report --json OUT_DIR/retrieval_gpu.json`.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR="${1:?usage: bash scripts/gpu_checks.sh OUT_DIR}"
+mkdir -p "$OUT_DIR"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+PY=python3
+if compgen -G ".whl/*.whl" >/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT_DIR/gpu.txt"
+status=0
+echo "== retrieval (bench/retrieval_gpu.py run)"
+timeout "${RETRIEVAL_TIMEOUT_S:-300}" "$PY" bench/retrieval_gpu.py run --dir .gpu/retrieval \
+  --out "$OUT_DIR/retrieval_gpu.json" 2>&1 | grep -v -e "Loading weights" -e "Writing model" \
+  | tee "$OUT_DIR/retrieval_gpu.log" || status=1
+echo "== trainer (scripts/gpu_smoke.sh)"
+timeout "${SMOKE_TIMEOUT_S:-240}" bash scripts/gpu_smoke.sh --out /tmp/gpu_smoke --device cuda 2>&1 \
+  | grep -v -e "Loading weights" | tail -60 | tee "$OUT_DIR/gpu_smoke.log" || status=1
+echo "gpu_checks: exit $status"
+exit $status
