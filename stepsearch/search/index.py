@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,6 +143,7 @@ class DenseRetriever:
             except ValueError as exc:
                 raise IndexLoadError(f"{index_path}: {exc}") from None
         self.guard_queries = self.guard_fallbacks = 0  # mode="guarded": queries seen / re-encoded in fp32
+        self._stats_lock = threading.Lock()  # search_first runs on several bf16 worker threads in the server
 
     def search(self, queries: list[str], topk: int) -> SearchResult:
         if self.encoder.config.mode == "guarded":  # bf16 pass + fp32 fallback (encoders.guarded_search)
@@ -156,8 +158,9 @@ class DenseRetriever:
         from stepsearch.search.encoders import guarded_first_pass
 
         first = guarded_first_pass(self.encoder, self._search_arrays, queries, topk)
-        self.guard_queries += len(queries)
-        self.guard_fallbacks += int(first.fallback.sum())
+        with self._stats_lock:
+            self.guard_queries += len(queries)
+            self.guard_fallbacks += int(first.fallback.sum())
         return first
 
     def search_fallback(self, queries: list[str], topk: int, first) -> SearchResult:
@@ -166,6 +169,10 @@ class DenseRetriever:
 
         res = guarded_fallback_pass(self.encoder, self._search_arrays, queries, topk, first)
         return SearchResult(res.ids, res.scores)
+
+    def search_exact(self, queries: list[str], topk: int) -> SearchResult:
+        """mode="guarded": the fp32 (`sorted`) encode + search of `queries`, as the fallback pass runs it."""
+        return self.search_embeddings(self.encoder.encode_queries(queries), topk)
 
     def search_embeddings(self, emb: np.ndarray, topk: int) -> SearchResult:
         scores, ids = self.index.search(np.ascontiguousarray(emb, dtype=np.float32), topk)  # (N, k) each

@@ -40,10 +40,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr
 
-from stepsearch.search.batcher import BatcherConfig, MicroBatcher
+from stepsearch.search.batcher import BatcherConfig, GuardedPipelineBatcher, MicroBatcher
 from stepsearch.search.cache import CacheConfig, RetrievalCache
 from stepsearch.search.client import DEFAULT_MAX_QUERY_CHARS, TOKEN_ENV
-from stepsearch.search.index import IndexLoadError, LoadedIndex, LoadOptions, load_index
+from stepsearch.search.index import DenseRetriever, IndexLoadError, LoadedIndex, LoadOptions, load_index
 from stepsearch.search.online import SerperBackend, SerperConfig, UpstreamError
 
 logger = logging.getLogger("stepsearch.search.server")
@@ -80,6 +80,12 @@ class ServerConfig:
     max_batch_queries: int = 256
     max_wait_ms: float = 2.0
     coalesce: bool = True
+    # guarded mode: run the bf16 pass and the fp32 fallback pass on two owner threads at once
+    # (batcher.GuardedPipelineBatcher); off: both on one thread, one after the other
+    guard_pipeline: bool = True
+    # guarded pipeline: threads running the bf16 pass (1 torch thread each, plus the fp32 thread); 2 measured best
+    # on the 2-core machine (bench/results/retrieval.md); on a dedicated many-core node give it more
+    guard_workers: int = 2
     # torch intra-op threads for query encoding; 0 leaves torch alone (it follows OMP_NUM_THREADS). 1 keeps small
     # query batches fast when the node's cores are shared with the trainer/rollout (oversubscribed OpenMP threads
     # stall each other). The CLI default is 1 unless OMP_NUM_THREADS is set, which then wins.
@@ -105,6 +111,8 @@ class ServerConfig:
                      "gil_switch_interval_ms"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"[server] --{name} must be positive, got {getattr(self, name)}")
+        if self.guard_workers <= 0:
+            raise ValueError(f"[server] --guard_workers must be positive, got {self.guard_workers}")
         if self.gpu_storage not in ("fp16", "bf16", "fp32"):
             raise ValueError(f"[server] --gpu_storage must be fp16, bf16 or fp32, got {self.gpu_storage!r}")
         if self.torch_threads < 0:
@@ -156,14 +164,25 @@ def validate_request(req: RetrieveRequest, cfg: ServerConfig) -> tuple[list[str]
 class LocalBackend:
     """A local index searched on one owner thread; rows come from the memory-mapped corpus table."""
 
-    def __init__(self, loaded: LoadedIndex, batcher_cfg: BatcherConfig):
+    def __init__(self, loaded: LoadedIndex, batcher_cfg: BatcherConfig, guard_pipeline: bool = True,
+                 guard_workers: int = 2):
         self.loaded = loaded
         self.identity = loaded.identity
         self.batcher_cfg = batcher_cfg
+        self.guard_pipeline, self.guard_workers = guard_pipeline, guard_workers
         self.batcher: MicroBatcher | None = None
 
     def start(self) -> None:
-        self.batcher = MicroBatcher(self.search_ids, self.batcher_cfg)
+        dense = self.loaded.retriever
+        if self.guard_pipeline and isinstance(dense, DenseRetriever) and dense.encoder.config.mode == "guarded":
+            def fallback(queries: list[str], topk: int):
+                res = dense.search_exact(queries, topk)
+                return res.ids, res.scores
+
+            self.batcher = GuardedPipelineBatcher(dense.search_first, fallback, self.batcher_cfg,
+                                                  first_workers=self.guard_workers)
+        else:
+            self.batcher = MicroBatcher(self.search_ids, self.batcher_cfg)
 
     def search_ids(self, queries: list[str], topk: int) -> tuple[np.ndarray, np.ndarray]:
         """(N,) queries -> ids (N, topk) int64, scores (N, topk) float32. Runs on the owner thread only."""
@@ -204,7 +223,12 @@ class LocalBackend:
             return {"batches": 0}
         search_ms = np.asarray(self.batcher.batch_ms, dtype=np.float64)
         guard = getattr(self.loaded.retriever, "guard_stats", lambda: None)()  # guarded mode: fp32 fallbacks
-        return {**({"guard": guard} if guard else {}), "batches": self.batcher.num_batches,
+        pipeline = {}
+        if isinstance(self.batcher, GuardedPipelineBatcher):  # the fp32 owner thread's share of the work
+            fb = np.asarray(self.batcher.fallback_batch_sizes, dtype=np.float64)
+            pipeline = {"pipeline": {"fallback_batches": int(fb.size), "fallback_queries": int(fb.sum()),
+                                     "fallback_busy_s": self.batcher.fallback_busy_s}}
+        return {**({"guard": guard} if guard else {}), **pipeline, "batches": self.batcher.num_batches,
                 "mean": float(sizes.mean()), "p50": float(np.median(sizes)), "max": int(sizes.max()),
                 "search_ms_p50": float(np.percentile(search_ms, 50)),
                 "search_ms_p99": float(np.percentile(search_ms, 99)), "busy_s": self.batcher.busy_s,
@@ -252,7 +276,8 @@ def open_backend(cfg: ServerConfig):
         import torch
 
         torch.set_num_threads(cfg.torch_threads)
-    return LocalBackend(loaded, BatcherConfig(cfg.max_batch_queries, cfg.max_wait_ms, cfg.coalesce))
+    return LocalBackend(loaded, BatcherConfig(cfg.max_batch_queries, cfg.max_wait_ms, cfg.coalesce),
+                        guard_pipeline=cfg.guard_pipeline, guard_workers=cfg.guard_workers)
 
 
 # ---------------------------------------------------------------- the service (the work behind /retrieve)
@@ -567,6 +592,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
     p.add_argument("--max_batch_queries", type=int, default=d["max_batch_queries"].default)
     p.add_argument("--max_wait_ms", type=float, default=d["max_wait_ms"].default)
     p.add_argument("--no_coalesce", action="store_true", help="run each request alone (benchmark baseline)")
+    p.add_argument("--no_guard_pipeline", action="store_true",
+                   help="guarded mode: run the fp32 fallback on the same thread as the bf16 pass")
+    p.add_argument("--guard_workers", type=int, default=d["guard_workers"].default,
+                   help="guarded mode: threads running the bf16 pass (the fp32 fallback has its own)")
     p.add_argument("--request_timeout_s", type=float, default=d["request_timeout_s"].default)
     p.add_argument("--no_fast_lane", action="store_true", help="serve /retrieve through FastAPI only (slower)")
     p.add_argument("--no_warm_up", action="store_true", help="guarded mode: skip the bf16 shape warm-up at start-up")
@@ -589,6 +618,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
                        cache_normalization=a.cache_normalization, default_topk=a.default_topk, max_topk=a.max_topk,
                        max_queries=a.max_queries, max_query_chars=a.max_query_chars,
                        max_batch_queries=a.max_batch_queries, max_wait_ms=a.max_wait_ms, coalesce=not a.no_coalesce,
+                       guard_pipeline=not a.no_guard_pipeline, guard_workers=a.guard_workers,
                        request_timeout_s=a.request_timeout_s, gil_switch_interval_ms=a.gil_switch_interval_ms,
                        torch_threads=a.torch_threads,
                        token=os.environ.get(a.token_env) or None, serper_api_key=a.serper_api_key,

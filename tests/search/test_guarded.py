@@ -123,7 +123,7 @@ def test_near_tie_takes_the_fp32_fallback(guarded):
 def test_calibrate_guard_eps_matches_a_slow_loop(guarded, flat, questions):
     passages = flat.reconstruct_n(0, flat.ntotal)  # (1000, 384)
     qs = questions[::5]  # 60 real questions
-    cal = calibrate_guard_eps(guarded, passages, qs, topk=3, depth=10, quantile=0.5, safety=2.0)
+    cal = calibrate_guard_eps(guarded, passages, qs, topk=3, depth=10, max_disagree=None, quantile=0.5, safety=2.0)
     q16, q32 = guarded.encode_queries_bf16(qs), guarded.encode_queries(qs)
     errs = []
     for i in range(len(qs)):  # slow reference: plain loops over the bf16 ranking
@@ -137,6 +137,26 @@ def test_calibrate_guard_eps_matches_a_slow_loop(guarded, flat, questions):
     assert cal["pair_err"]["max"] < cal["norm_bound"]["0.5"]
     # the shipped MiniLM value covers the bulk of this sample's errors too
     assert np.mean(np.array(errs) < GUARD_EPS[MINILM_NAME]) >= 0.95
+
+
+def test_calibrate_max_disagree_rule_matches_a_slow_loop(guarded, flat, questions):
+    """eps = the smallest bf16 gap g (or 0) with share(g <= gap < err) <= max_disagree, err and gap by plain loops."""
+    passages = flat.reconstruct_n(0, flat.ntotal)
+    qs = questions[::4]  # 75 real questions
+    cal = calibrate_guard_eps(guarded, passages, qs, topk=3, depth=10, max_disagree=0.02)
+    q16, q32 = guarded.encode_queries_bf16(qs), guarded.encode_queries(qs)
+    gaps, errs = [], []
+    for i in range(len(qs)):
+        s16, s32 = passages @ q16[i], passages @ q32[i]
+        ranked = sorted(range(len(passages)), key=lambda p: -s16[p])[:10]
+        gaps.append(float(s16[ranked[2]]) - float(s16[ranked[3]]))
+        errs.append(max(abs((s16[a] - s16[b]) - (s32[a] - s32[b])) for a in ranked[:3] for b in ranked[3:]))
+    share = lambda e: sum(e <= g < r for g, r in zip(gaps, errs)) / len(qs)  # noqa: E731
+    want = min(g for g in [0.0] + gaps if share(g) <= 0.02)
+    assert cal["rule"] == "max_disagree" and cal["eps"] == pytest.approx(want, abs=1e-6)
+    assert cal["could_disagree"] <= 0.02 and cal["fallback_rate"] == pytest.approx(np.mean(np.array(gaps) < want))
+    with pytest.raises(ValueError, match="exactly one of max_disagree and quantile"):
+        calibrate_guard_eps(guarded, passages, qs[:2], quantile=0.9)
 
 
 def test_guarded_needs_a_calibrated_eps(tmp_path, guarded):
@@ -195,3 +215,29 @@ def test_bf16_batches_pad_to_a_multiple_and_warm_up(guarded, questions):
     np.testing.assert_allclose(padded, plain, atol=2e-2)  # bf16 kernels differ by shape; both ~1e-2 from fp32
     assert guarded.warm_up_bf16(lengths=(8, 16), max_batch=3) == 6  # (B, T) for B in 1..3, T in (8, 16)
     assert Encoder(mode="sorted").warm_up_bf16() == 0  # nothing to warm outside guarded mode
+
+
+def test_pipelined_server_backend_returns_guarded_search_results(wiki_index_dir, questions):
+    """The server's two-thread guarded pipeline (bf16 pass | fp32 fallback pass) answers 24 concurrent requests of
+    real questions with exactly what the one-thread guarded search returns, fallback rows included."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from stepsearch.search.batcher import GuardedPipelineBatcher
+    from stepsearch.search.server import ServerConfig, open_backend
+
+    backend = open_backend(ServerConfig(index_dir=wiki_index_dir, method="dense", encoder_mode="guarded",
+                                        max_wait_ms=3.0))
+    backend.start()
+    try:
+        assert isinstance(backend.batcher, GuardedPipelineBatcher)
+        reqs = [questions[i:i + 5] for i in range(0, 120, 5)]  # 24 requests of 5 questions
+        with ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(lambda q: backend.batcher.submit_future(q, 3).result(timeout=300), reqs))
+        stats = backend.batch_stats()
+        want = backend.loaded.retriever.search(questions[:120], 3)  # one thread, one call
+    finally:
+        backend.batcher.close()
+    ids = np.concatenate([g[0] for g in got])
+    assert stats["pipeline"]["fallback_queries"] > 0  # some questions did take the fp32 pass
+    for i in range(120):  # same top-3 set per question (fp32 rows are exact; bf16 rows keep the fp32 set)
+        assert set(ids[i]) == set(want.ids[i]), questions[i]
