@@ -194,7 +194,8 @@ class GuardedPipelineBatcher(MicroBatcher):
     The owner thread coalesces requests as MicroBatcher does and cuts each batch into chunks of `chunk_queries`;
     `first_workers` threads run `first_fn(chunk, topk) -> GuardedResult` (bf16 encode + search) on them, and the
     rows the guard rejects go to the fp32 thread as soon as their chunk is done. The fp32 thread takes every waiting
-    redo (up to max_batch_queries queries) and runs `fallback_fn(queries, topk) -> (ids, scores)` (fp32 encode +
+    redo (up to max_batch_queries queries, waiting up to max_wait_ms for more) and runs
+    `fallback_fn(queries, topk) -> (ids, scores)` (fp32 encode +
     search) on them. A request is answered when all its rows are final, so one with no fallback never waits for an
     fp32 pass, and with 1 torch thread per worker every core stays busy, also when one request carries the whole
     batch (the owner blocks while all bf16 workers are busy, so requests keep coalescing). Results equal
@@ -225,9 +226,25 @@ class GuardedPipelineBatcher(MicroBatcher):
         self._redo_queue.put(_STOP)
         self._fallback_thread.join(timeout_s)
 
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is _STOP:
+                return
+            # close the batch only once a bf16 worker is free to take it: while all are busy, requests keep
+            # coalescing (under load a batch is everything that arrived meanwhile, not a 2 ms sample of it)
+            self._free_workers.acquire()
+            jobs = self._collect(first) if self.config.coalesce else [first]
+            stop = jobs[-1] is _STOP
+            self._execute(jobs[:-1] if stop else jobs)
+            if stop:
+                return
+
     def _execute(self, jobs: list[_Job]) -> None:
+        """Hand the batch to the bf16 workers chunk by chunk; called holding one free worker slot."""
         jobs = [job for job in jobs if job.future.set_running_or_notify_cancel()]
         if not jobs:
+            self._free_workers.release()
             return
         queries = [q for job in jobs for q in job.queries]
         batch = _Batch(jobs, max(job.topk for job in jobs))
@@ -240,9 +257,14 @@ class GuardedPipelineBatcher(MicroBatcher):
         with self._stats_lock:
             self.batch_sizes.append(len(queries))
             self.num_batches += 1
-        for a in range(0, len(queries), self.chunk_queries):
-            self._free_workers.acquire()
-            self._first_pool.submit(self._first_chunk, batch, queries, a, min(a + self.chunk_queries, len(queries)))
+        if not queries:
+            self._free_workers.release()
+            return
+        for i, a in enumerate(chunk_starts):
+            if i > 0:
+                self._free_workers.acquire()
+            self._first_pool.submit(self._first_chunk, batch, queries, int(a), min(int(a) + self.chunk_queries,
+                                                                                   len(queries)))
 
     def _first_chunk(self, batch: _Batch, queries: list[str], a: int, b: int) -> None:
         """bf16 pass over rows a:b of a batch (on a worker thread): write them, queue the rows the guard rejects,
@@ -276,9 +298,12 @@ class GuardedPipelineBatcher(MicroBatcher):
             if redo is _STOP:
                 return
             redos, n, stop = [redo], len(redo.rows), False
-            while n < self.config.max_batch_queries:  # everything already waiting; never wait for more
+            # like the owner: take more redos until max_batch_queries or max_wait_ms after this first one (an fp32
+            # pass over 1 query costs ~17 ms here, over 8 ~7 ms each: small passes waste the core)
+            deadline = time.perf_counter() + self.config.max_wait_ms / 1000.0
+            while n < self.config.max_batch_queries:
                 try:
-                    more = self._redo_queue.get_nowait()
+                    more = self._redo_queue.get(timeout=max(0.0, deadline - time.perf_counter()))
                 except queue.Empty:
                     break
                 if more is _STOP:
