@@ -59,6 +59,11 @@ TOPK = 3
 def load_questions() -> list[str]:
     """Distinct real questions, shuffled with seed 0 (shared qa_pairs; the bundled dev samples as fallback)."""
     files = sorted(p for g in QA_GLOBS for p in SHARED.glob(g)) or [REPO / "data" / "samples" / n for n in BUNDLED_QA]
+    return distinct_questions(files)
+
+
+def distinct_questions(files: list[Path]) -> list[str]:
+    """The distinct non-empty "question" fields of JSONL files, in file order, then shuffled with seed 0."""
     seen, out = set(), []
     for path in files:
         with open(path) as f:
@@ -463,8 +468,7 @@ def calibrate_section(args) -> dict:
     passages = index.reconstruct_n(0, index.ntotal)  # (1000, 384) exact fp32 passage embeddings
     enc = Encoder(mode="guarded", guard_eps=0.0)  # eps is what we measure here
     cal = calibrate_guard_eps(enc, passages, cal_q, TOPK, max_disagree=GUARD_MAX_DISAGREE, safety=GUARD_SAFETY)
-    old_rule = calibrate_guard_eps(enc, passages, cal_q, TOPK, max_disagree=None, quantile=GUARD_QUANTILE,
-                                   safety=GUARD_SAFETY)["eps"]
+    old_rule = cal["pair_err"][str(GUARD_QUANTILE)] * GUARD_SAFETY  # the earlier rule: the err quantile
     _, ids32 = index.search(enc.encode_queries(eval_q), TOPK)
     s16, ids16 = index.search(enc.encode_queries_bf16(eval_q), TOPK + 1)
     rows = []

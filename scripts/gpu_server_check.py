@@ -69,18 +69,12 @@ class CheckError(RuntimeError):
 # ---------------------------------------------------------------- inputs
 def load_questions(n: int) -> list[str]:
     """n distinct real questions from the bundled FlashRAG dev samples, shuffled with seed 0."""
-    seen, out = set(), []
-    for path in sorted((REPO / "data" / "samples").glob(QA_GLOB)):
-        with open(path) as f:
-            for line in f:
-                q = json.loads(line)["question"].strip()
-                if q and q not in seen:
-                    seen.add(q)
-                    out.append(q)
+    from bench.retrieval import distinct_questions
+
+    out = distinct_questions(sorted((REPO / "data" / "samples").glob(QA_GLOB)))
     if len(out) < n:
         raise CheckError(f"only {len(out)} distinct questions in data/samples/{QA_GLOB}, asked for {n}")
-    rng = np.random.default_rng(0)
-    return [out[i] for i in rng.permutation(len(out))[:n]]
+    return out[:n]
 
 
 def make_encoder(work: Path, layers: int, tokenizer_dir: Path | None, init: str = "bow") -> Path:

@@ -55,6 +55,22 @@ class _Job:
 _STOP = object()
 
 
+def take_more(q: queue.Queue, items: list, size: Callable, limit: int, deadline: float) -> list:
+    """Append items from `q` to `items` until their total `size` reaches `limit` or `deadline` (perf_counter) passes;
+    items already queued are taken even after the deadline. A _STOP taken from the queue ends the list."""
+    n = sum(size(item) for item in items)
+    while n < limit:
+        try:
+            item = q.get(timeout=max(0.0, deadline - time.perf_counter()))
+        except queue.Empty:
+            break
+        items.append(item)
+        if item is _STOP:
+            break
+        n += size(item)
+    return items
+
+
 class MicroBatcher:
     """`await batcher.submit(queries, topk)` -> whatever `search_fn` returns, sliced to this request.
 
@@ -90,26 +106,20 @@ class MicroBatcher:
             first = self._queue.get()
             if first is _STOP:
                 return
+            self._wait_for_capacity()
             jobs = self._collect(first) if self.config.coalesce else [first]
             if jobs[-1] is _STOP:
                 self._execute(jobs[:-1])
                 return
             self._execute(jobs)
 
+    def _wait_for_capacity(self) -> None:
+        """Called before a batch is collected; the owner thread runs each batch itself, so it never waits."""
+
     def _collect(self, first: _Job) -> list:
         """Take more jobs until max_batch_queries or first.queued_at + max_wait_ms."""
-        jobs, n = [first], len(first.queries)
-        deadline = first.queued_at + self.config.max_wait_ms / 1000.0
-        while n < self.config.max_batch_queries:
-            try:
-                job = self._queue.get(timeout=max(0.0, deadline - time.perf_counter()))
-            except queue.Empty:
-                break
-            jobs.append(job)
-            if job is _STOP:
-                break
-            n += len(job.queries)
-        return jobs
+        return take_more(self._queue, [first], lambda job: len(job.queries), self.config.max_batch_queries,
+                         first.queued_at + self.config.max_wait_ms / 1000.0)
 
     def _execute(self, jobs: list[_Job]) -> None:
         # a request whose client went away (future cancelled) is dropped here
@@ -130,11 +140,7 @@ class MicroBatcher:
         self.batch_ms.append((time.perf_counter() - t0) * 1000)
         self.batch_sizes.append(len(queries))
         self.num_batches += 1
-        self._deliver(jobs, queries, topk, result)
-
-    def _deliver(self, jobs: list[_Job], queries: list[str], topk: int, result) -> None:
-        """Hand each job its rows of `result` = (ids (N, topk), scores (N, topk)), cut to the job's own topk."""
-        ids, scores = result
+        ids, scores = result  # (N, topk) each: each job gets its rows, cut to its own topk
         start = 0
         for job in jobs:
             stop = start + len(job.queries)
@@ -146,14 +152,18 @@ class _Batch:
     """One coalesced batch in the guarded pipeline: its jobs, their rows of the result arrays, and per job how many
     pieces of work (its bf16 rows, then each fp32 redo touching it) are still outstanding."""
 
-    def __init__(self, jobs: list[_Job], topk: int):
+    def __init__(self, jobs: list[_Job], topk: int, chunk_queries: int):
         self.jobs, self.topk = jobs, topk
         sizes = [len(job.queries) for job in jobs]
         self.starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)  # job j: rows starts[j]:starts[j+1]
         n = int(self.starts[-1])
         self.ids = np.full((n, topk), -1, np.int64)  # (N, topk)
         self.scores = np.zeros((n, topk), np.float32)
-        self.outstanding = [1] * len(jobs)  # per job: bf16 chunks holding its rows + fp32 redos, still to finish
+        self.chunk_starts = np.arange(0, n, chunk_queries)  # the bf16 pass runs rows c:c+chunk_queries per chunk
+        # per job: the bf16 chunks holding its rows (they may finish in any order) + fp32 redos added later, still to
+        # finish; a job with no rows counts 1, settled at once
+        self.outstanding = [max(1, int(np.sum((self.chunk_starts < e) & (self.chunk_starts + chunk_queries > s))))
+                            for s, e in zip(self.starts[:-1], self.starts[1:])]
         self.lock = threading.Lock()
 
     def jobs_of(self, rows: np.ndarray) -> np.ndarray:
@@ -226,19 +236,10 @@ class GuardedPipelineBatcher(MicroBatcher):
         self._redo_queue.put(_STOP)
         self._fallback_thread.join(timeout_s)
 
-    def _run(self) -> None:
-        while True:
-            first = self._queue.get()
-            if first is _STOP:
-                return
-            # close the batch only once a bf16 worker is free to take it: while all are busy, requests keep
-            # coalescing (under load a batch is everything that arrived meanwhile, not a 2 ms sample of it)
-            self._free_workers.acquire()
-            jobs = self._collect(first) if self.config.coalesce else [first]
-            stop = jobs[-1] is _STOP
-            self._execute(jobs[:-1] if stop else jobs)
-            if stop:
-                return
+    def _wait_for_capacity(self) -> None:
+        # close the batch only once a bf16 worker is free to take it: while all are busy, requests keep coalescing
+        # (under load a batch is everything that arrived meanwhile, not a 2 ms sample of it); _execute releases it
+        self._free_workers.acquire()
 
     def _execute(self, jobs: list[_Job]) -> None:
         """Hand the batch to the bf16 workers chunk by chunk; called holding one free worker slot."""
@@ -247,20 +248,15 @@ class GuardedPipelineBatcher(MicroBatcher):
             self._free_workers.release()
             return
         queries = [q for job in jobs for q in job.queries]
-        batch = _Batch(jobs, max(job.topk for job in jobs))
-        starts, ends = batch.starts[:-1], batch.starts[1:]  # (J,) each job's rows: starts[j]:ends[j]
-        chunk_starts = np.arange(0, len(queries), self.chunk_queries)
-        # chunks may finish in any order (several workers): a job waits for every chunk that holds one of its rows
-        batch.outstanding = [max(1, int(np.sum((chunk_starts < e) & (chunk_starts + self.chunk_queries > s))))
-                             for s, e in zip(starts, ends)]
-        batch.settle(np.flatnonzero(starts == ends))  # jobs with no queries are complete already
+        batch = _Batch(jobs, max(job.topk for job in jobs), self.chunk_queries)
+        batch.settle(np.flatnonzero(batch.starts[:-1] == batch.starts[1:]))  # jobs with no queries are done already
         with self._stats_lock:
             self.batch_sizes.append(len(queries))
             self.num_batches += 1
         if not queries:
             self._free_workers.release()
             return
-        for i, a in enumerate(chunk_starts):
+        for i, a in enumerate(batch.chunk_starts):
             if i > 0:
                 self._free_workers.acquire()
             self._first_pool.submit(self._first_chunk, batch, queries, int(a), min(int(a) + self.chunk_queries,
@@ -297,21 +293,12 @@ class GuardedPipelineBatcher(MicroBatcher):
             redo = self._redo_queue.get()
             if redo is _STOP:
                 return
-            redos, n, stop = [redo], len(redo.rows), False
             # like the owner: take more redos until max_batch_queries or max_wait_ms after this first one (an fp32
             # pass over 1 query costs ~17 ms here, over 8 ~7 ms each: small passes waste the core)
-            deadline = time.perf_counter() + self.config.max_wait_ms / 1000.0
-            while n < self.config.max_batch_queries:
-                try:
-                    more = self._redo_queue.get(timeout=max(0.0, deadline - time.perf_counter()))
-                except queue.Empty:
-                    break
-                if more is _STOP:
-                    stop = True
-                    break
-                redos.append(more)
-                n += len(more.rows)
-            self._redo(redos)
+            redos = take_more(self._redo_queue, [redo], lambda r: len(r.rows), self.config.max_batch_queries,
+                              time.perf_counter() + self.config.max_wait_ms / 1000.0)
+            stop = redos[-1] is _STOP
+            self._redo(redos[:-1] if stop else redos)
             if stop:
                 return
 

@@ -150,8 +150,7 @@ class DenseRetriever:
             first = self.search_first(queries, topk)
             return self.search_fallback(queries, topk, first) if first.fallback.any() else \
                 SearchResult(first.ids, first.scores)
-        emb = self.encoder.encode_queries(queries)  # (N, D) float32
-        return self.search_embeddings(emb, topk)
+        return self.search_exact(queries, topk)
 
     def search_first(self, queries: list[str], topk: int):
         """mode="guarded": the bf16 pass (encoders.guarded_first_pass) -> GuardedResult with its fallback mask."""
@@ -171,8 +170,8 @@ class DenseRetriever:
         return SearchResult(res.ids, res.scores)
 
     def search_exact(self, queries: list[str], topk: int) -> SearchResult:
-        """mode="guarded": the fp32 (`sorted`) encode + search of `queries`, as the fallback pass runs it."""
-        return self.search_embeddings(self.encoder.encode_queries(queries), topk)
+        """Encode (`encode_queries`: fp32, or fp16 in mode fp16) and search; in mode="guarded" the fallback pass."""
+        return self.search_embeddings(self.encoder.encode_queries(queries), topk)  # emb (N, D) float32
 
     def search_embeddings(self, emb: np.ndarray, topk: int) -> SearchResult:
         scores, ids = self.index.search(np.ascontiguousarray(emb, dtype=np.float32), topk)  # (N, k) each
