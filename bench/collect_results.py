@@ -5,8 +5,12 @@ benchmarks can be rerun one at a time; this script joins them in a fixed order. 
 """
 from __future__ import annotations
 
-import os
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from stepsearch.data.io import write_text_atomic  # noqa: E402
 
 ORDER = ["retrieval", "retrieval_load", "rewards", "rollout", "core_algos", "ppo_step", "credit_assignment",
          "data_pipeline", "gpu_smoke", "gpu_server"]
@@ -28,9 +32,7 @@ def main() -> None:
     toc = "\n".join(f"- [{n}](#{n.replace('_', '-')}) (`bench/results/{n}.md`)" for n in names)
     body = "\n\n".join(sections[n].read_text().strip() for n in names)
     out = here / "RESULTS.md"
-    tmp = out.with_suffix(".md.tmp")
-    tmp.write_text(HEADER + toc + "\n\n" + body + "\n")
-    os.replace(tmp, out)
+    write_text_atomic(out, HEADER + toc + "\n\n" + body + "\n")
     print(f"wrote {out} ({len(names)} sections)")
 
 

@@ -12,13 +12,13 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from stepsearch.data.io import write_text_atomic  # noqa: E402
 from tests.verl.helpers import random_batch  # noqa: E402
 from verl.protocol import DataProto  # noqa: E402
 from verl.trainer.ppo import core_algos  # noqa: E402
@@ -141,11 +141,7 @@ def main() -> None:
               f"{actor['tokens'] / actor['update_s']:.0f} |", ""]
     text = "\n".join(lines)
     print(text)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(args.out)), suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, args.out)
+    write_text_atomic(args.out, text)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-# Reward ablation of SPEC §5.3: PPO and GRPO use the answer F1 only (no r_key, no step rewards).
+# Reward ablation of docs/method.md §5.3: PPO and GRPO use the answer F1 only (no r_key, no step rewards).
 ANSWER_ONLY = ["reward.use_search_key_reward=false", "reward.use_step_rewards=false"]
 ALGOS = ("steppo", "ppo", "grpo")
 GRPO_GROUP = 4
@@ -39,7 +39,7 @@ def algo_overrides(algo: str, trajectories: int) -> list[str]:
                  f"actor_rollout_ref.actor.ppo_micro_batch_size_per_device={half}", f"critic.ppo_mini_batch_size={half}",
                  f"critic.ppo_micro_batch_size_per_device={half}"]
         return sizes + ([] if algo == "steppo" else ANSWER_ONLY)
-    prompts = trajectories // GRPO_GROUP      # GRPO (SPEC §1.11): groups of GRPO_GROUP samples per prompt, KL as a loss
+    prompts = trajectories // GRPO_GROUP      # GRPO (docs/method.md §1.11): groups of GRPO_GROUP samples per prompt, KL as a loss
     return [f"data.train_batch_size={prompts}", f"actor_rollout_ref.rollout.n={GRPO_GROUP}",
             f"actor_rollout_ref.actor.ppo_mini_batch_size={prompts}",
             f"actor_rollout_ref.actor.ppo_micro_batch_size_per_device={trajectories}", "algorithm.adv_estimator=grpo",
@@ -122,7 +122,7 @@ def write_markdown(results: dict, a, em_before: float, path: str, cmd: str, wall
              f"{platform.python_version()}; total wall {wall_s / 60:.1f} min.", "",
              f"Same warm start (held-out EM {em_before:.3f}), {a.steps} steps x {a.trajectories} trajectories per "
              f"step (GRPO: {a.trajectories // GRPO_GROUP} prompts x {GRPO_GROUP} samples), seeds {a.seeds}, "
-             f"EM threshold {a.threshold}. PPO and GRPO: answer-F1 reward only (SPEC §5.3).", "",
+             f"EM threshold {a.threshold}. PPO and GRPO: answer-F1 reward only (docs/method.md §5.3).", "",
              "| algorithm | seed | steps to EM≥thr | final EM | final F1 | support recall | format ok | mean searches "
              "| redundancy P | wall s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -141,9 +141,9 @@ def write_markdown(results: dict, a, em_before: float, path: str, cmd: str, wall
                      f"{fmt(mean([r['num_searches'] for r in runs]), '{:.2f}')} | "
                      f"{fmt(mean([r['redundancy'] for r in runs]))} |")
     lines += ["", "![credit assignment](credit_assignment.png)", ""]
-    with open(path + ".tmp", "w") as f:
-        f.write("\n".join(lines))
-    os.replace(path + ".tmp", path)
+    from stepsearch.data.io import write_text_atomic
+
+    write_text_atomic(path, "\n".join(lines))
 
 
 def report_from_work(a, argv) -> dict:

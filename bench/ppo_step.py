@@ -129,11 +129,9 @@ def main(argv=None) -> int:
         shown += " --model <a policy from tests/trainer/warm_start.py build_warm_policy, 100 steps>"
     text = _markdown(table, step, rows, shown, args) + f"Whole run incl. Ray start-up and model loading: {wall:.0f}s.\n"
     print(text)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, args.out)
+    from stepsearch.data.io import write_text_atomic
+
+    write_text_atomic(args.out, text)
     return 0
 
 

@@ -407,9 +407,10 @@ def cached_embeddings(texts: list[str], what: str, mode: str = "fast") -> np.nda
               for i in tqdm(range(0, len(texts), 512), desc=f"encode {what}")]
     emb = np.concatenate(chunks) if chunks else np.zeros((0, enc.dim), np.float32)
     CACHE.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}.npy")
-    np.save(tmp, emb)
-    os.replace(tmp, path)
+    from stepsearch.data.io import atomic_path
+
+    with atomic_path(path, suffix=".npy") as tmp, open(tmp, "wb") as f:
+        np.save(f, emb)
     return emb
 
 
@@ -609,10 +610,9 @@ def write_section(path: Path, name: str, text: str) -> None:
         new = old[:old.index(start)] + block + old[old.index(end) + len(end):].lstrip("\n")
     else:
         new = old + ("\n" if old else "") + block
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(new)
-    os.replace(tmp, path)
+    from stepsearch.data.io import write_text_atomic
+
+    write_text_atomic(path, new)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -245,10 +245,9 @@ def run(d: Path, out: Path, reps: int, full_rows: int, slice_rows: int, device: 
                          "rows": index.ntotal, "storage": "fp16"}
     print(f"[gpu] end to end: {res['end_to_end']}", flush=True)
     res["wall_s"] = time.perf_counter() - t0
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(res, indent=1))
-    os.replace(tmp, out)
+    from stepsearch.data.io import write_text_atomic
+
+    write_text_atomic(out, json.dumps(res, indent=1))
     return res
 
 

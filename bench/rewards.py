@@ -17,7 +17,6 @@ import os
 import platform
 import random
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -168,13 +167,9 @@ Identical values: max |Δ| over all token rewards = {res['max_token_diff']:.2e};
 Fast path runs, CPU s: {', '.join(f'{c:.3f}' for c, _ in res['fast_runs'])} (median reported); the reference \
 ran once.
 """
-    out_dir = os.path.dirname(os.path.abspath(path))
-    os.makedirs(out_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".md")
-    with os.fdopen(fd, "w") as f:
-        f.write(md)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    from stepsearch.data.io import write_text_atomic
+
+    write_text_atomic(path, md)
     return md
 
 

@@ -32,6 +32,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from stepsearch.agent.loop import AgentConfig, run_rollout  # noqa: E402
+from stepsearch.data.io import write_text_atomic  # noqa: E402
 from stepsearch.search.client import RetrievalClient  # noqa: E402
 from stepsearch.search.testing import build_test_index, start_retrieval_server  # noqa: E402
 from tests.agent.test_loop_hf import QUERY_TEXT, make_batch  # noqa: E402
@@ -116,9 +117,7 @@ def main():
     print(text)
     out = REPO / args.out
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, out)
+    write_text_atomic(out, text)
 
 
 if __name__ == "__main__":

@@ -98,7 +98,7 @@ def build_rollout_fn(config: dict, tokenizer):
 
 
 def _per_sample(score, response_text: str, ground_truth: Any) -> dict:
-    """Evaluation fields of one trajectory (SPEC §6.1: EM/F1 of the last <answer>, "{...}" unwrapped)."""
+    """Evaluation fields of one trajectory (docs/method.md §6.1: EM/F1 of the last <answer>, "{...}" unwrapped)."""
     from stepsearch.rewards import exact_match, extract_eval_prediction, f1_score
 
     prediction = extract_eval_prediction(response_text)
@@ -109,7 +109,7 @@ def _per_sample(score, response_text: str, ground_truth: Any) -> dict:
 
 
 def build_reward_fn(config: dict, tokenizer):
-    """reward(batch) -> RewardResult: StepSearch token rewards (SPEC §1) with the ablation flags of ``reward``."""
+    """reward(batch) -> RewardResult: StepSearch token rewards (docs/method.md §1) with the ablation flags of ``reward``."""
     from stepsearch.rewards import compute_token_rewards
 
     cfg = reward_config_from(config)

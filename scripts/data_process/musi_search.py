@@ -1,4 +1,4 @@
-"""MuSiQue -> StepSearch training/validation parquet (seed format; SPEC.md §4.3).
+"""MuSiQue -> StepSearch training/validation parquet (seed format; docs/method.md §4.3).
 
 Accepts the released StepSearch JSONL (`question`, `final_answer`, `answer_aliases`, `sub_searchs`,
 `sub_support_docs`) or original MuSiQue JSON/JSONL (`paragraphs`, `question_decomposition` with `#k`
@@ -14,6 +14,7 @@ import sys
 
 from stepsearch.data.build import DEFAULT_SAVE_NAME, MusiConfig, build_musi
 from stepsearch.data.io import DataError
+from stepsearch.data.prompts import TEMPLATES
 
 
 def parse_args(argv=None) -> MusiConfig:
@@ -22,7 +23,7 @@ def parse_args(argv=None) -> MusiConfig:
     ap.add_argument("--input", help="input JSON/JSONL (default: {local_dir}/musi_answerable_{train|dev}.jsonl)")
     ap.add_argument("--test", action="store_true", help="validation split: reads the dev file, writes *_test.parquet")
     ap.add_argument("--save_name", default=DEFAULT_SAVE_NAME, help="output file = {save_name}_{train|test}[_{N}].parquet")
-    ap.add_argument("--template", default="paper", choices=["paper", "released"], help="prompt template (SPEC.md §2.1)")
+    ap.add_argument("--template", default="paper", choices=sorted(TEMPLATES), help="prompt template (docs/data.md)")
     ap.add_argument("--sample_num", type=int, help="keep a seeded random subset of N rows")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--data_source", default="musi")

@@ -1,4 +1,4 @@
-"""Parsing the model's action in one turn (SPEC.md §2.3, item 3)."""
+"""Parsing the model's action in one turn (docs/method.md §2.3, item 3)."""
 from __future__ import annotations
 
 import re

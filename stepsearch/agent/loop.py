@@ -1,6 +1,6 @@
 """The multi-turn search rollout: token-in/token-out, observation masking at append time, recorded positions.
 
-Per turn (SPEC.md §2.3; ARCHITECTURE-NOTES §1.3 and §6 items 1-5), for every still-active sample:
+Per turn (docs/method.md §2.3), for every still-active sample:
   1. feed the rolling context (prompt + response so far, left-truncated to `max_prompt_length`) to the engine,
      which stops after `</search>` or `</answer>` and returns the sampled ids (never decoded and re-tokenized);
   2. append those ids with response_mask 1 and parse the first action from their text;
@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from verl.protocol import DataProto, to_object_array
+from verl.trainer.ppo.ray_trainer import FAILED_SAMPLES_KEY
 from verl.workers.rollout.base import GenerationOutput, RolloutBackend, SamplingConfig
 
 from stepsearch.agent.actions import Action, parse_action
@@ -171,7 +172,7 @@ def _step_environment(active: list[Trajectory], actions: list[Action], client: R
             blocks = encoder.information(result, [caps[id(t)] for t, _ in searchers], [last] * len(searchers))
             for (t, a), hits, block in zip(searchers, result, blocks):
                 t.search_end_positions.append(len(t.response) - 1)  # last model token of this search turn
-                t.rounds.append(hits_to_round(a.content, hits))
+                t.rounds.append(hits_to_round(a.content, hits, block.shown_chars))  # docs as shown
                 observations[id(t)] = block
     for t, a in running:
         if a.kind == "invalid":
@@ -223,6 +224,8 @@ def _compose(batch: DataProto, trajs: list[Trajectory], tokenizer, cfg: AgentCon
     })
     meta = dict(batch.meta_info)
     meta["rollout_metrics"] = _metrics(trajs, response_mask, timings, wall_s)
+    # The trainer's failure policy (trainer.max_failed_rollout_share) reads this count of failed trajectories.
+    meta[FAILED_SAMPLES_KEY] = sum(1 for t in trajs if t.retrieval_errors)
     return DataProto.from_dict(tensors=tensors, non_tensors=non_tensors, meta_info=meta)
 
 
@@ -239,7 +242,9 @@ def _metrics(trajs: list[Trajectory], response_mask: torch.Tensor, timings: _Tim
                       f"search/{key}/min": float(v.min())})
     return {
         **stats,
+        # failed retrievals (after the client's retries), and the trajectories that saw at least one
         "search/retrieval_errors": float(sum(len(t.retrieval_errors) for t in trajs)),
+        "search/retrieval_failed_trajectories": float(sum(1 for t in trajs if t.retrieval_errors)),
         # turns whose context lost its oldest tokens (possibly the question) to max_prompt_length
         "search/truncated_contexts": float(sum(t.num_truncated_contexts for t in trajs)),
         "search/response_length/mean": float(lengths.mean()),
@@ -257,7 +262,8 @@ def run_rollout(batch: DataProto, backend: RolloutBackend, client: RetrievalClie
 
     batch: `input_ids`, `attention_mask` (B, P), left-padded, plus the dataset's non-tensors (kept).
     Returns the keys of docs/CONTRACTS.md "Rollout output"; meta_info["rollout_metrics"] holds search/* and
-    timing_s/* statistics.
+    timing_s/* statistics, and meta_info[FAILED_SAMPLES_KEY] the number of trajectories with at least one failed
+    retrieval (non-tensor "retrieval_errors" holds each trajectory's error messages).
     """
     if tokenizer.pad_token_id is None:
         raise ValueError("[agent] the tokenizer has no pad_token_id; set tokenizer.pad_token")

@@ -3,7 +3,7 @@
 The model's own tokens are never re-tokenized; only these injected texts are. Fixed texts (the tags and the
 warnings) are tokenized once and cached; the docs of a whole turn are tokenized in one batched call.
 An information block is tokenized as three pieces, OPEN + body + CLOSE, so that a length cap can cut the body
-and still end with ` </information>` (ARCHITECTURE-NOTES §6 item 4: the released loop cut the closing tag).
+and still end with ` </information>` (the released loop could cut the closing tag).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Sequence
 
 from stepsearch.agent.prompts import (FINAL_TURN_WARNING, INFORMATION_CLOSE, INFORMATION_OPEN, INVALID_ACTION_WARNING,
                                       RETRIEVAL_ERROR_OBSERVATION)
-from stepsearch.rewards.docs import doc_title_text, format_docs
+from stepsearch.rewards.docs import doc_title_text, format_docs, format_docs_with_spans
 
 
 @dataclass(frozen=True)
@@ -22,17 +22,40 @@ class Observation:
     token_ids: list[int]
     is_information: bool
     truncated: bool = False
+    shown_chars: int | None = None
+    """<information> blocks: how many characters of the rendered docs (``format_docs(hits).strip()``) fit."""
 
 
-def hits_to_round(query: str, hits: Sequence[dict]) -> dict:
-    """The `rounds` entry of one search: `{"query", "docs": [{"id", "title", "text"}]}` (docs/CONTRACTS.md)."""
-    docs = []
-    for rank, hit in enumerate(hits):
+def hits_to_round(query: str, hits: Sequence[dict], shown_chars: int | None = None) -> dict:
+    """The `rounds` entry of one search (docs/CONTRACTS.md), restricted to what the policy was shown:
+    `{"query", "docs": [{"id", "title", "text", "truncated"}], "hidden_docs"}`.
+
+    shown_chars: characters of the rendered docs that fit in the observation (None: all). A doc whose body was cut
+    keeps the shown part of its text (truncated true); a doc whose body was not reached is left out and counted
+    in hidden_docs. The rewards score exactly these texts, as the released code scores the cut <information> text.
+    """
+    _, spans = format_docs_with_spans(hits)
+    docs, hidden = [], 0
+    for rank, (hit, (start, end)) in enumerate(zip(hits, spans)):
         row = hit.get("document", hit) if isinstance(hit, dict) else hit
         title, text = doc_title_text(row, f"hit {rank} of query {query!r}")
+        shown = len(text) if shown_chars is None else min(max(shown_chars - start, 0), len(text))
+        if shown == 0 and text:
+            hidden += 1
+            continue
         doc_id = row.get("id") if isinstance(row, dict) else None
-        docs.append({"id": None if doc_id is None else str(doc_id), "title": title, "text": text})
-    return {"query": query, "docs": docs}
+        docs.append({"id": None if doc_id is None else str(doc_id), "title": title, "text": text[:shown],
+                     "truncated": shown < len(text)})
+    return {"query": query, "docs": docs, "hidden_docs": hidden}
+
+
+def _common_prefix_length(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 class ObservationEncoder:
@@ -63,13 +86,17 @@ class ObservationEncoder:
         body_ids = self.tokenizer(bodies, add_special_tokens=False)["input_ids"] if bodies else []
         head, tail = self.encode_fixed(INFORMATION_OPEN), self.encode_fixed(INFORMATION_CLOSE)
         out = []
-        for ids, cap, last in zip(body_ids, caps, final_warning):
+        for body, ids, cap, last in zip(bodies, body_ids, caps, final_warning):
             suffix = tail + (self.encode_fixed(FINAL_TURN_WARNING) if last else [])
             room = cap - len(head) - len(suffix)
             if room < 1:
                 raise ValueError(f"[agent] an information block needs more than {len(head) + len(suffix)} tokens "
                                  f"but only {cap} are left; raise max_obs_length or max_response_length")
-            out.append(Observation(head + ids[:room] + suffix, is_information=True, truncated=len(ids) > room))
+            shown = len(body)
+            if len(ids) > room:  # the characters the kept tokens spell (a split multi-byte char is not counted)
+                shown = _common_prefix_length(self.tokenizer.decode(ids[:room], skip_special_tokens=False), body)
+            out.append(Observation(head + ids[:room] + suffix, is_information=True, truncated=len(ids) > room,
+                                   shown_chars=shown))
         return out
 
     def warning(self, text: str, cap: int, final_warning: bool) -> Observation:

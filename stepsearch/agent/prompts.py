@@ -1,4 +1,4 @@
-"""Tag tokens and the fixed observation texts of the agent loop (SPEC.md §2.3, item 4).
+"""Tag tokens and the fixed observation texts of the agent loop (docs/method.md §2.3, item 4).
 
 The instruction templates themselves live in `stepsearch.data.prompts` (the dataset applies them and the
 chat template); the loop only appends these observation texts after the model's turns.
@@ -10,14 +10,14 @@ TAG_TOKENS: tuple[str, ...] = (
     "<search>", "</search>", "<answer>", "</answer>", "<information>", "</information>", "<think>", "</think>",
 )
 
-# Stop strings of a turn: generation ends right after the first of these (SPEC §2.3, item 2).
+# Stop strings of a turn: generation ends right after the first of these (docs/method.md §2.3, item 2).
 STOP_STRINGS: tuple[str, ...] = ("</search>", "</answer>")
 
-# An <information> block is OPEN + formatted docs (stripped) + CLOSE (SPEC §2.3, item 4).
+# An <information> block is OPEN + formatted docs (stripped) + CLOSE (docs/method.md §2.3, item 4).
 INFORMATION_OPEN = "\n\n<information> "
 INFORMATION_CLOSE = " </information>\n\n"
 
-# Corrective observation after a turn without a parsable action (SPEC §2.3, item 4; released wording).
+# Corrective observation after a turn without a parsable action (docs/method.md §2.3, item 4; released wording).
 INVALID_ACTION_WARNING = (
     "\n<warning> My previous action is invalid. If I want to search, I should put the query between <search> "
     "and </search>. If I want to give the final answer, I should put the answer between <answer> and "

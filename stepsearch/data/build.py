@@ -1,4 +1,4 @@
-"""The conversions behind scripts/data_process/*.py: input files -> seed-format parquet (SPEC.md §4.3-4.4)."""
+"""The conversions behind scripts/data_process/*.py: input files -> seed-format parquet (docs/method.md §4.3-4.4)."""
 from __future__ import annotations
 
 import logging
@@ -8,15 +8,15 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from stepsearch.data.formats import QAExample, to_row, write_rows_parquet
-from stepsearch.data.io import check_unique_ids, iter_records
+from stepsearch.data.io import DataError, check_unique_ids, iter_records
 from stepsearch.data.musique import ConvertStats, convert_musique
 from stepsearch.data.prompts import TEMPLATES
-from stepsearch.data.qa_sets import DATASETS, convert_qa_file
+from stepsearch.data.qa_sets import DATASETS, FieldMap, convert_qa_file
 
 log = logging.getLogger(__name__)
 
 # train.sh reads {local_dir}/musi_answerable_{train,test}.parquet; the released script defaulted to
-# "musi_stepsearch", which train.sh never finds (SPEC.md §4.3 "Naming mismatch").
+# "musi_stepsearch", which train.sh never finds (docs/method.md §4.3 "Naming mismatch").
 DEFAULT_SAVE_NAME = "musi_answerable"
 
 
@@ -63,8 +63,12 @@ def sample_examples(examples: list[QAExample], sample_num: int | None, seed: int
 
 
 def write_examples(examples: list[QAExample], path: str, data_source: str, split: str, template: str,
-                   keep_evidence: bool) -> int:
-    """Check ids are unique, render rows (index = position) and write the parquet atomically."""
+                   keep_evidence: bool, source: str = "the input") -> int:
+    """Check ids are unique, render rows (index = position) and write the parquet atomically; no examples is a
+    DataError naming ``source`` (a 0-row parquet would only fail later, in the trainer)."""
+    if not examples:
+        raise DataError(f"{source}: no usable questions (every record was skipped as unanswerable); "
+                        f"{path} was not written")
     check_unique_ids([(ex.id, ex.where) for ex in examples])
     rows = [to_row(ex, data_source, split, i, template, keep_evidence) for i, ex in enumerate(examples)]
     write_rows_parquet(rows, path)
@@ -77,7 +81,8 @@ def build_musi(cfg: MusiConfig) -> tuple[str, ConvertStats]:
     if cfg.renumber_ids:
         examples = [replace(ex, id=f"{cfg.data_source}_{cfg.split}_{i}") for i, ex in enumerate(examples)]
     out = cfg.output_path()
-    stats.kept = write_examples(examples, out, cfg.data_source, cfg.split, cfg.template, not cfg.drop_evidence)
+    stats.kept = write_examples(examples, out, cfg.data_source, cfg.split, cfg.template, not cfg.drop_evidence,
+                                cfg.input_path())
     log.info("musi_search: read %d, skipped %d unanswerable, wrote %d rows to %s",
              stats.read, stats.skipped_unanswerable, stats.kept, out)
     return out, stats
@@ -95,6 +100,7 @@ class EvalSetConfig:
     keep_evidence: bool = False  # evaluation rows carry no keys/docs by default (reward = answer F1)
     sample_num: int | None = None
     seed: int = 1234
+    fields: FieldMap | None = None  # named fields of a plain JSON/JSONL/CSV set; None = detect the format
 
     def __post_init__(self):
         if self.dataset not in DATASETS:
@@ -108,10 +114,10 @@ class EvalSetConfig:
 
 
 def build_test_set(cfg: EvalSetConfig) -> tuple[str, ConvertStats]:
-    examples, stats = convert_qa_file(cfg.input)
+    examples, stats = convert_qa_file(cfg.input, cfg.fields)
     examples = sample_examples(examples, cfg.sample_num, cfg.seed)
     out = cfg.output_path()
-    stats.kept = write_examples(examples, out, cfg.dataset, cfg.split, cfg.template, cfg.keep_evidence)
+    stats.kept = write_examples(examples, out, cfg.dataset, cfg.split, cfg.template, cfg.keep_evidence, cfg.input)
     log.info("qa_test_sets: %s: read %d, skipped %d unanswerable, wrote %d rows to %s",
              cfg.dataset, stats.read, stats.skipped_unanswerable, stats.kept, out)
     return out, stats

@@ -2,9 +2,9 @@
 
     python -m stepsearch.data.check --data FILE.parquet --corpus CORPUS.jsonl [--report OUT.json]
 
-Why: information gain compares retrieved passages with `support_docs` (SPEC.md §1.6); a support doc that is
+Why: information gain compares retrieved passages with `support_docs` (docs/method.md §1.6); a support doc that is
 not a corpus passage can never be retrieved, so its gain is silently ~0. For each row and support doc this
-reports whether the doc is in the corpus exactly, only after normalization (SQuAD-style, SPEC.md §1.3), or
+reports whether the doc is in the corpus exactly, only after normalization (SQuAD-style, docs/method.md §1.3), or
 not at all; it also flags degenerate `search_keys` and answers that appear in no support doc. It prints a
 summary table and exits 1 when a failure fraction exceeds its threshold.
 """
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from stepsearch.data.corpus import load_corpus_pairs
 from stepsearch.data.formats import read_rows_parquet, support_doc_text
-from stepsearch.data.io import write_json_atomic
+from stepsearch.data.io import DataError, write_json_atomic
 
 EXACT, NORMALIZED, MISSING = "exact", "normalized_only", "missing"
 _PUNCT = str.maketrans("", "", string.punctuation)
@@ -28,7 +28,7 @@ _UNRESOLVED = re.compile(r"#\d+")
 
 
 def normalize(text: str) -> str:
-    """SPEC.md §1.3: lower-case, drop ASCII punctuation, drop a/an/the, collapse whitespace."""
+    """docs/method.md §1.3: lower-case, drop ASCII punctuation, drop a/an/the, collapse whitespace."""
     return " ".join(_ARTICLES.sub(" ", text.lower().translate(_PUNCT)).split())
 
 
@@ -183,7 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--show", type=int, default=20, help="problem rows to print")
     args = ap.parse_args(argv)
     th = CheckThresholds(args.max_bad_doc_frac, args.max_bad_key_frac, args.max_answer_missing_frac)
-    reports, summary, n_corpus = run_check(args.data, args.corpus)
+    try:
+        reports, summary, n_corpus = run_check(args.data, args.corpus)
+    except (DataError, FileNotFoundError) as e:  # one line naming file:row, as the other data tools print
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(format_table(summary, n_corpus))
     for line in _problem_lines(reports, args.show):
         print(line)

@@ -1,4 +1,4 @@
-"""Training corpus builder: MuSiQue paragraphs -> retriever corpus JSONL (SPEC.md §3.5, issue 3 item 4).
+"""Training corpus builder: MuSiQue paragraphs -> retriever corpus JSONL (docs/method.md §3.5, issue 3 item 4).
 
 Each corpus row is ``{"id", "title", "text", "contents"}`` with ``contents = '"' + title + '"\\n' + text`` (the
 Search-R1 convention the retrieval server and the rollout parse). Passages are deduplicated on the exact
@@ -11,9 +11,7 @@ import hashlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-import pyarrow.parquet as pq
-
-from stepsearch.data.formats import support_doc_text
+from stepsearch.data.formats import read_parquet_table, support_doc_text
 from stepsearch.data.io import DataError, iter_records, write_jsonl_atomic
 from stepsearch.data.musique import detect_musique_kind
 from stepsearch.data.qa_sets import context_paragraphs as from_context_format
@@ -53,7 +51,7 @@ def iter_paragraphs(path: str, supporting_only: bool = False) -> Iterator[tuple[
     StepSearch JSONL (`sub_support_docs`), HotpotQA / 2Wiki original records (`context`), a passage list (`{"title", "text"}` records), or a dataset parquet
     written by this package (`support_docs`)."""
     if str(path).endswith(".parquet"):
-        for row in pq.read_table(path, columns=["extra_info"]).column("extra_info").to_pylist():
+        for row in read_parquet_table(path, columns=["extra_info"]).column("extra_info").to_pylist():
             for doc in row["support_docs"]:
                 yield support_doc_text(doc)
         return
@@ -97,13 +95,23 @@ def build_corpus(inputs: list[str], out_path: str, supporting_only: bool = False
     """Write the deduplicated corpus JSONL for all paragraphs of `inputs` (atomically)."""
     stats = CorpusStats()
     pairs = (pair for path in inputs for pair in iter_paragraphs(path, supporting_only))
-    write_jsonl_atomic(out_path, corpus_rows(pairs, stats, id_prefix))
+    write_jsonl_atomic(out_path, _nonempty(corpus_rows(pairs, stats, id_prefix), inputs, supporting_only))
     return stats
+
+
+def _nonempty(rows: Iterator[dict], inputs: list[str], supporting_only: bool) -> Iterator[dict]:
+    """The rows, or a DataError (before the output replaces anything) when the inputs hold no paragraph."""
+    count = 0
+    for count, row in enumerate(rows, start=1):
+        yield row
+    if count == 0:
+        which = "supporting paragraphs" if supporting_only else "paragraphs"
+        raise DataError(f"{', '.join(inputs)}: no {which} found; the corpus would be empty")
 
 
 def load_corpus_pairs(path: str) -> Iterator[tuple[str, str, str]]:
     """(id, title, text) of every passage of a corpus JSONL in any of the accepted layouts:
-    {"title","text"}, {"title","content"} or {"contents"} (SPEC.md §3.5)."""
+    {"title","text"}, {"title","content"} or {"contents"} (docs/method.md §3.5)."""
     for loc in iter_records(path):
         rec = loc.record
         pid = str(rec.get("id", loc.line))

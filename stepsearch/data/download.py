@@ -1,4 +1,4 @@
-"""Fetch the released StepSearch data and, optionally, Search-R1's wiki-18 corpus and e5 index (SPEC.md §3.5).
+"""Fetch the released StepSearch data and, optionally, Search-R1's wiki-18 corpus and e5 index (docs/method.md §3.5).
 
 Uses `huggingface_hub` when it is installed (progress bars, resumable `.incomplete` files); otherwise a plain
 HTTP download with a `.part` file and Range requests. Every file is verified against the hub's metadata

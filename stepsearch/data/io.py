@@ -1,4 +1,4 @@
-"""Reading records with file:line locations, and atomic writes (temp file + os.replace).
+"""Reading records with file:line locations, and atomic writes (temp file + os.replace) that respect the umask.
 
 Every bad-input error is a `DataError` (a ValueError) whose message starts with ``file:line`` and names the
 field, so a user can open the offending line directly.
@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from tqdm import tqdm
+
+from verl.utils.fs import current_umask, new_file_mode  # noqa: F401 (re-exported for the data tools)
 
 
 class DataError(ValueError):
@@ -40,25 +42,39 @@ def _progress(it, total: int | None, desc: str, show: bool):
 def iter_records(path: str | os.PathLike, show_progress: bool = True) -> Iterator[Located]:
     """Yield the dict records of a JSONL file (one object a line) or a JSON file holding a list of objects.
 
-    Blank lines are skipped. A malformed line or a non-object record raises DataError with file:line.
+    Blank lines are skipped. A malformed line, a non-object record or bytes that are not UTF-8 (a binary file)
+    raise DataError with file:line; so does a file with no records at all (empty, blank lines only, or ``[]``).
     """
     path = str(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"input file {path} does not exist")
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         head = f.read(1 << 16).lstrip()
-    if head.startswith("["):
-        yield from _iter_json_list(path, show_progress)
-    else:
-        yield from _iter_jsonl(path, show_progress)
+    records = _iter_json_list(path, show_progress) if head.startswith(b"[") else _iter_jsonl(path, show_progress)
+    count = 0
+    for count, loc in enumerate(records, start=1):
+        yield loc
+    if count == 0:
+        raise DataError(f"{path}: no records (the file is empty or holds only blank lines or []); "
+                        "expected JSONL (one JSON object a line) or a JSON list of objects")
+
+
+def decode_utf8(raw: bytes, path: str, lineno: int) -> str:
+    """``raw`` as text; bytes that are not UTF-8 raise DataError with file:line (usually a binary file)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                        "is this a binary file? Expected JSONL or JSON") from None
 
 
 def _iter_jsonl(path: str, show_progress: bool) -> Iterator[Located]:
     size = os.path.getsize(path)
-    with open(path, encoding="utf-8") as f, tqdm(total=size, unit="B", unit_scale=True, desc=os.path.basename(path),
-                                                 disable=not show_progress or size < (8 << 20), leave=False) as bar:
-        for lineno, line in enumerate(f, start=1):
-            bar.update(len(line.encode("utf-8")))
+    with open(path, "rb") as f, tqdm(total=size, unit="B", unit_scale=True, desc=os.path.basename(path),
+                                     disable=not show_progress or size < (8 << 20), leave=False) as bar:
+        for lineno, raw in enumerate(f, start=1):
+            bar.update(len(raw))
+            line = decode_utf8(raw, path, lineno)
             if not line.strip():
                 continue
             try:
@@ -72,9 +88,15 @@ def _iter_jsonl(path: str, show_progress: bool) -> Iterator[Located]:
 
 
 def _iter_json_list(path: str, show_progress: bool) -> Iterator[Located]:
+    with open(path, "rb") as f:
+        raw = f.read()
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        lineno = raw.count(b"\n", 0, e.start) + 1
+        decode_utf8(raw[raw.rfind(b"\n", 0, e.start) + 1:e.end], path, lineno)  # raises, with the column
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
     for i, rec in enumerate(_progress(data, len(data), os.path.basename(path), show_progress and len(data) > 5000), 1):
@@ -117,7 +139,8 @@ def check_unique_ids(items: list[tuple[str, str]]) -> None:
 
 @contextmanager
 def atomic_path(final_path: str | os.PathLike, suffix: str = "") -> Iterator[str]:
-    """Yield a temp path in the target's folder; on success it is renamed onto final_path, else removed.
+    """Yield a temp path in the target's folder; on success it gets `new_file_mode()` (mkstemp creates 0600)
+    and is renamed onto final_path, else it is removed.
 
     Readers never see a partial file: os.replace is atomic on one filesystem.
     """
@@ -128,6 +151,7 @@ def atomic_path(final_path: str | os.PathLike, suffix: str = "") -> Iterator[str
     os.close(fd)
     try:
         yield tmp
+        os.chmod(tmp, new_file_mode())  # after the writer ran: some writers replace the temp file
         os.replace(tmp, final_path)
     except BaseException:
         if os.path.exists(tmp):
@@ -145,9 +169,16 @@ def write_jsonl_atomic(path: str | os.PathLike, rows, show_progress: bool = Fals
     return n
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write a UTF-8 text file (markdown tables, reports) atomically."""
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=1)
+        f.write(text)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any, sort_keys: bool = False) -> None:
+    """Write one JSON document atomically (indent 1, UTF-8 kept as is)."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, ensure_ascii=False, indent=1, sort_keys=sort_keys)
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:

@@ -1,7 +1,9 @@
-"""MuSiQue -> QAExample: (a) the released StepSearch JSONL, (b) original MuSiQue records (SPEC.md §4.1-4.3).
+"""MuSiQue -> QAExample: (a) the released StepSearch JSONL, (b) original MuSiQue records (docs/method.md §4.1-4.3).
 
 (b) builds what the paper's pipeline starts from: one search-key group per decomposition step (the
 sub-question with every ``#k`` replaced by sub-answer k) and the supporting paragraphs as support docs.
+Both keep the steps' answers (``QAExample.sub_answers`` -> ``ground_truth.sub_answers``): (b) from
+``question_decomposition[].answer``, (a) from an optional ``sub_answers`` field (one str or list of str per hop).
 """
 from __future__ import annotations
 
@@ -98,14 +100,47 @@ def from_original(loc: Located) -> QAExample | None:
                 raise DataError(f"{loc.where}: field 'question_decomposition[{s}].paragraph_support_idx' = {sup} "
                                 f"names no paragraph (idx values: {sorted(by_idx)})")
             docs.append(by_idx[sup])
-    # Supporting paragraphs in decomposition order first, then any other is_supporting ones in idx order.
-    docs += [doc for _, doc, is_sup in sorted(paragraphs, key=lambda t: t[0]) if is_sup]
-    return QAExample(id=rid, question=question, answers=_answers(loc, "answer"), search_keys=tuple(groups),
-                     support_docs=tuple(dict.fromkeys(docs)), where=loc.where, sub_answers=tuple(sub_answers))
+    # Supporting paragraphs in decomposition order first (one per step, so a paragraph that supports two steps
+    # appears twice, like the released per-sub-question docs), then the other is_supporting ones in idx order.
+    docs += [doc for _, doc, is_sup in sorted(paragraphs, key=lambda t: t[0]) if is_sup and doc not in docs]
+    answers = _answers(loc, "answer")
+    return QAExample(id=rid, question=question, answers=answers, search_keys=tuple(groups),
+                     support_docs=tuple(docs), where=loc.where,
+                     sub_answers=with_final_aliases(tuple((a,) if a else () for a in sub_answers), answers))
+
+
+def with_final_aliases(hops: tuple[tuple[str, ...], ...], answers: tuple[str, ...]) -> tuple[tuple[str, ...], ...]:
+    """Per-step answers with the last step's widened to the question's answer and aliases when that step's one
+    answer is the question's answer (the last step answers the question itself)."""
+    hops = list(hops)
+    if hops and answers and hops[-1] == (answers[0],):
+        hops[-1] = answers
+    return tuple(hops)
+
+
+def _released_sub_answers(loc: Located) -> tuple[tuple[str, ...], ...]:
+    """The optional 'sub_answers' field of a released record: per hop a str or a list of str (aliases)."""
+    value = loc.record.get("sub_answers")
+    if value is None:
+        return ()
+    hops = []
+    if isinstance(value, list):
+        for hop in value:
+            if isinstance(hop, str):
+                hops.append((hop.strip(),) if hop.strip() else ())
+            elif isinstance(hop, list) and all(isinstance(a, str) for a in hop):
+                hops.append(dedup_keep_order(a.strip() for a in hop if a.strip()))
+            else:
+                break
+        else:
+            return tuple(hops)
+    raise DataError(f"{loc.where}: field 'sub_answers' must be a list with one str or list of str per hop, "
+                    f"got {value!r:.120}")
 
 
 def from_released(loc: Located, index: int, split: str, answer_field: str = "final_answer") -> QAExample:
-    """Convert one line of the released StepSearch JSONL (`sub_searchs`, `sub_support_docs`)."""
+    """Convert one line of the released StepSearch JSONL (`sub_searchs`, `sub_support_docs`, optional
+    `sub_answers`)."""
     question = require(loc, "question", str, allow_empty=False)
     groups = loc.record.get("sub_searchs", [])
     if not isinstance(groups, list) or not all(
@@ -123,7 +158,8 @@ def from_released(loc: Located, index: int, split: str, answer_field: str = "fin
     rid = rid if isinstance(rid, str) and rid else f"musi_{split}_{index}"
     return QAExample(id=rid, question=question, answers=_answers(loc, answer_field),
                      search_keys=tuple(tuple(k.strip() for k in g if k.strip()) for g in groups),
-                     support_docs=tuple(dict.fromkeys(docs)), where=loc.where)
+                     support_docs=tuple(docs), where=loc.where,  # duplicates kept: they are n in G^t (released)
+                     sub_answers=_released_sub_answers(loc))
 
 
 def convert_musique(locs, split: str, answer_field: str = "final_answer") -> tuple[list[QAExample], ConvertStats]:

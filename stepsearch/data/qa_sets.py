@@ -1,17 +1,20 @@
 """Evaluation sets -> QAExample: FlashRAG JSONL (`id`, `question`, `golden_answers`) and original formats
-(HotpotQA / 2WikiMultihopQA `context` + `supporting_facts`, MuSiQue, Bamboogle CSV). SPEC.md §4.4, §6.3.
+(HotpotQA / 2WikiMultihopQA `context` + `supporting_facts`, MuSiQue, Bamboogle CSV), plus plain JSON / JSONL /
+CSV sets whose fields are named by the user (`FieldMap`, docs/data.md "Named fields").
 
 The format is detected per record, so one code path serves HotpotQA, 2Wiki, MuSiQue, Bamboogle and the
-FlashRAG NQ / TriviaQA / PopQA files.
+FlashRAG NQ / TriviaQA / PopQA files. With a FieldMap every record is read through the named fields instead.
 """
 from __future__ import annotations
 
 import csv
 import os
+from dataclasses import dataclass
 
 from stepsearch.data.formats import QAExample, SupportDoc, dedup_keep_order
 from stepsearch.data.io import DataError, Located, iter_records, require
-from stepsearch.data.musique import ConvertStats, from_original
+from stepsearch.data.musique import (REF, ConvertStats, from_original, key_alternatives, resolve_refs,
+                                     with_final_aliases)
 
 # data_source names (Search-R1 / FlashRAG spelling, which the evaluation groups by).
 DATASETS = ("hotpotqa", "2wikimultihopqa", "musique", "bamboogle", "nq", "triviaqa", "popqa")
@@ -105,9 +108,128 @@ def from_plain_qa(loc: Located, index: int) -> QAExample:
                      where=loc.where)
 
 
-def convert_qa_file(path: str) -> tuple[list[QAExample], ConvertStats]:
-    """Convert one evaluation file; unanswerable MuSiQue records are skipped and counted."""
+@dataclass(frozen=True)
+class FieldMap:
+    """Which fields (JSON/JSONL keys, or CSV header columns) of a plain QA set hold what.
+
+    question: the question (str). answer: the answer, a str or a list of str (gold first, then aliases).
+    id: the record id (default: the record's `id`/`idx`, else its position). decomposition: fields holding the
+    sub-questions, in hop order; each holds a str (one sub-question; empty = no step) or a list of str /
+    {"question", "answer"} objects. Every step becomes one search-key group, with `#k` replaced by sub-answer k,
+    as for MuSiQue's question_decomposition.
+    """
+
+    question: str = "question"
+    answer: str = "answer"
+    id: str | None = None
+    decomposition: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, text: str, where: str) -> "FieldMap":
+        """'question=Q,answer=A,id=I,decomposition=D1+D2' (any subset) -> FieldMap; `where` names the option."""
+        kw: dict = {}
+        for part in text.split(","):
+            key, sep, value = (x.strip() for x in part.partition("="))
+            if not sep or not value or key not in cls.__dataclass_fields__ or key in kw:
+                raise ValueError(f"{where}: bad field mapping {part!r} in {text!r}; write KEY=FIELD pairs joined by "
+                                 f"',' with KEY in {list(cls.__dataclass_fields__)}, each at most once")
+            kw[key] = tuple(v.strip() for v in value.split("+") if v.strip()) if key == "decomposition" else value
+        return cls(**kw)
+
+    def named(self) -> list[tuple[str, str]]:
+        """(role, field) of every field the records must have."""
+        out = [("question", self.question), ("answer", self.answer)] + ([("id", self.id)] if self.id else [])
+        return out + [("decomposition", f) for f in self.decomposition]
+
+
+def iter_named_csv(path: str, fields: FieldMap):
+    """Records of a CSV with a header row, as {column: cell}; a named column missing from the header raises
+    DataError at path:1 naming it."""
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.reader(f)
+        header = [c.strip() for c in next(reader, [])]
+        for role, name in fields.named():
+            if name not in header:
+                raise DataError(f"{path}:1: the header has no column {name!r} (the {role} field); "
+                                f"columns: {header}")
+        start = reader.line_num + 1
+        for row in reader:
+            if any(c.strip() for c in row):
+                if len(row) != len(header):
+                    raise DataError(f"{path}:{start}: {len(row)} cells, the header has {len(header)}: {row!r:.120}")
+                yield Located(dict(zip(header, row)), path, start)
+            start = reader.line_num + 1
+
+
+def _decomposition_steps(loc: Located, name: str) -> list[tuple[str, str | None, str]]:
+    """(sub-question, sub-answer or None, field path) of every step in decomposition field `name`."""
+    value = require(loc, name, (str, list))
+    items = [value] if isinstance(value, str) else value
+    steps = []
+    for i, item in enumerate(items):
+        at = name if isinstance(value, str) else f"{name}[{i}]"
+        if isinstance(item, dict):
+            lower = {str(k).lower(): v for k, v in item.items()}
+            question, answer = lower.get("question"), lower.get("answer")
+            if not isinstance(question, str) or not (answer is None or isinstance(answer, str)):
+                raise DataError(f"{loc.where}: field {at!r} needs a str 'question' (and a str 'answer' if any), "
+                                f"got {item!r:.120}")
+        elif isinstance(item, str):
+            question, answer = item, None
+        else:
+            raise DataError(f"{loc.where}: field {at!r} must be a sub-question (str) or a {{question, answer}} "
+                            f"object, got {type(item).__name__}: {item!r:.80}")
+        if question.strip():
+            steps.append((question, answer.strip() if answer and answer.strip() else None, at))
+    return steps
+
+
+def decomposition_keys(loc: Located, fields: FieldMap) -> tuple[tuple[tuple[str, ...], ...],
+                                                                tuple[tuple[str, ...], ...]]:
+    """(search-key groups, sub-answers) of a record's named decomposition: one group per step, its `#k`
+    replaced by the answer of step k, exactly as MuSiQue's (`musique.resolve_refs`, `key_alternatives`).
+    Sub-answers are one tuple per step: (answer,), or () for a step given without an answer."""
+    steps = [s for name in fields.decomposition for s in _decomposition_steps(loc, name)]
+    groups, sub_answers = [], []
+    for s, (question, answer, at) in enumerate(steps):
+        for k in map(int, REF.findall(question)):
+            if not 1 <= k <= s or sub_answers[k - 1] is None:
+                why = f"step #{k} has no answer" if 1 <= k <= s else f"only steps #1..#{s} come before it"
+                raise DataError(f"{loc.where}: field {at!r}: {question!r} refers to #{k}, but {why}")
+        groups.append(key_alternatives(resolve_refs(question, sub_answers, s, loc.where)))
+        sub_answers.append(answer)
+    return tuple(groups), tuple((a,) if a else () for a in sub_answers)
+
+
+def from_named_fields(loc: Located, index: int, fields: FieldMap) -> QAExample:
+    """One record of a plain QA set read through `fields` (missing or mistyped fields: DataError, file:line)."""
+    question = require(loc, fields.question, str, allow_empty=False)
+    answer = require(loc, fields.answer, (str, list), allow_empty=False)
+    answers = [answer] if isinstance(answer, str) else answer
+    if not all(isinstance(a, str) for a in answers) or not any(a.strip() for a in answers):
+        raise DataError(f"{loc.where}: field {fields.answer!r} must be a non-empty str or list of str, "
+                        f"got {answer!r:.120}")
+    if fields.id:
+        rid = require(loc, fields.id, (str, int))
+    else:
+        rid = loc.record.get("id", loc.record.get("idx", index))
+    keys, sub_answers = decomposition_keys(loc, fields)
+    answers = dedup_keep_order(a.strip() for a in answers if a.strip())
+    return QAExample(id=str(rid), question=question.strip(), answers=answers, search_keys=keys,
+                     where=loc.where, sub_answers=with_final_aliases(sub_answers, answers))
+
+
+def convert_qa_file(path: str, fields: FieldMap | None = None) -> tuple[list[QAExample], ConvertStats]:
+    """Convert one evaluation file; unanswerable MuSiQue records are skipped and counted. With `fields`, every
+    record is read through the named fields (JSON / JSONL, or a CSV with a header row)."""
     stats, out = ConvertStats(), []
+    if fields is not None:
+        records = iter_named_csv(path, fields) if str(path).endswith(".csv") else iter_records(path)
+        for loc in records:
+            stats.read += 1
+            out.append(from_named_fields(loc, stats.read - 1, fields))
+        stats.kept = len(out)
+        return out, stats
     for loc in iter_qa_records(path):
         stats.read += 1
         rec = loc.record
@@ -122,7 +244,8 @@ def convert_qa_file(path: str) -> tuple[list[QAExample], ConvertStats]:
         else:
             raise DataError(f"{loc.where}: unknown QA format: expected FlashRAG ('id', 'question', 'golden_answers'), "
                             "HotpotQA/2Wiki ('_id', 'question', 'answer', 'context', 'supporting_facts'), MuSiQue "
-                            f"('question_decomposition', ...) or plain ('question', 'answer') fields; got {sorted(rec)}")
+                            f"('question_decomposition', ...) or plain ('question', 'answer') fields; got "
+                            f"{sorted(rec)}. Name other fields with --question_field/--answer_field (docs/data.md)")
         if ex is None:
             stats.skipped_unanswerable += 1
             continue

@@ -1,4 +1,4 @@
-"""Search-key generation as in the paper's data pipeline (SPEC.md §4.1 (b)-(c)).
+"""Search-key generation as in the paper's data pipeline (docs/method.md §4.1 (b)-(c)).
 
 For every sub-question:
   1. an LLM behind any OpenAI-compatible chat endpoint (e.g. `vllm serve`) rewrites it into N search queries;
@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from stepsearch.data.check import normalize
 from stepsearch.data.corpus import split_contents
-from stepsearch.data.formats import QAExample, SupportDoc, dedup_keep_order
+from stepsearch.data.formats import QAExample, SupportDoc, dedup_keep_order, support_doc_text
 
 REWRITE_SYSTEM = "You write short, specific web search queries."
 REWRITE_USER = (
@@ -263,7 +263,7 @@ def _end_with_newline(path: str) -> None:
 # ---- the row loop -------------------------------------------------------------------------------------------
 def subquestions(ex: QAExample, row: int) -> list[SubQuestion]:
     """One SubQuestion per key group; the first key of a group is taken as the sub-question."""
-    answers = list(ex.sub_answers) + [None] * len(ex.search_keys)
+    answers = [hop[0] if hop else None for hop in ex.sub_answers] + [None] * len(ex.search_keys)
     return [SubQuestion(row, s, g[0], answers[s], ex.support_docs) for s, g in enumerate(ex.search_keys) if g]
 
 
@@ -359,8 +359,7 @@ def keys_summary(stats: KeyGenStats) -> dict:
 def row_to_example(row: dict, where: str) -> QAExample:
     """A dataset row (seed format) as a QAExample; sub-answers are unknown, so validity uses the support docs."""
     gt, extra = row["reward_model"]["ground_truth"], row["extra_info"]
-    docs = tuple(SupportDoc(d.get("title") or "", d["text"]) if isinstance(d, dict) else SupportDoc("", d)
-                 for d in extra["support_docs"])
+    docs = tuple(SupportDoc(*support_doc_text(d)) for d in extra["support_docs"])  # {title,text|paragraph_text}|str
     return QAExample(id=str(row.get("id") or extra["index"]), question=row["prompt"][0]["content"],
                      answers=tuple(gt["target"]), search_keys=tuple(tuple(g) for g in gt["search_keys"]),
                      support_docs=docs, where=where)

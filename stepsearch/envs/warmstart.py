@@ -58,6 +58,15 @@ class SFTConfig:
     stop_copy_acc: float = 0.0
     min_steps: int = 0
     eval_every: int = 100
+    # ... or once the copy accuracy has plateaued: the weakest group's accuracy has not beaten its best so far by more
+    # than `plateau_delta` for `plateau_checks` consecutive checks, and that best is at least `plateau_min_acc`
+    # (plateau_checks 0 turns this off). A run whose copy circuit settles just under stop_copy_acc (a fresh-clone
+    # run peaked at 0.884 against 0.9) stops there instead of running every step to the cap.
+    plateau_checks: int = 0
+    plateau_delta: float = 0.01
+    plateau_min_acc: float = 0.0
+    # a progress line at least every this many seconds (and every 50 steps), whether or not stdout is a terminal
+    log_every_s: float = 20.0
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0 or self.eval_every < 1:
@@ -65,6 +74,27 @@ class SFTConfig:
                              f"eval_every ({self.eval_every}) must be positive")
         if not 0.0 <= self.stop_copy_acc <= 1.0:
             raise ValueError(f"[sft] stop_copy_acc ({self.stop_copy_acc}) must lie in [0, 1] (0 turns it off)")
+        if self.plateau_checks < 0 or self.plateau_delta < 0 or not 0.0 <= self.plateau_min_acc <= 1.0:
+            raise ValueError(f"[sft] plateau_checks ({self.plateau_checks}) and plateau_delta ({self.plateau_delta}) "
+                             f"must be >= 0 and plateau_min_acc ({self.plateau_min_acc}) in [0, 1]")
+
+
+def sft_stop_reason(history: list[dict], cfg: SFTConfig) -> str | None:
+    """Why SFT should stop after the last copy-accuracy check in `history` ([{"step", "copy_acc": [per group]}], one
+    entry per check), or None to go on. The weakest measured group decides (nan: the group never occurs)."""
+    weakest = [min((a for a in h["copy_acc"] if a == a), default=float("nan")) for h in history]
+    if not weakest or weakest[-1] != weakest[-1]:
+        return None
+    if cfg.stop_copy_acc > 0 and weakest[-1] >= cfg.stop_copy_acc:
+        return f"copy accuracy {weakest[-1]:.3f} >= {cfg.stop_copy_acc}"
+    k = cfg.plateau_checks
+    if k and len(weakest) > k:
+        best_before = max(weakest[:-k])
+        best = max(best_before, *weakest[-k:])
+        if best - best_before <= cfg.plateau_delta and best >= cfg.plateau_min_acc:
+            return (f"copy accuracy plateaued at {best:.3f} (no gain over {cfg.plateau_delta} in the last {k} "
+                    f"checks)")
+    return None
 
 
 def build_demo_model(texts: list[str], cfg: TinyModelConfig = TinyModelConfig()):
@@ -163,8 +193,8 @@ def run_sft(model, data: DataProto, cfg: SFTConfig, permute_groups: list[list[in
             val_data: DataProto | None = None, history: list | None = None) -> list[float]:
     """Supervised fine-tuning on rollout trajectories (loss on generated tokens only); returns per-step losses.
     With cfg.permute_names, each sampled trajectory gets its own relabelling of every id group in `permute_groups`
-    (the world's single-token names, its relations). With `val_data` and cfg.stop_copy_acc > 0 it stops once
-    `copy_accuracy` on val_data reaches cfg.stop_copy_acc for every group, counting the first group (the names)
+    (the world's single-token names, its relations). With `val_data` it stops as `sft_stop_reason` says: once
+    `copy_accuracy` on val_data reaches cfg.stop_copy_acc for every group, or has plateaued, counting the first group (the names)
     only after the first <information> block (copying out of passages is the skill that forms late; copying the
     start entity out of the question forms first); each check is appended to `history` as {"step", "copy_acc"}."""
     g = torch.Generator().manual_seed(cfg.seed)
@@ -176,6 +206,9 @@ def run_sft(model, data: DataProto, cfg: SFTConfig, permute_groups: list[list[in
     n = ids.shape[0]
     losses = []
     model.train()
+    t0 = last_log = time.perf_counter()
+    checking = val_data is not None and bool(groups) and (cfg.stop_copy_acc > 0 or cfg.plateau_checks > 0)
+    checks = history if history is not None else []
     for step in range(cfg.steps):
         idx = torch.randperm(n, generator=g)[: cfg.batch_size]
         used = am[idx].sum(0).nonzero()                                            # drop all-pad columns
@@ -187,18 +220,19 @@ def run_sft(model, data: DataProto, cfg: SFTConfig, permute_groups: list[list[in
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         losses.append(float(loss.detach()))
-        if step % 50 == 0 or step == cfg.steps - 1:
-            logger.info("sft step %d/%d loss %.4f", step + 1, cfg.steps, losses[-1])
         done = step + 1
-        if val_data is not None and groups and cfg.stop_copy_acc > 0 and done >= cfg.min_steps \
-                and done % cfg.eval_every == 0:
+        now = time.perf_counter()
+        if step % 50 == 0 or done == cfg.steps or now - last_log >= cfg.log_every_s:
+            logger.info("sft step %d/%d loss %.4f (%.0f s)", done, cfg.steps, losses[-1], now - t0)
+            last_log = now
+        if checking and done >= cfg.min_steps and done % cfg.eval_every == 0:
             acc = copy_accuracy(model, val_data, groups, after_observation=[k == 0 for k in range(len(groups))])
-            if history is not None:
-                history.append({"step": done, "copy_acc": [round(a, 4) for a in acc]})
+            checks.append({"step": done, "copy_acc": [round(a, 4) for a in acc]})
             logger.info("sft step %d held-out copy accuracy (names from passages, relations) %s (stop at %.2f)", done,
                         " ".join(f"{a:.3f}" for a in acc), cfg.stop_copy_acc)
-            measured = [a for a in acc if a == a]                                  # nan: the group never occurs
-            if measured and all(a >= cfg.stop_copy_acc for a in measured):
+            reason = sft_stop_reason(checks, cfg)
+            if reason:
+                logger.info("sft stops at step %d: %s", done, reason)
                 break
     model.eval()
     return losses
@@ -217,7 +251,10 @@ def collect_scripted_rollouts(train_parquet: str, tokenizer, retriever_url: str,
                      max_samples=max_samples)
     backend = ScriptedSearchBackend(tokenizer, policy_cfg)
     client = RetrievalClient(retriever_url)
-    outs = [run_rollout(batch, backend, client, tokenizer, agent_cfg) for batch in ds.iter_epoch()]
+    outs = []
+    for batch in ds.iter_epoch():
+        outs.append(run_rollout(batch, backend, client, tokenizer, agent_cfg))
+        logger.info("scripted rollouts: %d trajectories collected", sum(len(o) for o in outs))
     keep = ("prompts", "responses", "input_ids", "attention_mask", "position_ids", "response_mask")
     return DataProto.concat([_pad_responses(o.select(batch_keys=list(keep), non_tensor_batch_keys=["response_text"]),
                                             max(x.batch["responses"].shape[1] for x in outs), tokenizer.pad_token_id)
@@ -271,10 +308,13 @@ def world_vocabulary(world_dir: str) -> tuple[list[str], list[str]]:
 def save_model_dir(model, tokenizer, out_dir: str) -> str:
     """Save model + tokenizer into a temp sibling folder, then swap it in (no half-written model folder)."""
     import shutil
+
+    from verl.utils.fs import follow_umask
     tmp = out_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    follow_umask(tmp)  # safetensors writes the weights 0600
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     return out_dir
@@ -297,7 +337,7 @@ def warm_start(world_dir: str, retriever_url: str, out_dir: str, model_cfg: Tiny
     names, relations = world_vocabulary(world_dir)
     name_ids, relation_ids = single_token_ids(tokenizer, names), single_token_ids(tokenizer, relations)
     val_data, history = None, []
-    if sft_cfg.stop_copy_acc > 0:   # the last 10% of the training questions' trajectories decide when to stop
+    if sft_cfg.stop_copy_acc > 0 or sft_cfg.plateau_checks > 0:   # the last 10% of the trajectories decide when to stop
         n_val = max(len(data) // 10, 1)
         data, val_data = data[: len(data) - n_val], data[len(data) - n_val:]
     losses = run_sft(model, data, sft_cfg, [name_ids, relation_ids], val_data=val_data, history=history)
@@ -332,6 +372,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--stop_copy_acc", type=float, default=SFTConfig.stop_copy_acc,
                    help="stop SFT once held-out copy accuracy (names and relations) reaches this (0: run all steps)")
     p.add_argument("--min_sft_steps", type=int, default=SFTConfig.min_steps)
+    p.add_argument("--plateau_checks", type=int, default=SFTConfig.plateau_checks,
+                   help="also stop once the copy accuracy gained no more than --plateau_delta in this many checks "
+                        "(0: off)")
+    p.add_argument("--plateau_delta", type=float, default=SFTConfig.plateau_delta)
+    p.add_argument("--plateau_min_acc", type=float, default=SFTConfig.plateau_min_acc,
+                   help="a plateau below this copy accuracy does not stop SFT")
     p.add_argument("--no_permute_names", action="store_true",
                    help="train on the trajectories as collected (default: rename the people per sample)")
     p.add_argument("--hidden_size", type=int, default=TinyModelConfig.hidden_size)
@@ -349,7 +395,8 @@ def main(argv: list[str] | None = None) -> dict:
                                         seed=a.seed),
                         SFTConfig(steps=a.sft_steps, batch_size=a.sft_batch_size, lr=a.lr, seed=a.seed,
                                   permute_names=not a.no_permute_names, stop_copy_acc=a.stop_copy_acc,
-                                  min_steps=a.min_sft_steps),
+                                  min_steps=a.min_sft_steps, plateau_checks=a.plateau_checks,
+                                  plateau_delta=a.plateau_delta, plateau_min_acc=a.plateau_min_acc),
                         ScriptedPolicyConfig(copy_correct_prob=a.copy_correct_prob,
                                              premature_answer_prob=a.premature_answer_prob, seed=a.seed), agent_cfg,
                         max_samples=a.max_samples)

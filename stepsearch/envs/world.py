@@ -1,5 +1,5 @@
 """A procedurally generated multi-hop world: a small knowledge base of made-up people, a passage corpus in the
-retriever's format, and 2-4-hop questions in the seed parquet format (SPEC.md §4.3).
+retriever's format, and 2-4-hop questions in the seed parquet format (docs/method.md §4.3).
 
 Everything is a pure function of `WorldConfig` (and its seed), so two calls give byte-identical files.
 
@@ -14,7 +14,7 @@ A k-hop question composes k relations, innermost first::
 
 so the agent must search hop by hop, copying each intermediate name from the retrieved passage into its
 next query. `search_keys` holds one group per hop and `support_docs` are exactly the corpus passages of the
-hops (title + text), which is what the information gain G^t needs (SPEC.md §1.6).
+hops (title + text), which is what the information gain G^t needs (docs/method.md §1.6).
 """
 from __future__ import annotations
 

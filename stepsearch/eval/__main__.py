@@ -5,7 +5,7 @@ import argparse
 import json
 import logging
 
-from stepsearch.eval.harness import EvalConfig, evaluate, rescore
+from stepsearch.eval.harness import EvalConfig, RetrievalFailuresExceeded, evaluate, rescore
 from stepsearch.eval.metrics import markdown_table
 
 
@@ -27,30 +27,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_obs_length", type=int, default=EvalConfig.max_obs_length)
     p.add_argument("--max_samples", type=int, default=-1, help="first N rows of each file (-1: all)")
     p.add_argument("--index_dir", help="index folder, to record the manifest hash (else the server's identity)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=EvalConfig.seed)
+    p.add_argument("--max_retrieval_failures", type=int, default=EvalConfig.max_retrieval_failures,
+                   help="questions whose rollout had a failed retrieval (after the client's retries) that the run "
+                        "tolerates; past it generation stops and the command exits 1 (default 0: any failure)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Run the CLI; returns the summary. Exits 1 (SystemExit with the reason) past --max_retrieval_failures."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     a = parse_args(argv)
-    if a.from_predictions:
-        summary = rescore(a.from_predictions, a.out)
-    else:
-        missing = [n for n in ("data", "model", "retriever_url") if not getattr(a, n)]
-        if missing:
-            raise SystemExit(f"[eval] missing --{', --'.join(missing)} (or pass --from-predictions FILE)")
-        cfg = EvalConfig(data=tuple(a.data), model=a.model, retriever_url=a.retriever_url, out=a.out,
-                         backend=a.backend, batch_size=a.batch_size, max_prompt_length=a.max_prompt_length,
-                         max_turns=a.max_turns, topk=a.topk, max_new_tokens=a.max_new_tokens,
-                         max_obs_length=a.max_obs_length, max_samples=a.max_samples, index_dir=a.index_dir,
-                         seed=a.seed, scripted_copy_prob=a.scripted_copy_prob,
-                         max_response_length=a.max_response_length)
-        summary = evaluate(cfg)
+    try:
+        summary = _run(a)
+    except RetrievalFailuresExceeded as err:
+        raise SystemExit(str(err)) from None
     print(markdown_table(summary["per_source"]))
     print(json.dumps({"out": a.out, "all": summary["per_source"]["all"]}))
     return summary
+
+
+def _run(a: argparse.Namespace) -> dict:
+    if a.from_predictions:
+        return rescore(a.from_predictions, a.out, max_retrieval_failures=a.max_retrieval_failures)
+    missing = [n for n in ("data", "model", "retriever_url") if not getattr(a, n)]
+    if missing:
+        raise SystemExit(f"[eval] missing --{', --'.join(missing)} (or pass --from-predictions FILE)")
+    cfg = EvalConfig(data=tuple(a.data), model=a.model, retriever_url=a.retriever_url, out=a.out,
+                     backend=a.backend, batch_size=a.batch_size, max_prompt_length=a.max_prompt_length,
+                     max_turns=a.max_turns, topk=a.topk, max_new_tokens=a.max_new_tokens,
+                     max_obs_length=a.max_obs_length, max_samples=a.max_samples, index_dir=a.index_dir,
+                     seed=a.seed, scripted_copy_prob=a.scripted_copy_prob,
+                     max_response_length=a.max_response_length, max_retrieval_failures=a.max_retrieval_failures)
+    return evaluate(cfg)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,13 @@ Writes `predictions.jsonl` (one scored record per question, input order), `summa
 model path, data and index hashes, settings; no timestamps, so two runs with the same inputs give identical
 files), `metrics.md` (the table) and `run_info.json` (wall time: the one thing that varies between runs).
 Rollouts go through `stepsearch.agent.loop.run_rollout`, exactly as in training, with greedy decoding.
+
+Failure policy: a question whose rollout had a retrieval that failed after the client's retries is a *retrieval
+failure* (its prediction lists the errors in `retrieval_errors`). Every output counts them (`summary.json`
+`retrieval_failures`, per source and in `metrics.md`). When the count exceeds `max_retrieval_failures` (default 0:
+any failure), generation stops after the batch where that happened, the outputs are written for the questions
+done so far, and `RetrievalFailuresExceeded` is raised (the CLI exits non-zero): a dead retriever must not
+produce a plausible-looking score.
 """
 from __future__ import annotations
 
@@ -20,10 +27,14 @@ from dataclasses import asdict, dataclass, field
 import httpx
 
 from stepsearch.data.io import read_jsonl, write_json_atomic, write_jsonl_atomic
-from stepsearch.eval.metrics import aggregate, markdown_table, score_prediction
+from stepsearch.eval.metrics import aggregate, markdown_table, retrieval_failed, score_prediction
 from stepsearch.rewards import RewardConfig
 
 logger = logging.getLogger(__name__)
+
+
+class RetrievalFailuresExceeded(RuntimeError):
+    """More questions had a failed retrieval than ``max_retrieval_failures`` allows; the outputs were written."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +56,7 @@ class EvalConfig:
     max_samples: int = -1             # first N rows of each file (-1: all)
     index_dir: str | None = None      # to hash the index manifest; else the server's /health identity is used
     seed: int = 0
+    max_retrieval_failures: int = 0   # questions with a failed retrieval the run tolerates; more fails the run
     extra_agent: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -58,6 +70,8 @@ class EvalConfig:
         if self.batch_size < 1 or self.max_turns < 1 or self.topk < 1:
             raise ValueError(f"[eval] batch_size ({self.batch_size}), max_turns ({self.max_turns}) and topk "
                              f"({self.topk}) must be >= 1")
+        if self.max_retrieval_failures < 0:
+            raise ValueError(f"[eval] --max_retrieval_failures must be >= 0, got {self.max_retrieval_failures}")
 
 
 def sha256_file(path: str) -> str:
@@ -123,11 +137,13 @@ def raw_predictions(gen) -> list[dict]:
             "id": str(nt["id"][i]), "data_source": str(nt["data_source"][i]), "question": question_of(nt["question"][i]),
             "trajectory": nt["response_text"][i], "targets": [str(t) for t in gt["target"]],
             "search_keys": [list(map(str, g)) for g in (gt.get("search_keys") or [])],
+            "sub_answers": [list(map(str, h)) for h in (gt.get("sub_answers") or [])],
             "support_docs": [_plain(d) for d in (nt["support_docs"][i] or [])],
             "rounds": [{"query": r["query"], "docs": [{k: d.get(k) for k in ("id", "title", "text")} for d in r["docs"]]}
                        for r in nt["rounds"][i]],
             "num_turns": int(nt["num_turns"][i]), "num_searches": int(nt["num_searches"][i]),
             "num_tokens": int(generated[i]), "finished": bool(nt["finished"][i]),
+            "retrieval_errors": [str(e) for e in nt["retrieval_errors"][i]],
         })
     return out
 
@@ -136,26 +152,33 @@ def _plain(doc):
     return {str(k): v for k, v in doc.items()} if isinstance(doc, dict) else str(doc)
 
 
-def generate_predictions(cfg: EvalConfig) -> tuple[list[dict], str]:
-    """Greedy rollouts over every file; returns (raw predictions in input order, backend name)."""
-    from transformers import AutoTokenizer
-
+def generate_predictions(cfg: EvalConfig) -> tuple[list[dict], str, bool]:
+    """Greedy rollouts over every file; returns (raw predictions in input order, backend name, stopped early).
+    Generation stops after the batch that takes the retrieval failures past ``cfg.max_retrieval_failures``."""
     from stepsearch.agent.loop import run_rollout
     from stepsearch.search.client import RetrievalClient
     from verl.utils.dataset import RLHFDataset
+    from verl.utils.tokenizer import load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    tokenizer = load_tokenizer(cfg.model)
     backend, name = make_backend(cfg, tokenizer)
     client = RetrievalClient(cfg.retriever_url)
     agent_cfg = build_agent_config(cfg)
-    preds = []
+    preds, failed = [], 0
     for path in cfg.data:
         ds = RLHFDataset(path, tokenizer, cfg.max_prompt_length, cfg.batch_size, shuffle=False, drop_last=False,
                          max_samples=cfg.max_samples)
         for b, batch in enumerate(ds.iter_epoch()):
-            preds += raw_predictions(run_rollout(batch, backend, client, tokenizer, agent_cfg))
-            logger.info("[eval] %s: batch %d/%d done", os.path.basename(path), b + 1, ds.batches_per_epoch())
-    return preds, name
+            batch_preds = raw_predictions(run_rollout(batch, backend, client, tokenizer, agent_cfg))
+            preds += batch_preds
+            failed += sum(retrieval_failed(p) for p in batch_preds)
+            logger.info("[eval] %s: batch %d/%d done (retrieval failures so far: %d)", os.path.basename(path),
+                        b + 1, ds.batches_per_epoch(), failed)
+            if failed > cfg.max_retrieval_failures:
+                logger.error("[eval] %d questions had a failed retrieval (--max_retrieval_failures %d); stopping",
+                             failed, cfg.max_retrieval_failures)
+                return preds, name, True
+    return preds, name, False
 
 
 def build_agent_config(cfg: EvalConfig):
@@ -171,35 +194,52 @@ def build_agent_config(cfg: EvalConfig):
 def write_outputs(out_dir: str, scored: list[dict], meta: dict) -> dict:
     """predictions.jsonl, summary.json and metrics.md under out_dir; returns the summary."""
     per_source = aggregate(scored)
-    summary = {**meta, "num_predictions": len(scored), "per_source": per_source}
+    summary = {**meta, "num_predictions": len(scored), "retrieval_failures": per_source["all"]["retrieval_failures"],
+               "per_source": per_source}
     os.makedirs(out_dir, exist_ok=True)
     write_jsonl_atomic(os.path.join(out_dir, "predictions.jsonl"), scored)
     write_json_atomic(os.path.join(out_dir, "summary.json"), summary)
     table = markdown_table(per_source)
     with open(os.path.join(out_dir, "metrics.md.tmp"), "w") as f:
-        f.write(f"# Evaluation of `{meta.get('model_path')}`\n\n{table}")
+        f.write(f"# Evaluation of `{meta.get('model_path')}`\n\n{table}\nQuestions with a failed retrieval: "
+                f"{summary['retrieval_failures']}{' (generation stopped early)' if meta.get('stopped_early') else ''}\n")
     os.replace(os.path.join(out_dir, "metrics.md.tmp"), os.path.join(out_dir, "metrics.md"))
     return summary
 
 
+def check_retrieval_failures(summary: dict, max_allowed: int, out_dir: str) -> None:
+    """Raise RetrievalFailuresExceeded when the summary counts more failed-retrieval questions than allowed."""
+    failed = summary["retrieval_failures"]
+    if failed > max_allowed:
+        stopped = " Generation stopped early;" if summary.get("stopped_early") else ""
+        raise RetrievalFailuresExceeded(
+            f"[eval] {failed} of {summary['num_predictions']} questions had a retrieval that failed after the "
+            f"client's retries (--max_retrieval_failures {max_allowed}).{stopped} the scores in {out_dir} are not "
+            f"valid; see 'retrieval_errors' in predictions.jsonl, check the retrieval server and rerun.")
+
+
 def evaluate(cfg: EvalConfig, reward_cfg: RewardConfig = RewardConfig()) -> dict:
-    """Generate, score and write; returns the summary dict."""
+    """Generate, score and write; returns the summary dict. Raises RetrievalFailuresExceeded (after writing the
+    outputs) when more than ``cfg.max_retrieval_failures`` questions had a failed retrieval."""
     start = time.perf_counter()
-    raw, backend_name = generate_predictions(cfg)
+    raw, backend_name, stopped_early = generate_predictions(cfg)
     scored = [score_prediction(p, reward_cfg, f"{p['id']}") for p in raw]
     meta = {"model_path": os.path.abspath(cfg.model), "backend": backend_name,
             "data_files": {os.path.abspath(p): sha256_file(p) for p in cfg.data},
             "index_manifest_sha256": index_hash(cfg),
             "settings": {k: v for k, v in asdict(cfg).items() if k not in ("data", "model", "out", "retriever_url")},
-            "reward_config": asdict(reward_cfg)}
+            "reward_config": asdict(reward_cfg), "stopped_early": stopped_early}
     summary = write_outputs(cfg.out, scored, meta)
     write_json_atomic(os.path.join(cfg.out, "run_info.json"), {"wall_s": round(time.perf_counter() - start, 2),
                                                                "retriever_url": cfg.retriever_url})
+    check_retrieval_failures(summary, cfg.max_retrieval_failures, cfg.out)
     return summary
 
 
-def rescore(predictions_path: str, out_dir: str, reward_cfg: RewardConfig = RewardConfig()) -> dict:
-    """Re-score a predictions file (no generation); keeps the source summary's metadata when it is beside it."""
+def rescore(predictions_path: str, out_dir: str, reward_cfg: RewardConfig = RewardConfig(),
+            max_retrieval_failures: int = EvalConfig.max_retrieval_failures) -> dict:
+    """Re-score a predictions file (no generation); keeps the source summary's metadata when it is beside it.
+    Raises RetrievalFailuresExceeded (after writing) as ``evaluate`` does."""
     preds = read_jsonl(predictions_path)
     scored = [score_prediction(p, reward_cfg, f"{predictions_path}:{i + 1}") for i, p in enumerate(preds)]
     src_summary = os.path.join(os.path.dirname(os.path.abspath(predictions_path)), "summary.json")
@@ -208,4 +248,7 @@ def rescore(predictions_path: str, out_dir: str, reward_cfg: RewardConfig = Rewa
         with open(src_summary) as f:
             meta = {k: v for k, v in json.load(f).items() if k not in ("per_source", "num_predictions")}
     meta.update(rescored_from=os.path.abspath(predictions_path), reward_config=asdict(reward_cfg))
-    return write_outputs(out_dir, scored, meta)
+    meta.pop("retrieval_failures", None)  # recounted from the predictions
+    summary = write_outputs(out_dir, scored, meta)
+    check_retrieval_failures(summary, max_retrieval_failures, out_dir)
+    return summary

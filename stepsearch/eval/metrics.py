@@ -1,4 +1,4 @@
-"""Scoring of evaluation predictions and their aggregation per data_source (SPEC.md §6.1).
+"""Scoring of evaluation predictions and their aggregation per data_source (docs/method.md §6.1).
 
 A *raw* prediction is what a rollout produced for one question (id, data_source, question, trajectory text,
 rounds with queries and docs, counters, targets, gold docs). `score_prediction` adds EM / F1 / cover-EM on the
@@ -57,7 +57,8 @@ def score_prediction(pred: Mapping, reward_cfg: RewardConfig, where: str = "pred
     round, doc_ids, gold_hits, info_gain (G^t), redundancy (P^t) and step_reward."""
     check_raw(pred, where)
     support_docs = list(pred.get("support_docs") or [])
-    ground_truth = {"target": list(pred["targets"]), "search_keys": list(pred.get("search_keys") or [])}
+    ground_truth = {"target": list(pred["targets"]), "search_keys": list(pred.get("search_keys") or []),
+                    "sub_answers": list(pred.get("sub_answers") or [])}
     score = score_trajectory(pred["trajectory"], pred["rounds"], ground_truth, support_docs, reward_cfg)
     answer = extract_eval_prediction(pred["trajectory"])
     gold_keys = set().union(*[_doc_keys(g) for g in support_docs]) if support_docs else set()
@@ -82,27 +83,36 @@ def _mean(values: list) -> float | None:
     return round(sum(vals) / len(vals), 4) if vals else None
 
 
+def retrieval_failed(pred: Mapping) -> bool:
+    """Whether a prediction's rollout had a retrieval that failed after the client's retries (its
+    ``retrieval_errors`` is non-empty; predictions written before that field existed count as not failed)."""
+    return bool(pred.get("retrieval_errors"))
+
+
 def aggregate(preds: Sequence[Mapping]) -> "OrderedDict[str, dict]":
-    """Per data_source (sorted) and "all": n and the mean of every SUMMARY_KEYS field (None when undefined)."""
+    """Per data_source (sorted) and "all": n, the mean of every SUMMARY_KEYS field (None when undefined), and
+    ``retrieval_failures``, the number of predictions whose rollout had a failed retrieval."""
     groups: dict[str, list[Mapping]] = {}
     for p in preds:
         groups.setdefault(p["data_source"], []).append(p)
     out: OrderedDict[str, dict] = OrderedDict()
     for name in sorted(groups) + ["all"]:
         rows = list(preds) if name == "all" else groups[name]
-        out[name] = {"n": len(rows), **{k: _mean([r.get(k) for r in rows]) for k in SUMMARY_KEYS}}
+        out[name] = {"n": len(rows), **{k: _mean([r.get(k) for r in rows]) for k in SUMMARY_KEYS},
+                     "retrieval_failures": sum(retrieval_failed(r) for r in rows)}
     return out
 
 
 def markdown_table(per_source: Mapping[str, Mapping]) -> str:
     """The summary as a markdown table (one row per data_source, then "all")."""
-    head = ("| data_source | n | EM | F1 | cover-EM | format ok | searches | turns | tokens | support recall |\n"
-            "|---|---|---|---|---|---|---|---|---|---|\n")
+    head = ("| data_source | n | EM | F1 | cover-EM | format ok | searches | turns | tokens | support recall | "
+            "retrieval failures |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
 
     def cell(v, fmt="{:.3f}"):
         return "–" if v is None else fmt.format(v)
 
     lines = [f"| {name} | {m['n']} | {cell(m['em'])} | {cell(m['f1'])} | {cell(m['cover_em'])} | "
              f"{cell(m['format_ok'])} | {cell(m['num_searches'], '{:.2f}')} | {cell(m['num_turns'], '{:.2f}')} | "
-             f"{cell(m['num_tokens'], '{:.1f}')} | {cell(m['support_recall'])} |" for name, m in per_source.items()]
+             f"{cell(m['num_tokens'], '{:.1f}')} | {cell(m['support_recall'])} | {m['retrieval_failures']} |"
+             for name, m in per_source.items()]
     return head + "\n".join(lines) + "\n"

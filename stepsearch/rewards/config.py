@@ -1,7 +1,8 @@
 """RewardConfig: the frozen, validated reward settings (the trainer converts its Hydra ``reward`` node once).
 
-Defaults follow the released StepSearch code (SPEC.md §0.1); the paper's choices and the ablations of Table 3 are
-one override each (see :data:`ABLATIONS` and docs/rewards.md).
+Each choice where the paper and the released StepSearch code differ is one field; configs/ppo_trainer.yaml holds
+the defaults and docs/rewards.md lists which value is the paper's and which the released code's. The rows of the
+paper's Table 3 are one override each: ``ablation=<row>`` (see :data:`ABLATIONS`).
 """
 from __future__ import annotations
 
@@ -10,22 +11,34 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-__all__ = ["RewardConfig", "ABLATIONS", "ANSWER_METRICS"]
+__all__ = ["RewardConfig", "ABLATIONS", "ANSWER_METRICS", "FORMAT_CHECKS", "FORMAT_GATES"]
 
 ANSWER_METRICS = ("f1", "em")
+FORMAT_CHECKS = ("released", "paper")
+FORMAT_GATES = ("released", "paper")
 _KEY_MODES = ("max", "latest")
-
+_CHOICES = {"answer_metric": ANSWER_METRICS, "key_reward_mode": _KEY_MODES, "format_check": FORMAT_CHECKS,
+            "format_gate": FORMAT_GATES}
 
 @dataclass(frozen=True)
 class RewardConfig:
+    ablation: str = "full"
+    """Paper Table 3 row (a key of ABLATIONS); it sets the switches of that row (``from_mapping`` applies it)."""
+    format_check: str = "released"
+    """"released": a closed <answer> block with only whitespace after it; "paper": also exactly one <answer>
+    and at least one <think>…</think><search>…</search> round, both counted on the policy's own text."""
+    format_gate: str = "released"
+    """What a format failure costs. "released": the whole outcome is format_fail_score (r_key dropped) and the
+    step rewards are dropped unless step_rewards_on_format_fail; "paper": only r_answer becomes 0 (γ_key·r_key
+    and the step rewards stay)."""
     format_fail_score: float = -1.0
-    """Whole outcome reward when the format gate fails (released: −1; the paper: 0)."""
+    """Outcome reward on a format failure under format_gate="released" (released code: −1)."""
     answer_metric: str = "f1"
     """r_answer: "f1" (max token F1 over gold strings, 4 decimals) or "em"."""
     use_search_key_reward: bool = True
     """Add γ_key · r_key to the outcome reward (``trainer.search_key_reward``)."""
     key_reward_mode: str = "max"
-    """r_key: "max" (paper formula) or "latest" (released overwrite algorithm, SPEC §1.4)."""
+    """r_key: "max" (paper formula) or "latest" (released overwrite algorithm, docs/method.md §1.4)."""
     search_key_coef: float = 0.618
     """γ_key (released default argument; the paper gives no value)."""
     use_step_rewards: bool = True
@@ -37,49 +50,82 @@ class RewardConfig:
     step_reward_scale: float = 0.6
     """Step rewards are scale · (G^t − P^t) (released code; the paper does not mention a scale)."""
     step_rewards_on_format_fail: bool = False
-    """Keep the step rewards when the format gate fails (released: dropped; set true to keep them)."""
+    """format_gate="released" only: keep the step rewards when the format check fails (released: dropped)."""
+    use_sub_answer_reward: bool = False
+    """Add sub_answer_coef · r_sub (the "ow sub-answer" row, with the "sub_answer" prompt template)."""
+    sub_answer_coef: float = 0.618
+    """Weight of r_sub; the paper gives none, so it takes γ_key's value."""
 
     def __post_init__(self):
-        if self.answer_metric not in ANSWER_METRICS:
-            raise ValueError(f"[reward] answer_metric '{self.answer_metric}' is unknown; valid: {list(ANSWER_METRICS)}")
-        if self.key_reward_mode not in _KEY_MODES:
-            raise ValueError(f"[reward] key_reward_mode '{self.key_reward_mode}' is unknown; valid: {list(_KEY_MODES)}")
-        for name in ("format_fail_score", "search_key_coef", "step_reward_scale"):
+        for name, valid in _CHOICES.items():
+            if getattr(self, name) not in valid:
+                raise ValueError(f"[reward] {name} '{getattr(self, name)}' is unknown; valid: {list(valid)}")
+        for name in ("format_fail_score", "search_key_coef", "step_reward_scale", "sub_answer_coef"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"[reward] {name} must be a finite number, got {value!r}")
         for f in dataclasses.fields(self):
             if f.type in ("bool", bool) and not isinstance(getattr(self, f.name), bool):
                 raise TypeError(f"[reward] {f.name} must be true or false, got {getattr(self, f.name)!r}")
+        if self.ablation not in ABLATIONS:
+            raise ValueError(f"[reward] ablation '{self.ablation}' is unknown; valid: {list(ABLATIONS)}")
+        for name, value in ABLATIONS[self.ablation].items():
+            if getattr(self, name) != value:
+                raise ValueError(f"[reward] ablation={self.ablation} needs {name}={value}, got {getattr(self, name)}; "
+                                 f"build the config with RewardConfig.from_mapping or for_ablation")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "RewardConfig":
-        """Build from a plain mapping (e.g. ``OmegaConf.to_container(cfg.reward)``); unknown keys are an error."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        """Build from a plain mapping (e.g. ``OmegaConf.to_container(cfg.reward)``); unknown keys are an error.
+
+        The ablation row's switches replace the mapping's values; a switch the mapping moved off its default in
+        the other direction is a contradiction and an error (``ablation=ow_info_gain`` with
+        ``use_info_gain=false``).
+        """
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(fields))
         if unknown:
-            raise KeyError(f"[reward] unknown keys {unknown}; valid keys: {sorted(known)}")
-        return cls(**dict(values))
+            raise KeyError(f"[reward] unknown keys {unknown}; valid keys: {sorted(fields)}")
+        values = dict(values)
+        row_name = values.get("ablation", fields["ablation"].default)
+        if row_name not in ABLATIONS:
+            raise ValueError(f"[reward] ablation '{row_name}' is unknown; valid: {list(ABLATIONS)}")
+        for name, forced in ABLATIONS[row_name].items():
+            given = values.get(name, forced)
+            if given != forced and given != fields[name].default:
+                raise ValueError(f"[reward] ablation={row_name} sets {name}={forced}, but {name}={given} was also "
+                                 f"given; drop one of the two")
+            values[name] = forced
+        return cls(**values)
 
     @classmethod
     def for_ablation(cls, name: str, **overrides: Any) -> "RewardConfig":
-        """The config of one paper setting (Tables 2–3), e.g. ``for_ablation("no_key")``; see :data:`ABLATIONS`."""
-        if name not in ABLATIONS:
-            raise ValueError(f"[reward] ablation '{name}' is unknown; valid: {sorted(ABLATIONS)}")
-        return cls.from_mapping({**ABLATIONS[name], **overrides})
+        """The config of one row of the paper's Table 3, e.g. ``for_ablation("wo_key_reward")``."""
+        return cls.from_mapping({**overrides, "ablation": name})
 
 
-# Paper Table 3 rows ("w/o X" turns X off; "ow X" keeps only X) and Table 2's PPO baseline (answer F1 only).
-ABLATIONS: dict[str, dict[str, Any]] = {
+def _row(*on: str) -> dict[str, bool]:
+    """Every reward switch, True only for ``on``."""
+    return {name: name in on for name in _SWITCHES}
+
+
+_SWITCHES = ("use_search_key_reward", "use_step_rewards", "use_info_gain", "use_redundancy_penalty",
+             "use_sub_answer_reward")
+_STEPS = ("use_step_rewards", "use_info_gain", "use_redundancy_penalty")
+# The rows of the paper's Table 3, in its order ("w/o X": X off; "ow X": the answer reward plus X only). "full"
+# (StePPO, the default) forces nothing, so the individual switches still compose; every other row sets all five
+# switches. "ppo" is Table 2's PPO baseline (answer F1 only). "ow_sub_answer" also needs data built with the
+# "sub_answer" prompt template (stepsearch.data.prompts), whose <sub_answer_k> tags r_sub scores.
+ABLATIONS: dict[str, dict[str, bool]] = {
     "full": {},
-    "no_key": {"use_search_key_reward": False},
-    "no_penalty": {"use_redundancy_penalty": False},
-    "no_info_gain": {"use_info_gain": False},
-    "no_step": {"use_step_rewards": False},
-    "ppo": {"use_search_key_reward": False, "use_step_rewards": False,
-            "use_info_gain": False, "use_redundancy_penalty": False},
-    "only_key": {"use_step_rewards": False, "use_info_gain": False, "use_redundancy_penalty": False},
-    "only_penalty": {"use_search_key_reward": False, "use_info_gain": False},
-    "only_info_gain": {"use_search_key_reward": False, "use_redundancy_penalty": False},
-    "only_step": {"use_search_key_reward": False},
+    "wo_key_reward": _row(*_STEPS),
+    "wo_penalty": _row("use_search_key_reward", "use_step_rewards", "use_info_gain"),
+    "wo_info_gain": _row("use_search_key_reward", "use_step_rewards", "use_redundancy_penalty"),
+    "wo_steps_reward": _row("use_search_key_reward"),
+    "ppo": _row(),
+    "ow_key_reward": _row("use_search_key_reward"),
+    "ow_penalty": _row("use_step_rewards", "use_redundancy_penalty"),
+    "ow_info_gain": _row("use_step_rewards", "use_info_gain"),
+    "ow_steps_reward": _row(*_STEPS),
+    "ow_sub_answer": _row("use_sub_answer_reward"),
 }

@@ -1,8 +1,8 @@
-"""The ``<information>`` document format (SPEC.md §2.3, item 7) and its parser, plus document field access.
+"""The ``<information>`` document format (docs/method.md §2.3, item 7) and its parser, plus document field access.
 
 Format, per retrieved doc of rank i = 1..k:  ``Doc i<## Title: {title} ##> {body}`` followed by "\\n".
 The rollout renders observations with :func:`format_docs`; the reward and the scoring CLI read them back with
-:func:`parse_information_blocks`. Unlike the released parser (SPEC §1.6), a doc's body here stops at the next
+:func:`parse_information_blocks`. Unlike the released parser (docs/method.md §1.6), a doc's body here stops at the next
 ``Doc k<## Title:`` header, so it never carries the next doc's rank label.
 """
 from __future__ import annotations
@@ -11,13 +11,17 @@ import re
 from typing import Any, Mapping, Sequence
 
 __all__ = [
-    "format_docs", "parse_information_blocks", "rounds_from_response", "doc_title_text", "support_doc_text",
+    "format_docs", "format_docs_with_spans", "parse_information_blocks", "rounds_from_response", "doc_title_text",
+    "support_doc_text", "policy_text",
 ]
 
 # One search round: a <search> span (that does not itself contain </search>) followed by whitespace and an
 # <information> block. Rounds whose search produced no <information> (forced final turn) do not match.
 _ROUND_RE = re.compile(r"<search>((?:(?!</search>).)*)</search>\s*<information>(.*?)</information>", re.DOTALL)
 _DOC_HEADER_RE = re.compile(r"(?m)^Doc (\d+)<## Title: (.*?) ##>")
+# Text the environment injects into a response: <information> blocks and <warning> messages (invalid action, final
+# turn, retrieval error). An unclosed block runs to the end (a cut response).
+_INJECTED_RE = re.compile(r"<information>.*?(?:</information>|\Z)|<warning>.*?(?:</warning>|\Z)", re.DOTALL)
 
 
 def _split_contents(contents: str) -> tuple[str, str]:
@@ -52,7 +56,7 @@ def doc_title_text(doc: Mapping[str, Any], where: str = "doc") -> tuple[str, str
 
 def support_doc_text(doc: Any, where: str = "support_docs") -> str:
     """Body text of one gold document: a string, or a dict with ``paragraph_text`` / ``text`` / ``content`` /
-    ``contents`` (title dropped: similarity uses the body only, SPEC §1.6)."""
+    ``contents`` (title dropped: similarity uses the body only, docs/method.md §1.6)."""
     if isinstance(doc, str):
         return doc
     if isinstance(doc, Mapping):
@@ -65,12 +69,28 @@ def support_doc_text(doc: Any, where: str = "support_docs") -> str:
 
 def format_docs(docs: Sequence[Mapping[str, Any]]) -> str:
     """Render retrieved docs (corpus rows or ``{"document", "score"}`` hits) as
-    ``Doc i<## Title: {title} ##> {body}\\n`` for i = 1..k, concatenated (SPEC §2.3 item 7)."""
-    parts = []
+    ``Doc i<## Title: {title} ##> {body}\\n`` for i = 1..k, concatenated (docs/method.md §2.3 item 7)."""
+    return format_docs_with_spans(docs)[0]
+
+
+def format_docs_with_spans(docs: Sequence[Mapping[str, Any]]) -> tuple[str, list[tuple[int, int]]]:
+    """``format_docs(docs)`` and, per doc, the [start, end) character span of its body text in that string (so
+    a cut of the rendered text can be mapped back to how much of each doc was shown)."""
+    parts, spans, offset = [], [], 0
     for i, doc in enumerate(docs, start=1):
         title, text = doc_title_text(doc, f"docs[{i - 1}]")
-        parts.append(f"Doc {i}<## Title: {title} ##> {text}\n")
-    return "".join(parts)
+        head = f"Doc {i}<## Title: {title} ##> "
+        spans.append((offset + len(head), offset + len(head) + len(text)))
+        parts.append(f"{head}{text}\n")
+        offset += len(head) + len(text) + 1
+    return "".join(parts), spans
+
+
+def policy_text(response: str) -> str:
+    """The response without the text the environment injected (``<information>`` blocks, ``<warning>``
+    messages), i.e. what the policy itself wrote. A warning quotes ``<search> and </search>`` and
+    ``<answer> and </answer>``; those must not count as the policy's searches or answers."""
+    return _INJECTED_RE.sub(" ", response)
 
 
 def _parse_block(body: str) -> list[dict]:

@@ -1,4 +1,4 @@
-"""Information gain G^t (SPEC.md §1.6; arXiv 2505.15107 eqs. 7–11).
+"""Information gain G^t (docs/method.md §1.6; arXiv 2505.15107 eqs. 7–11).
 
     c_i^t = max_j sim(d_j^{r(t)}, d_i^g)
     G^t   = (1/n) Σ_i max(c_i^t − m_i, 0)

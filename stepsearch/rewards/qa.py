@@ -1,6 +1,6 @@
 """Answer scoring: SQuAD normalization, EM / F1 / cover-EM, answer extraction and the format gate.
 
-SPEC.md §1.3 (training reward) and §6.1 (evaluation). Every F1/EM in the project goes through these functions.
+docs/method.md §1.3 (training reward) and §6.1 (evaluation). Every F1/EM in the project goes through these functions.
 """
 from __future__ import annotations
 
@@ -12,24 +12,27 @@ from typing import Iterable
 
 __all__ = [
     "normalize_answer", "token_f1", "clear_answer_cache", "f1_score", "exact_match", "cover_exact_match",
-    "extract_answer", "extract_eval_prediction", "check_format", "extract_queries", "as_str_list",
+    "extract_answer", "extract_eval_prediction", "check_format", "check_format_paper", "extract_queries",
+    "as_str_list",
 ]
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 # ASCII punctuation; a regex deletion is ~3x faster than str.translate with a deletion table.
 PUNCT_RE = re.compile("[" + re.escape(string.punctuation) + "]")
-# Non-greedy, across newlines (SPEC §1.3). Tags are matched literally.
+# Non-greedy, across newlines (docs/method.md §1.3). Tags are matched literally.
 # an answer span never contains another "<answer>": in "<answer> A </think><answer> B </answer>" the last answer is
 # " B " (a hedging policy that opens a second answer inside the first is scored on its last answer only, not on
 # the token overlap of both candidates)
 _ANSWER_RE = re.compile(r"<answer>((?:(?!<answer>).)*?)</answer>", re.DOTALL)
 _SEARCH_RE = re.compile(r"<search>(.*?)</search>", re.DOTALL)
+# One think+search round of the paper's loop: a closed <think> block, then (after whitespace) a closed <search>.
+_THINK_SEARCH_RE = re.compile(r"<think>.*?</think>\s*<search>.*?</search>", re.DOTALL)
 # End-of-turn markers a decoder may leave at the very end of a response; they count as whitespace for the gate.
 _TRAILING_END_MARKERS = ("<|im_end|>", "<|endoftext|>")
 
 
 def normalize_answer(text: str) -> str:
-    """SQuAD normalization (SPEC §1.3): lower-case, drop ASCII punctuation, drop a/an/the, collapse whitespace."""
+    """SQuAD normalization (docs/method.md §1.3): lower-case, drop ASCII punctuation, drop a/an/the, collapse whitespace."""
     text = text.lower()
     text = PUNCT_RE.sub("", text)
     text = _ARTICLES.sub(" ", text)
@@ -90,7 +93,7 @@ def f1_score(prediction: str | None, golds: Iterable[str], ndigits: int | None =
 
 
 def exact_match(prediction: str | None, golds: Iterable[str]) -> float:
-    """1.0 if the normalized prediction equals any normalized gold string (SPEC §6.1), else 0.0."""
+    """1.0 if the normalized prediction equals any normalized gold string (docs/method.md §6.1), else 0.0."""
     if prediction is None:
         return 0.0
     pred = normalize_answer(prediction)
@@ -114,7 +117,7 @@ def cover_exact_match(prediction: str | None, golds: Iterable[str]) -> float:
 
 
 def extract_answer(response: str) -> str | None:
-    """Content of the LAST ``<answer>…</answer>`` in the response, stripped; None when there is none (SPEC §1.3).
+    """Content of the LAST ``<answer>…</answer>`` in the response, stripped; None when there is none (docs/method.md §1.3).
 
     Pass the response only (never prompt + response): the prompt itself contains ``<answer> Beijing </answer>``.
     """
@@ -123,7 +126,7 @@ def extract_answer(response: str) -> str | None:
 
 
 def extract_eval_prediction(response: str) -> str:
-    """Evaluation prediction (SPEC §6.1): last ``<answer>`` stripped; if it contains "{", the text after the last
+    """Evaluation prediction (docs/method.md §6.1): last ``<answer>`` stripped; if it contains "{", the text after the last
     "{" up to the following "}" (``\\boxed{…}``-style answers); "" when there is no answer tag."""
     answer = extract_answer(response)
     if answer is None:
@@ -135,7 +138,7 @@ def extract_eval_prediction(response: str) -> str:
 
 
 def check_format(response: str) -> bool:
-    """The released format gate (SPEC §1.3): at least one closed ``<answer>…</answer>`` block and nothing but
+    """The released format gate (docs/method.md §1.3): at least one closed ``<answer>…</answer>`` block and nothing but
     whitespace after the last one. Trailing ``<|im_end|>``/``<|endoftext|>`` markers count as whitespace."""
     last_end = None
     for m in _ANSWER_RE.finditer(response):
@@ -148,6 +151,18 @@ def check_format(response: str) -> bool:
     return tail.strip() == ""
 
 
+def check_format_paper(policy_text: str) -> bool:
+    """The paper's format check: at least one think+search round (``<think>…</think>`` then ``<search>…</search>``),
+    exactly one ``<answer>`` tag pair, and it ends the text (the released check, :func:`check_format`).
+
+    ``policy_text``: the policy's own text (``docs.policy_text``); the environment's warnings quote
+    ``<answer> and </answer>``, which would otherwise count as a second answer.
+    """
+    if policy_text.count("<answer>") != 1 or policy_text.count("</answer>") != 1:
+        return False
+    return _THINK_SEARCH_RE.search(policy_text) is not None and check_format(policy_text)
+
+
 def extract_queries(response: str) -> list[str]:
-    """Every ``<search>…</search>`` span of the response, tags removed and stripped, in order (SPEC §1.4)."""
+    """Every ``<search>…</search>`` span of the response, tags removed and stripped, in order (docs/method.md §1.4)."""
     return [q.strip() for q in _SEARCH_RE.findall(response)]

@@ -1,4 +1,4 @@
-"""Redundancy penalty P^t (SPEC.md §1.7; arXiv 2505.15107, the redundancy penalty of the step reward).
+"""Redundancy penalty P^t (docs/method.md §1.7; arXiv 2505.15107, the redundancy penalty of the step reward).
 
     P^t = (1/k) Σ_j 1(d_j^{r(t)} ∈ H^{t−1}),   H^t = H^{t−1} ∪ I^t,   H^0 = ∅
 

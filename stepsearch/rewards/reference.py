@@ -1,6 +1,6 @@
 """Slow reference implementations, used as oracles by tests/rewards and bench/rewards.py (never in training).
 
-They follow SPEC.md §1.6–1.8 literally: a scikit-learn ``TfidfVectorizer`` refit for every retrieved doc on
+They follow docs/method.md §1.6–1.8 literally: a scikit-learn ``TfidfVectorizer`` refit for every retrieved doc on
 {doc} ∪ gold docs, plain Python loops for G^t, P^t and the token placement.
 """
 from __future__ import annotations
@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 
 from .config import RewardConfig
-from .qa import check_format, exact_match, extract_answer, extract_queries, f1_score, normalize_answer
+from .docs import policy_text
+from .qa import check_format, check_format_paper, exact_match, extract_answer, f1_score, normalize_answer
 from .scoring import gold_texts, round_doc_texts
 from .search_key import search_key_reward
 
@@ -33,7 +34,7 @@ def sklearn_similarities(doc_text: str, golds: list[str]) -> list[float]:
 
 
 def reference_info_gain(rounds_texts: list[list[str]], golds: list[str]) -> list[float]:
-    """G^t with the memory vector, one sklearn refit per retrieved doc (SPEC §1.6 algorithm, as loops)."""
+    """G^t with the memory vector, one sklearn refit per retrieved doc (docs/method.md §1.6 algorithm, as loops)."""
     n = len(golds)
     if n == 0:
         return []
@@ -83,9 +84,13 @@ def reference_token_scores(response_mask: torch.Tensor, response_texts: list[str
             steps = [cfg.step_reward_scale
                      * ((g if cfg.use_info_gain else 0) - (p if cfg.use_redundancy_penalty else 0))
                      for g, p in zip(gains, pens)]
-        if check_format(text):
-            key = search_key_reward(extract_queries(text), gt.get("search_keys"), cfg.key_reward_mode)
-            overall = r_answer + (cfg.search_key_coef * key if cfg.use_search_key_reward else 0.0)
+        ok = check_format(text) if cfg.format_check == "released" else check_format_paper(policy_text(text))
+        key = search_key_reward([r["query"] for r in rounds[b]], gt.get("search_keys"), cfg.key_reward_mode)
+        bonus = cfg.search_key_coef * key if cfg.use_search_key_reward else 0.0
+        if ok:
+            overall = r_answer + bonus
+        elif cfg.format_gate == "paper":
+            overall = bonus
         else:
             overall, steps = cfg.format_fail_score, (steps if cfg.step_rewards_on_format_fail else [])
         for step, pos in zip(steps, positions[b]):

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from .config import ABLATIONS, RewardConfig
+from stepsearch.data.io import DataError, atomic_path, decode_utf8
+
+from .config import ABLATIONS, FORMAT_CHECKS, FORMAT_GATES, RewardConfig
 from .scoring import TrajectoryScore, reward_metrics, score_trajectory
 
 __all__ = ["BadRowError", "ScoreSummary", "parse_row", "score_file", "main"]
@@ -73,33 +73,36 @@ def _score_line(text: str, where: str, cfg: RewardConfig) -> tuple[TrajectorySco
 def score_file(input_path: str, output_path: str, cfg: RewardConfig, skip_bad: bool = False) -> ScoreSummary:
     """Score every non-blank line of ``input_path`` into ``output_path`` (written atomically).
 
-    A bad row raises :class:`BadRowError` naming FILE:LINE (nothing is written), or with ``skip_bad`` is counted
-    in ``ScoreSummary.bad_lines`` and left out of the output.
+    A bad row (also one that is not UTF-8) raises :class:`BadRowError` naming FILE:LINE (nothing is written), or
+    with ``skip_bad`` is counted in ``ScoreSummary.bad_lines`` and left out of the output. An input with no rows,
+    or with ``skip_bad`` no good row, raises BadRowError too (an empty output is never a success).
     """
-    summary, scores = ScoreSummary(), []
-    out_dir = os.path.dirname(os.path.abspath(output_path))
-    fd, tmp_path = tempfile.mkstemp(prefix=".score-", suffix=".jsonl", dir=out_dir)
-    try:
-        with open(input_path, encoding="utf-8") as fin, os.fdopen(fd, "w", encoding="utf-8") as fout:
-            for line_no, text in enumerate(fin, start=1):
-                if not text.strip():
-                    continue
+    summary, scores, rows_seen = ScoreSummary(), [], 0
+    with atomic_path(output_path, suffix=".jsonl") as tmp_path, open(input_path, "rb") as fin, \
+            open(tmp_path, "w", encoding="utf-8") as fout:
+        for line_no, raw in enumerate(fin, start=1):
+            if not raw.strip():
+                continue
+            rows_seen += 1
+            try:
                 try:
-                    score, row = _score_line(text, f"{input_path}:{line_no}", cfg)
-                except BadRowError:
-                    if not skip_bad:
-                        raise
-                    summary.bad_lines.append(line_no)
-                    continue
-                out = {"line": line_no, **({"id": row["id"]} if "id" in row else {}), **score.to_dict()}
-                fout.write(json.dumps(out, ensure_ascii=False) + "\n")
-                scores.append(score)
-        os.chmod(tmp_path, 0o644)                                        # mkstemp creates 0600
-        os.replace(tmp_path, output_path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.unlink(tmp_path)
-        raise
+                    text = decode_utf8(raw, input_path, line_no)
+                except DataError as err:  # a binary or otherwise non-UTF-8 line: a bad row with file:line
+                    raise BadRowError(str(err)) from None
+                score, row = _score_line(text, f"{input_path}:{line_no}", cfg)
+            except BadRowError:
+                if not skip_bad:
+                    raise
+                summary.bad_lines.append(line_no)
+                continue
+            out = {"line": line_no, **({"id": row["id"]} if "id" in row else {}), **score.to_dict()}
+            fout.write(json.dumps(out, ensure_ascii=False) + "\n")
+            scores.append(score)
+        if not rows_seen:
+            raise BadRowError(f"{input_path}: no rows (the file is empty or holds only blank lines)")
+        if not scores:  # only with skip_bad: every row was bad
+            raise BadRowError(f"{input_path}: all {len(summary.bad_lines)} rows were bad and skipped (--skip-bad); "
+                              f"nothing left to score (lines {summary.bad_lines[:20]})")
     summary.num_scored = len(scores)
     summary.metrics = reward_metrics(scores)
     return summary
@@ -112,7 +115,10 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="JSONL file to write (atomically)")
     p.add_argument("--skip-bad", action="store_true", help="count bad rows and go on instead of stopping")
     p.add_argument("--ablation", default="full", choices=sorted(ABLATIONS), help="paper setting (docs/rewards.md)")
-    p.add_argument("--format-fail-score", type=float, help="outcome reward on a format failure (default -1)")
+    p.add_argument("--format-check", choices=list(FORMAT_CHECKS), help="released (default) or paper")
+    p.add_argument("--format-gate", choices=list(FORMAT_GATES),
+                   help="released (default: outcome = --format-fail-score) or paper (only r_answer is 0)")
+    p.add_argument("--format-fail-score", type=float, help="outcome on a format failure, released gate (default -1)")
     p.add_argument("--answer-metric", choices=["f1", "em"])
     p.add_argument("--key-reward-mode", choices=["max", "latest"])
     p.add_argument("--search-key-coef", type=float, help="gamma_key (default 0.618)")

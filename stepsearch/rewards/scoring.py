@@ -1,9 +1,12 @@
 """Scoring one trajectory: outcome reward (format gate, r_answer, r_key) and per-round step rewards.
 
-SPEC.md §1.1–1.8:
-    r_overall = r_answer + γ_key · r_key       if the format is valid, else format_fail_score
-    s_t       = G^t − P^t                      (each term behind its flag)
+docs/method.md §1.1–1.8:
+    r_overall = r_answer + γ_key · r_key       if the format is valid (each term behind its flag)
+              = format_fail_score               on a format failure, format_gate="released"
+              = 0 + γ_key · r_key               on a format failure, format_gate="paper" (only r_answer is zeroed)
+    s_t       = G^t − P^t                       (each term behind its flag)
     step_t    = step_reward_scale · s_t
+The "ow sub-answer" row adds sub_answer_coef · r_sub to r_overall (stepsearch/rewards/sub_answer.py).
 """
 from __future__ import annotations
 
@@ -13,14 +16,15 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .config import RewardConfig
-from .docs import doc_title_text, rounds_from_response, support_doc_text
+from .docs import doc_title_text, policy_text, rounds_from_response, support_doc_text
 from .info_gain import GoldTfidf, info_gain
-from .qa import as_str_list, check_format, exact_match, extract_answer, extract_queries, f1_score
+from .qa import as_str_list, check_format, check_format_paper, exact_match, extract_answer, f1_score
 from .redundancy import redundancy_penalty
 from .search_key import search_key_reward
+from .sub_answer import extract_sub_answers, sub_answer_reward
 
 __all__ = ["TrajectoryScore", "score_trajectory", "reward_metrics", "combine_step_rewards", "gold_texts",
-           "round_doc_texts"]
+           "round_doc_texts", "round_queries", "format_ok", "outcome_reward"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,8 @@ class TrajectoryScore:
     """The outcome reward placed at the last generated token."""
     answer: str | None = None
     """The extracted answer (last <answer> of the response), None when there is none."""
+    sub_answer_reward: float = 0.0
+    """r_sub (only computed with use_sub_answer_reward)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -55,7 +61,7 @@ def gold_texts(support_docs: Sequence[Any] | None) -> list[str]:
 
 
 def round_doc_texts(rounds: Sequence[Mapping]) -> list[list[str]]:
-    """Body texts (no title, SPEC §1.6) of each round's docs."""
+    """Body texts (no title, docs/method.md §1.6) of each round's docs."""
     out = []
     for t, rnd in enumerate(rounds):
         if not isinstance(rnd, Mapping) or "docs" not in rnd:
@@ -64,12 +70,44 @@ def round_doc_texts(rounds: Sequence[Mapping]) -> list[list[str]]:
     return out
 
 
+def round_queries(rounds: Sequence[Mapping]) -> list[str]:
+    """The query of every search round, in order: the policy's own ``<search>`` text as the rollout recorded it
+    (never text found inside an observation, which may quote ``<search> and </search>``)."""
+    queries = []
+    for t, rnd in enumerate(rounds):
+        if not isinstance(rnd, Mapping) or not isinstance(rnd.get("query"), str):
+            raise KeyError(f"rounds[{t}] must be a dict with a string 'query' (and 'docs'), got {rnd!r}")
+        queries.append(rnd["query"])
+    return queries
+
+
 def _answer_rewards(answer: str | None, ground_truth: Mapping) -> tuple[float, float]:
     """(F1 rounded to 4 decimals, EM) of the extracted answer against ``ground_truth.target``."""
     if not isinstance(ground_truth, Mapping) or "target" not in ground_truth:
         raise KeyError(f"ground_truth must be a dict with 'target' (a list of gold answers), got {ground_truth!r}")
     targets = as_str_list(ground_truth["target"], "ground_truth.target")
     return f1_score(answer, targets), exact_match(answer, targets)
+
+
+def format_ok(response_text: str, cfg: RewardConfig) -> bool:
+    """The format check ``cfg.format_check`` selects: "released" (a closed <answer> at the end of the response) or
+    "paper" (also exactly one <answer> and ≥ 1 think+search round, on the policy's own text)."""
+    if cfg.format_check == "paper":
+        return check_format_paper(policy_text(response_text))
+    return check_format(response_text)
+
+
+def outcome_reward(r_answer: float, key_reward: float, sub_reward: float, is_format_ok: bool,
+                   cfg: RewardConfig) -> float:
+    """r_overall = r_answer + γ_key·r_key (+ γ_sub·r_sub), each term behind its flag. On a format failure the
+    released gate returns format_fail_score; the paper's gate sets only r_answer to 0."""
+    bonus = ((cfg.search_key_coef * key_reward if cfg.use_search_key_reward else 0.0)
+             + (cfg.sub_answer_coef * sub_reward if cfg.use_sub_answer_reward else 0.0))
+    if is_format_ok:
+        return r_answer + bonus
+    if cfg.format_gate == "paper":
+        return 0.0 + bonus                                                  # r_answer = 0, the rest stays
+    return cfg.format_fail_score
 
 
 def combine_step_rewards(gains: list[float], penalties: list[float], cfg: RewardConfig) -> list[float]:
@@ -83,31 +121,31 @@ def combine_step_rewards(gains: list[float], penalties: list[float], cfg: Reward
 def score_trajectory(response_text: str, rounds: Sequence[Mapping] | None, ground_truth: Mapping,
                      support_docs: Sequence[Any] | None, cfg: RewardConfig) -> TrajectoryScore:
     """Score one trajectory. ``response_text`` is the response only (never the prompt). ``rounds`` are the
-    rollout's ``[{"query", "docs": [{"id","title","text"}]}]``; None parses them from the response's
-    ``<information>`` blocks. Without gold docs, G and P are empty and no step rewards are produced (§1.6)."""
+    rollout's ``[{"query", "docs": [{"id","title","text"}]}]`` (docs as shown to the policy, i.e. cut where the
+    observation was cut); None parses them from the response's ``<information>`` blocks. r_key uses the rounds'
+    queries. Without gold docs, G and P are empty and no step rewards are produced (§1.6)."""
     if not isinstance(response_text, str):
         raise TypeError(f"response_text must be a string, got {type(response_text).__name__}")
     if rounds is None:
         rounds = rounds_from_response(response_text)
     answer = extract_answer(response_text)
     answer_f1, answer_em = _answer_rewards(answer, ground_truth)
-    format_ok = check_format(response_text)
-    key_reward = search_key_reward(extract_queries(response_text), ground_truth.get("search_keys"),
-                                   cfg.key_reward_mode)
+    is_format_ok = format_ok(response_text, cfg)
+    key_reward = search_key_reward(round_queries(rounds), ground_truth.get("search_keys"), cfg.key_reward_mode)
+    sub_reward = (sub_answer_reward(extract_sub_answers(policy_text(response_text)), ground_truth.get("sub_answers"))
+                  if cfg.use_sub_answer_reward else 0.0)
     golds = gold_texts(support_docs)
     gains, penalties = [], []
     if golds:
         gains = info_gain(round_doc_texts(rounds), GoldTfidf(golds))
         penalties = redundancy_penalty([rnd["docs"] for rnd in rounds])
-    if format_ok:
-        r_answer = answer_f1 if cfg.answer_metric == "f1" else answer_em
-        overall = r_answer + (cfg.search_key_coef * key_reward if cfg.use_search_key_reward else 0.0)
-    else:
-        overall = cfg.format_fail_score
-    steps = combine_step_rewards(gains, penalties, cfg) if (format_ok or cfg.step_rewards_on_format_fail) else []
-    return TrajectoryScore(answer_f1=answer_f1, answer_em=answer_em, format_ok=format_ok, key_reward=key_reward,
+    r_answer = answer_f1 if cfg.answer_metric == "f1" else answer_em
+    overall = outcome_reward(r_answer, key_reward, sub_reward, is_format_ok, cfg)
+    keep_steps = is_format_ok or cfg.format_gate == "paper" or cfg.step_rewards_on_format_fail
+    steps = combine_step_rewards(gains, penalties, cfg) if keep_steps else []
+    return TrajectoryScore(answer_f1=answer_f1, answer_em=answer_em, format_ok=is_format_ok, key_reward=key_reward,
                            info_gain=gains, redundancy=penalties, step_rewards=steps, overall=float(overall),
-                           answer=answer)
+                           answer=answer, sub_answer_reward=sub_reward)
 
 
 def _mean(values: list[float]) -> float:

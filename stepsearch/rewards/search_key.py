@@ -1,4 +1,4 @@
-"""Search-key reward r_key (SPEC.md §1.4; arXiv 2505.15107, the search-key reward of the global reward).
+"""Search-key reward r_key (docs/method.md §1.4; arXiv 2505.15107, the search-key reward of the global reward).
 
 Both modes score a query against a gold key with the answer F1 (normalization, 4-decimal rounding).
 """
@@ -36,7 +36,7 @@ def key_reward_max(queries: list[str], groups: list[list[str]]) -> float:
 
 
 def key_reward_latest(queries: list[str], groups: list[list[str]]) -> float:
-    """Released algorithm (SPEC §1.4 steps 1–4): each query goes to its single best group i* (strictly greater
+    """Released algorithm (docs/method.md §1.4 steps 1–4): each query goes to its single best group i* (strictly greater
     comparison, so ties go to the lowest index; groups with s_i = 0 are never chosen) and OVERWRITES that group's
     score, so a later, worse query matched to the same group lowers it. r_key = Σ_i score[i] / M."""
     if not queries or not groups:

@@ -1,6 +1,6 @@
 """Token-level rewards: put each round's step reward and the outcome reward on the response tokens.
 
-SPEC.md §1.8: step_rewards[t] goes at ``search_end_positions[t]`` (the last generated token of the turn that ended in
+docs/method.md §1.8: step_rewards[t] goes at ``search_end_positions[t]`` (the last generated token of the turn that ended in
 the t-th search, recorded by the rollout; only min(#step rewards, #positions) are written); the outcome reward is
 then ASSIGNED (not added) at the last token with response_mask == 1. Every other token gets 0.
 """
@@ -95,7 +95,7 @@ def compute_token_rewards(data, cfg: RewardConfig) -> tuple[torch.Tensor, dict[s
 
 
 def trajectory_scalar_rewards(token_level_scores: torch.Tensor) -> torch.Tensor:
-    """GRPO variant (SPEC §1.11): one scalar per trajectory, the sum of its non-zero token rewards. (B, T) -> (B,)."""
+    """GRPO variant (docs/method.md §1.11): one scalar per trajectory, the sum of its non-zero token rewards. (B, T) -> (B,)."""
     if token_level_scores.dim() != 2:
         raise ValueError(f"token_level_scores must be (B, T), got shape {tuple(token_level_scores.shape)}")
     return token_level_scores.sum(dim=-1)

@@ -25,9 +25,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from stepsearch.data.io import write_json_atomic
 from stepsearch.search.corpus import ArrowCorpus, build_arrow_corpus, file_sha256, format_contents
 from stepsearch.search.index import (BM25_DIR, CORPUS_TABLE, DENSE_INDEX, EMBEDDINGS, ENCODER_IDENTITY_KEYS,
-                                     MANIFEST, MANIFEST_VERSION, METHODS, write_json_atomic)
+                                     MANIFEST, MANIFEST_VERSION, METHODS)
 
 PROGRESS = "emb.progress.json"
 CORPUS_STATE = "corpus.arrow.json"
@@ -232,7 +233,7 @@ def build_index(cfg: BuildConfig) -> Path:
         build_bm25(cfg, corpus, out)
         manifest["bm25"] = {"library": "bm25s", "tokenizer": "bm25s.tokenize(stopwords='en')"}
     manifest["num_passages"] = rec["num_passages"]
-    write_json_atomic(out / MANIFEST, manifest)
+    write_json_atomic(out / MANIFEST, manifest, sort_keys=True)
     log(cfg, f"index ready at {out} ({rec['num_passages']} passages, {cfg.method}) in {time.perf_counter() - t0:.1f}s")
     return out
 

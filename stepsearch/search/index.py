@@ -55,13 +55,6 @@ def read_manifest(index_dir: str | os.PathLike) -> dict:
     return manifest
 
 
-def write_json_atomic(path: str | os.PathLike, obj) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)
-
-
 def index_identity(manifest: dict, method: str) -> str:
     """Short stable id of (index build, served method), used in cache keys so two indexes never share entries."""
     import hashlib

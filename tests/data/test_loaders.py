@@ -19,7 +19,8 @@ def test_parquet_loads_with_datasets(tmp_path):
     test_out, _ = build_test_set(EvalSetConfig(input=str(SAMPLES / "bamboogle_test.jsonl"), dataset="bamboogle",
                                                local_dir=str(tmp_path)))
     tds = datasets.load_dataset("parquet", data_files=test_out, split="train", cache_dir=str(tmp_path / "hf"))
-    assert tds[0]["reward_model"]["ground_truth"] == {"target": ["james madison"], "search_keys": []}
+    assert tds[0]["reward_model"]["ground_truth"] == {"target": ["james madison"], "search_keys": [],
+                                                   "sub_answers": []}
 
 
 def test_parquet_loads_with_the_trainer_dataset(tmp_path):

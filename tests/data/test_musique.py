@@ -73,7 +73,10 @@ def test_parquet_rows_have_exactly_the_seed_format_and_default_names(tmp_path):
     assert r["prompt"][0]["role"] == "user" and r["prompt"][0]["content"].endswith(
         "Question:Who was the first president of the association which published Journal of Psychotherapy Integration?\n")
     assert r["reward_model"]["style"] == "rule"
-    assert set(r["reward_model"]["ground_truth"]) == {"target", "search_keys"}
+    assert set(r["reward_model"]["ground_truth"]) == {"target", "search_keys", "sub_answers"}
+    # one list per decomposition step; the last step answers the question, so it also holds the alias
+    assert r["reward_model"]["ground_truth"]["sub_answers"] == [["American Psychological Association"],
+                                                                ["G. Stanley Hall", "Stanley Hall"]]
     assert set(r["extra_info"]) == {"split", "index", "support_docs"}
     assert [row["extra_info"]["index"] for row in rows] == list(range(100))
     assert set(r["extra_info"]["support_docs"][0]) == {"title", "text"}
@@ -97,7 +100,8 @@ def test_released_jsonl_converts(tmp_path):
     out, _ = build_musi(MusiConfig(local_dir=str(tmp_path), template="released"))
     row = read_rows_parquet(out)[0]
     assert row["reward_model"]["ground_truth"] == {"target": ["Kenny Gamble", "Gamble"],
-                                                   "search_keys": [["label of X", "X record label"], ["founder of PIR"]]}
+                                                   "search_keys": [["label of X", "X record label"], ["founder of PIR"]],
+                                                   "sub_answers": []}  # the record has no 'sub_answers' field
     assert row["extra_info"]["support_docs"] == [{"title": "X", "text": "X was released on PIR."}]
     assert row["prompt"][0]["content"].endswith("Question: Who founded the label of X?\n")
 

@@ -25,7 +25,7 @@ def test_released_template_asks_for_plan_and_observation():
 
 
 def test_bad_template_and_question_are_named():
-    with pytest.raises(ValueError, match="valid names: \\['paper', 'released'\\]"):
+    with pytest.raises(ValueError, match="valid names: \\['paper', 'released', 'sub_answer'\\]"):
         make_prompt("q", template="nope")
     with pytest.raises(ValueError, match="empty"):
         make_prompt("   ")

@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from stepsearch.envs.warmstart import (SFTConfig, copy_accuracy, permute_token_groups, run_sft, sft_loss_mask, sft_step_loss,
+from stepsearch.envs.warmstart import (SFTConfig, copy_accuracy, sft_stop_reason, permute_token_groups, run_sft, sft_loss_mask, sft_step_loss,
                                       single_token_ids)
 from verl.protocol import DataProto
 from verl.utils.tiny_model import build_tiny_causal_lm, build_tokenizer
@@ -103,6 +103,27 @@ def test_sft_stops_once_held_out_copy_accuracy_is_reached():
     assert len(losses) < 400 and len(losses) == history[-1]["step"]            # stopped at the first check that passed
     with pytest.raises(ValueError, match="stop_copy_acc"):
         SFTConfig(stop_copy_acc=1.5)
+
+
+def test_sft_stop_rule_target_and_plateau():
+    def checks(*weakest_names):                     # names (nan-free) then relations at 1.0
+        return [{"step": 100 * (i + 1), "copy_acc": [a, 1.0]} for i, a in enumerate(weakest_names)]
+
+    target = SFTConfig(stop_copy_acc=0.9)
+    assert sft_stop_reason(checks(0.5, 0.89), target) is None
+    assert "0.900 >= 0.9" in sft_stop_reason(checks(0.5, 0.9), target)
+    assert sft_stop_reason([{"step": 100, "copy_acc": [float("nan"), 0.95]}], target).startswith("copy accuracy 0.950")
+    plateau = SFTConfig(stop_copy_acc=0.9, plateau_checks=3, plateau_delta=0.01, plateau_min_acc=0.8)
+    # best before the last 3 checks: 0.85; best of all: 0.858 -> gain 0.008 <= 0.01: plateau
+    assert "plateaued at 0.858" in sft_stop_reason(checks(0.6, 0.85, 0.84, 0.858, 0.85), plateau)
+    # a gain of 0.02 in the last 3 checks: still learning
+    assert sft_stop_reason(checks(0.6, 0.85, 0.84, 0.87, 0.85), plateau) is None
+    # flat, but below plateau_min_acc: go on (the copy circuit may not have formed yet)
+    assert sft_stop_reason(checks(0.0, 0.0, 0.0, 0.0, 0.0), plateau) is None
+    # not enough checks yet to judge a plateau of 3
+    assert sft_stop_reason(checks(0.85, 0.85, 0.85), plateau) is None
+    with pytest.raises(ValueError, match="plateau"):
+        SFTConfig(plateau_checks=-1)
 
 
 def test_sft_loss_matches_a_slow_loop():

@@ -1,4 +1,4 @@
-"""The <information> document format: format_docs and its parser (SPEC §2.3 item 7, §1.6)."""
+"""The <information> document format: format_docs and its parser (docs/method.md §2.3 item 7, §1.6)."""
 import pytest
 
 from stepsearch.rewards.docs import (doc_title_text, format_docs, parse_information_blocks, rounds_from_response,

@@ -1,4 +1,4 @@
-"""Information gain G^t: the memory-vector algorithm, and TF-IDF similarities equal to a sklearn refit (SPEC §1.6)."""
+"""Information gain G^t: the memory-vector algorithm, and TF-IDF similarities equal to a sklearn refit (docs/method.md §1.6)."""
 import random
 
 import numpy as np
@@ -13,7 +13,7 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def test_worked_example_from_similarities():
-    # SPEC §1.9. Rows = retrieved docs, columns = (g1, g2).
+    # docs/method.md §1.9. Rows = retrieved docs, columns = (g1, g2).
     round1 = np.array([[0.90, 0.05], [0.10, 0.30], [0.20, 0.10]])
     # c¹ = [0.90, 0.30]; gains [0.90, 0.30] → G¹ = 0.60; m = [0.90, 0.30]
     round2 = np.array([[0.95, 0.20], [0.10, 0.80], [0.90, 0.05]])

@@ -1,4 +1,4 @@
-"""Answer normalization, EM / F1 / cover-EM, answer extraction and the format gate (SPEC §1.3, §6.1)."""
+"""Answer normalization, EM / F1 / cover-EM, answer extraction and the format gate (docs/method.md §1.3, §6.1)."""
 import pytest
 
 from stepsearch.rewards.qa import (check_format, cover_exact_match, exact_match, extract_answer,

@@ -1,4 +1,4 @@
-"""Redundancy penalty P^t by document id, with the normalized title+text fallback (SPEC §1.7)."""
+"""Redundancy penalty P^t by document id, with the normalized title+text fallback (docs/method.md §1.7)."""
 import pytest
 
 from stepsearch.rewards.redundancy import doc_key, redundancy_penalty

@@ -1,4 +1,4 @@
-"""Search-key reward r_key, both modes (SPEC §1.4)."""
+"""Search-key reward r_key, both modes (docs/method.md §1.4)."""
 import pytest
 
 from stepsearch.rewards.search_key import key_reward_latest, key_reward_max, search_key_reward

@@ -1,4 +1,4 @@
-"""Token placement and compute_token_rewards on a DataProto (SPEC §1.5, §1.8, §1.9, §1.11)."""
+"""Token placement and compute_token_rewards on a DataProto (docs/method.md §1.5, §1.8, §1.9, §1.11)."""
 import random
 import zlib
 
@@ -43,7 +43,7 @@ def test_worked_example_spec_1_9():
                 "<search>obama wife</search>\n<information>...</information>"
                 "<think>done</think><answer>Barack Obama</answer>")
     truth = {"target": ["Obama"], "search_keys": [["obama birthplace"], ["michelle robinson college"]]}
-    score = score_trajectory(response, [], truth, [], cfg)
+    score = score_trajectory(response, None, truth, [], cfg)          # rounds (and queries) parsed from the text
     assert score.answer_f1 == 0.6667 and score.key_reward == 0.5
     assert score.overall == pytest.approx(0.6667 + 0.618 * 0.5, abs=1e-12)     # = 0.9757 ≈ 0.976
     assert round(score.overall, 3) == 0.976
@@ -143,13 +143,13 @@ def test_compute_token_rewards_on_real_dataproto():
     # plain PPO: answer F1 only at the last token
     ("ppo", [0, 0, 0, 0, 0, 0, 0, 0, 0, 1.0, 0, 0]),
     # w/o key reward: step rewards unchanged, outcome = F1 = 1
-    ("no_key", [0, 0.6, 0, 0, 0, -0.2, 0, 0, 0, 1.0, 0, 0]),
+    ("wo_key_reward", [0, 0.6, 0, 0, 0, -0.2, 0, 0, 0, 1.0, 0, 0]),
     # w/o penalty: 0.6 · G only → 0.6, 0
-    ("no_penalty", [0, 0.6, 0, 0, 0, 0, 0, 0, 0, 1.309, 0, 0]),
+    ("wo_penalty", [0, 0.6, 0, 0, 0, 0, 0, 0, 0, 1.309, 0, 0]),
     # w/o info gain: −0.6 · P only → 0, −0.2
-    ("no_info_gain", [0, 0, 0, 0, 0, -0.2, 0, 0, 0, 1.309, 0, 0]),
+    ("wo_info_gain", [0, 0, 0, 0, 0, -0.2, 0, 0, 0, 1.309, 0, 0]),
     # w/o step rewards: outcome only, with the key reward
-    ("no_step", [0, 0, 0, 0, 0, 0, 0, 0, 0, 1.309, 0, 0]),
+    ("wo_steps_reward", [0, 0, 0, 0, 0, 0, 0, 0, 0, 1.309, 0, 0]),
 ])
 def test_ablations_are_one_override_each(ablation, expected_row0):
     data, _ = _real_batch()

@@ -54,14 +54,18 @@ def _new_lm(tokenizer, seed: int) -> Qwen2ForCausalLM:
     return model
 
 
-def random_lm(tokenizer, seed: int, std: float = 0.3) -> Qwen2ForCausalLM:
-    model = _new_lm(tokenizer, seed)
+def spread_weights(model, seed: int, std: float):
+    """Redraw every matrix of `model` from N(0, std²) (a seeded stream, in sorted name order); returns `model`."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, p in sorted(model.named_parameters()):
             if p.dim() > 1:
                 p.normal_(0.0, std, generator=gen)
-    return model.eval()
+    return model
+
+
+def random_lm(tokenizer, seed: int, std: float = 0.3) -> Qwen2ForCausalLM:
+    return spread_weights(_new_lm(tokenizer, seed), seed, std).eval()
 
 
 def programmed_lm(tokenizer, transitions: dict[int, int]) -> Qwen2ForCausalLM:

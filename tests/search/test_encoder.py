@@ -78,7 +78,7 @@ def test_cls_pooling_matches_first_token():
 
 
 def test_e5_folder_gets_e5_prefixes(tmp_path, exact):
-    """A local folder named like e5 loads by path and gets "query: " / "passage: " (SPEC §3.3)."""
+    """A local folder named like e5 loads by path and gets "query: " / "passage: " (docs/method.md §3.3)."""
     folder = tmp_path / "e5-small-local"
     folder.mkdir()
     src = Path(exact.model_path)

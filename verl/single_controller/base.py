@@ -3,7 +3,7 @@
 A worker class marks each public method with ``@register(Dispatch.X)``. A worker group (``LocalWorkerGroup``
 here, ``RayWorkerGroup`` in ``ray.py``) exposes the same method names on the driver; a call splits its input
 across the data-parallel ranks according to the mode, runs the method on every rank and merges the results,
-so the driver code reads like local calls (ARCHITECTURE-NOTES §2, item 13).
+so the driver code reads like local calls (as in veRL's single controller).
 """
 from __future__ import annotations
 

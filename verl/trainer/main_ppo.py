@@ -87,7 +87,22 @@ def build_run_config(cfg: Any) -> RunConfig:
         critic=_role_config(CriticConfig, critic, "critic", world, rollout.n),
         weight_bucket_mb=int(arr.get("weight_bucket_mb", 512)))
     _validate_sizes(run)
+    _validate_value_targets(run)
     return run
+
+
+def _validate_value_targets(run: RunConfig) -> None:
+    """Refuse a critic trained on targets that do not exist.
+
+    With ``mask_observations_in_gae=true`` the GAE chain skips observation tokens and leaves their returns at 0;
+    a value loss on those tokens would then regress V toward 0 wherever documents were injected.
+    """
+    gae = run.algorithm.adv_estimator == "gae"  # only GAE trains a critic
+    if gae and run.algorithm.mask_observations_in_gae and run.critic.value_loss_on_observations:
+        raise ValueError("[critic] value_loss_on_observations=true needs returns on observation tokens, but "
+                         "algorithm.mask_observations_in_gae=true leaves them at 0 (V would be trained toward 0 "
+                         "there); set critic.value_loss_on_observations=false, or "
+                         "algorithm.mask_observations_in_gae=false for the released all-positions GAE")
 
 
 def _validate_sizes(run: RunConfig) -> None:
@@ -201,15 +216,14 @@ def _total_steps(run: RunConfig, train_dataset) -> int:
 
 def run_ppo(cfg: Any) -> dict:
     """Build everything from the config tree and train; returns the last step's metrics."""
-    from transformers import AutoTokenizer
-
     from verl.trainer.ppo.ray_trainer import RayPPOTrainer, TrainerSpec
+    from verl.utils.tokenizer import load_tokenizer
     from verl.utils.tracking import Tracking
 
     cfg_dict = to_container(cfg)
     run = build_run_config(cfg_dict)
     seed_everything(run.trainer.seed)
-    tokenizer = AutoTokenizer.from_pretrained(run.model.tokenizer_path or run.model.path)
+    tokenizer = load_tokenizer(run.model.tokenizer_path or run.model.path)
     train_ds, val_ds = _build_datasets(run, tokenizer)
     rollout_fn = load_object(run.trainer.rollout_fn, "trainer.rollout_fn")(cfg_dict, tokenizer)
     reward_fn = load_object(run.trainer.reward_fn, "trainer.reward_fn")(cfg_dict, tokenizer)

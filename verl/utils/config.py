@@ -122,7 +122,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with linear warm-up to a constant LR (SPEC §1.10 item 6)."""
+    """AdamW with linear warm-up to a constant LR (docs/method.md §1.10 item 6)."""
     lr: float = 1e-6
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.999)
@@ -180,7 +180,7 @@ class KLControlConfig:
 
 @dataclass(frozen=True)
 class AlgorithmConfig:
-    """Advantage estimator and KL (``algorithm`` section, SPEC §1.10-1.11)."""
+    """Advantage estimator and KL (``algorithm`` section, docs/method.md §1.10-1.11)."""
     adv_estimator: str = "gae"
     gamma: float = 1.0
     lam: float = 1.0
@@ -222,6 +222,7 @@ class TrainerConfig:
     rollout_fn: str = ""
     reward_fn: str = ""
     progress_bar: bool = True
+    max_failed_rollout_share: float = 0.1
 
     @property
     def world_size(self) -> int:
@@ -236,6 +237,8 @@ class TrainerConfig:
         _check_positive("trainer", dp_size=self.dp_size, nnodes=self.nnodes)
         if self.total_training_steps <= 0 and self.total_epochs <= 0:
             raise ValueError("[trainer] set total_training_steps > 0 or total_epochs > 0")
+        if not 0.0 <= self.max_failed_rollout_share <= 1.0:
+            raise ValueError(f"[trainer] max_failed_rollout_share must be in [0, 1], got {self.max_failed_rollout_share}")
         unknown = set(self.logger) - {"console", "jsonl", "tensorboard", "wandb"}
         if unknown:
             raise ValueError(f"[trainer] unknown logger(s) {sorted(unknown)}; valid: console, jsonl, tensorboard, wandb")

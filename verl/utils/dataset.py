@@ -1,7 +1,7 @@
 """RLHFDataset: parquet rows (the seed format of docs/CONTRACTS.md "Dataset rows") -> DataProto batches.
 
 Each row becomes tensors ``input_ids``/``attention_mask`` (P,) left-padded to ``max_prompt_length`` (the chat
-template is applied when the tokenizer has one, SPEC §2.2) and non-tensors ``data_source``, ``ground_truth``,
+template is applied when the tokenizer has one, docs/method.md §2.2) and non-tensors ``data_source``, ``ground_truth``,
 ``support_docs``, ``index`` (the GRPO uid), ``id`` and ``question``.
 
 Batches are drawn in a deterministic order: epoch ``e`` visits the rows in ``permutation(seed + e)``. The
@@ -113,6 +113,8 @@ class RLHFDataset:
         extra = row.get("extra_info") or {}
         ground_truth = dict(_require(reward_model, "ground_truth", where + " reward_model"))
         ground_truth.setdefault("search_keys", [])
+        if ground_truth.get("sub_answers") is None:  # rows written before the field existed: no gold sub-answers
+            ground_truth["sub_answers"] = []
         index = extra.get("index", i)
         return {
             "input_ids": input_ids, "attention_mask": attention_mask,

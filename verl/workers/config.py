@@ -58,7 +58,7 @@ class _BatchSizes:
 
 @dataclass(frozen=True)
 class ActorConfig(_BatchSizes):
-    """Policy update settings. Defaults follow SPEC §1.10 / train.sh where they exist."""
+    """Policy update settings. Defaults follow docs/method.md §1.10 / train.sh where they exist."""
     ppo_mini_batch_size: int = 32                    # global, in prompts
     ppo_micro_batch_size_per_device: int = 16        # rows per forward/backward
     forward_micro_batch_size_per_device: int = 16    # rows per no-grad log-prob forward
@@ -69,7 +69,7 @@ class ActorConfig(_BatchSizes):
     seed: int = 0                                    # mini-batch shuffling
     clip_ratio_low: float = 0.2                      # ε_low
     clip_ratio_high: float = 0.2                     # ε_high (> ε_low: DAPO clip-higher)
-    clip_ratio_c: float | None = 3.0                 # dual-clip c (> 1), None disables
+    clip_ratio_c: float | None = None                # dual-clip c (> 1); None (StepSearch) disables it
     entropy_coeff: float = 0.0                       # released StepSearch: 0.001
     use_kl_loss: bool = False                        # GRPO-style KL loss against ref_log_probs
     kl_loss_coef: float = 0.001
@@ -95,7 +95,7 @@ class ActorConfig(_BatchSizes):
 
 @dataclass(frozen=True)
 class CriticConfig(_BatchSizes):
-    """Value update settings (SPEC §1.10 item 5)."""
+    """Value update settings (docs/method.md §1.10 item 5)."""
     ppo_mini_batch_size: int = 32
     ppo_micro_batch_size_per_device: int = 16
     forward_micro_batch_size_per_device: int = 16

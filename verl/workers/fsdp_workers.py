@@ -29,8 +29,10 @@ import torch.distributed as dist
 from verl.protocol import DataProto
 from verl.single_controller.base import Dispatch, register
 from verl.single_controller.worker import Worker
-from verl.utils.checkpoint import atomic_torch_save, capture_rng_state, restore_rng_state, rng_fingerprint
+from verl.utils.checkpoint import (atomic_torch_save, capture_rng_state, restore_rng_state,
+                                   rng_fingerprint)
 from verl.utils.config import FSDPConfig, OptimConfig, RolloutConfig
+from verl.utils.fs import follow_umask
 
 logger = logging.getLogger(__name__)
 
@@ -66,11 +68,15 @@ def resolve_device(device: str) -> torch.device:
 
 
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig, total_steps: int):
-    """Linear warm-up over int(warmup_ratio * total_steps) steps to a constant LR (SPEC §1.10 item 6)."""
+    """Linear warm-up over W = int(warmup_ratio * total_steps) updates to a constant LR (docs/method.md §1.10 item 6).
+
+    Update u (0-based) uses lr · u / W while u < W, then lr: the released veRL schedule, so the first update has
+    LR 0 and update W is the first at the full LR (W = 4: 0, 0.25, 0.5, 0.75, 1, 1, ...).
+    """
     warmup = optim.warmup_steps if optim.warmup_steps >= 0 else int(optim.warmup_ratio * total_steps)
 
     def factor(step: int) -> float:
-        return min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+        return min(1.0, step / warmup) if warmup > 0 else 1.0
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
@@ -226,12 +232,13 @@ class ActorRolloutRefWorker(_DistributedWorker):
 
     @register(Dispatch.ONE_TO_ALL)
     def init_model(self) -> None:
-        from transformers import AutoConfig, AutoTokenizer
+        from transformers import AutoConfig
 
+        from verl.utils.tokenizer import load_tokenizer
         from verl.workers.actor import Actor
 
         cfg = self.config
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path)
+        self.tokenizer = load_tokenizer(cfg.tokenizer_path)
         self.hf_config = AutoConfig.from_pretrained(cfg.model_path)
         fsdp = _use_fsdp(cfg.fsdp, self.world_size, self.device)
         self.module = self._load_causal_lm(trainable=True)
@@ -350,6 +357,7 @@ class ActorRolloutRefWorker(_DistributedWorker):
             tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp_hf_")
             model.save_pretrained(tmp, safe_serialization=True)
             self.tokenizer.save_pretrained(tmp)
+            follow_umask(tmp)  # mkdtemp made it 0700, safetensors its weights 0600
             if os.path.exists(out_dir):
                 shutil.rmtree(out_dir)
             os.replace(tmp, out_dir)

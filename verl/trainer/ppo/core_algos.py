@@ -137,7 +137,7 @@ def compute_gae_advantage_return(token_level_rewards: torch.Tensor, values: torc
             Rewards on masked tokens would be lost, so they raise a ValueError. Advantages and
             returns are 0 on masked positions.
             False: the recursion runs over every position as the released StepSearch/Search-R1 code
-            does; values and rewards on observation tokens take part (SPEC §1.10 item 3).
+            does; values and rewards on observation tokens take part (docs/method.md §1.10 item 3).
         whiten: whiten the advantages (masked mean 0, unbiased variance 1); the returns are computed
             before whitening.
         whiten_mask: (B, T) mask for the whitening statistics; default response_mask. The released
@@ -207,7 +207,7 @@ def compute_grpo_outcome_advantage(token_level_rewards: torch.Tensor, response_m
     """
     B, _ = _check_same_shape(token_level_rewards=token_level_rewards, response_mask=response_mask)
     gid = _group_ids(index, B, group_size)
-    scores = _as_float(token_level_rewards).sum(dim=-1)  # (B,): step rewards simply add in (SPEC §1.11)
+    scores = _as_float(token_level_rewards).sum(dim=-1)  # (B,): step rewards simply add in (docs/method.md §1.11)
     mean, std, _ = _group_mean_std(scores, gid)
     adv = (scores - mean) / (std + epsilon) if norm_adv_by_std else scores - mean
     advantages = adv.unsqueeze(-1) * response_mask.to(adv.dtype)
@@ -334,7 +334,7 @@ def build_kl_controller(kind: str, kl_coef: float, target_kl: float = 0.1, horiz
 
 def apply_kl_penalty(token_level_scores: torch.Tensor, old_log_probs: torch.Tensor, ref_log_probs: torch.Tensor,
                      response_mask: torch.Tensor, kl_ctrl, kind: str = "kl") -> tuple[torch.Tensor, dict]:
-    """KL as a reward penalty (SPEC §1.10 item 2): r_t = score_t − β·KL_t on generated tokens.
+    """KL as a reward penalty (docs/method.md §1.10 item 2): r_t = score_t − β·KL_t on generated tokens.
 
     token_level_scores, old_log_probs, ref_log_probs, response_mask: (B, T).
     β is kl_ctrl.value *before* this batch; afterwards the controller is updated with the batch's
@@ -406,7 +406,7 @@ def agg_denominator(loss_mask: torch.Tensor, mode: str) -> float:
 # ---------------------------------------------------------------------------------------------------------------------
 def compute_policy_loss(old_log_probs: torch.Tensor, log_probs: torch.Tensor, advantages: torch.Tensor,
                         response_mask: torch.Tensor, clip_ratio_low: float = 0.2, clip_ratio_high: float = 0.2,
-                        clip_ratio_c: float | None = 3.0, loss_agg_mode: str = "token-mean"
+                        clip_ratio_c: float | None = None, loss_agg_mode: str = "token-mean"
                         ) -> tuple[torch.Tensor, dict]:
     """PPO clipped surrogate (arXiv 1707.06347 eq. 7) with asymmetric ε and dual clip (arXiv 1912.09729).
 
@@ -416,7 +416,8 @@ def compute_policy_loss(old_log_probs: torch.Tensor, log_probs: torch.Tensor, ad
 
     The sign is flipped from the paper's objective because we minimize.
 
-    Args: old_log_probs, log_probs, advantages, response_mask: (B, T); clip_ratio_c None disables the dual clip.
+    Args: old_log_probs, log_probs, advantages, response_mask: (B, T); clip_ratio_c None (default) disables the
+    dual clip, which neither the StepSearch paper nor its released code uses.
     Returns: loss (scalar), metrics actor/pg_clipfrac, actor/pg_clipfrac_lower, actor/ppo_kl (floats).
     """
     _check_same_shape(old_log_probs=old_log_probs, log_probs=log_probs, advantages=advantages,

@@ -2,7 +2,7 @@
 
     gen -> old_log_prob -> ref -> values -> reward -> kl -> adv -> update_critic -> update_actor -> sync_weights
 
-(ARCHITECTURE-NOTES §2.1; SPEC §1.10-1.11.) The rollout and reward functions are hooks loaded by dotted path
+(veRL's phase order; docs/method.md §1.10-1.11.) The rollout and reward functions are hooks loaded by dotted path
 from the config (``trainer.rollout_fn`` / ``trainer.reward_fn``): ``verl`` never imports ``stepsearch``.
 Advantages are computed on the driver on CPU tensors; everything heavy runs in the worker groups.
 """
@@ -28,7 +28,22 @@ from verl.workers.rollout.base import RolloutBackend
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RayPPOTrainer", "RewardResult", "RolloutFn", "RewardFn", "WorkerGroupRolloutBackend", "TrainerSpec"]
+__all__ = ["RayPPOTrainer", "RewardResult", "RolloutFn", "RewardFn", "WorkerGroupRolloutBackend", "TrainerSpec",
+           "FAILED_SAMPLES_KEY", "StepAborted"]
+
+FAILED_SAMPLES_KEY = "failed_samples"
+"""meta_info key of a rollout hook's output: how many of its rows met an environment failure (for StepSearch: a
+retrieval that failed after the client's retries). The trainer logs it as ``rollout/failed_samples`` and aborts
+the step when the share exceeds ``trainer.max_failed_rollout_share``; a hook that never fails may omit it."""
+
+
+class StepAborted(RuntimeError):
+    """A training step (or validation) stopped before any update because too many rollouts failed; the metrics
+    of the aborted step are in ``metrics``. The last checkpoint is left as it was."""
+
+    def __init__(self, message: str, metrics: dict):
+        super().__init__(message)
+        self.metrics = metrics
 
 
 @dataclass
@@ -159,7 +174,7 @@ class RayPPOTrainer:
     # ---- phases of one step ----------------------------------------------------------------------------------
     def _phase_generate(self, batch: DataProto, metrics: dict) -> DataProto:
         """Multi-turn rollout on the driver; ``generate`` calls go to the workers. uid = dataset index, set
-        before the GRPO repeat (ARCHITECTURE-NOTES §6 item 3)."""
+        before the GRPO repeat, so the samples of one prompt share it."""
         n = self.spec.rollout_n
         batch = DataProto(batch=batch.batch, meta_info=batch.meta_info,
                           non_tensor_batch={**batch.non_tensor_batch, "uid": batch.non_tensor_batch["index"].copy()})
@@ -168,7 +183,23 @@ class RayPPOTrainer:
         self.backend.reset_counters()
         gen = _merge_rollout(batch, self.rollout_fn(batch, self.backend, validate=False), metrics)
         metrics["timing_s/generate"] = self.backend.generate_s
+        self._check_failures(gen, metrics, "rollout", f"training step {self.global_step}")
         return gen
+
+    def _check_failures(self, gen: DataProto, metrics: dict, prefix: str, where: str) -> None:
+        """Add the hook's failed-row count to ``{prefix}/failed_samples`` (and the batch's share to
+        ``{prefix}/failed_share``, the largest over batches); raise StepAborted when failed / B >
+        ``trainer.max_failed_rollout_share``: a retriever outage must not be trained on (or validated) silently."""
+        failed = int(gen.meta_info.get(FAILED_SAMPLES_KEY, 0))
+        share = failed / max(len(gen), 1)
+        metrics[f"{prefix}/failed_samples"] = metrics.get(f"{prefix}/failed_samples", 0.0) + float(failed)
+        metrics[f"{prefix}/failed_share"] = max(metrics.get(f"{prefix}/failed_share", 0.0), share)
+        limit = self.cfg.max_failed_rollout_share
+        if share > limit:
+            raise StepAborted(
+                f"[trainer] {where} aborted: {failed} of {len(gen)} rollouts had an environment failure (share "
+                f"{share:.3f} > trainer.max_failed_rollout_share={limit}); this step is not saved and the "
+                f"last checkpoint is kept. Check the retrieval server, then rerun to resume.", metrics)
 
     def _phase_old_log_prob(self, batch: DataProto, metrics: dict) -> DataProto:
         out = self.actor_wg.compute_log_prob(batch)
@@ -303,12 +334,13 @@ class RayPPOTrainer:
         """Greedy rollouts over the validation set; the mean EM/F1 per data_source, and a predictions dump."""
         if self.val_dataset is None:
             return {}
-        records = []
+        records, failures = [], {}
         for batch in self.val_dataset.iter_epoch():
             gen = _merge_rollout(batch, self.rollout_fn(batch, self.backend, validate=True), {})
+            self._check_failures(gen, failures, "val_rollout", f"validation at step {self.global_step}")
             result = self.reward_fn(gen)
             records += self._prediction_records(gen, result)
-        metrics = self._per_source_means(records)
+        metrics = {**self._per_source_means(records), **failures}
         if self.cfg.save_predictions:
             self._dump_predictions(records)
         return metrics
@@ -334,7 +366,7 @@ class RayPPOTrainer:
     @staticmethod
     def _per_source_means(records: list[dict]) -> dict:
         """``val/{data_source}/{em,f1}``: the real mean over that source's samples (the released code logged the
-        last sample's score, SPEC §6.2 item 5)."""
+        last sample's score, docs/method.md §6.2 item 5)."""
         metrics = {}
         sources = sorted({r["data_source"] for r in records})
         for source in sources + ["all"]:
@@ -378,7 +410,11 @@ class RayPPOTrainer:
         self.actor_wg.load_checkpoint(path)
         if self.critic_wg is not None:
             self.critic_wg.load_checkpoint(path)
-        state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
+        state_path = os.path.join(path, "trainer_state.pt")
+        try:
+            state = torch.load(state_path, weights_only=False)
+        except Exception as err:  # verified above, so this is damage after the save, or another torch version
+            raise RuntimeError(f"[checkpoint] cannot load {state_path}: {err}") from err
         self.global_step = int(state["global_step"])
         self.train_dataset.load_state_dict(state["dataloader"])
         self.kl_ctrl.value = float(state["kl_coef"])
@@ -402,10 +438,16 @@ class RayPPOTrainer:
                 return last
         with _progress(self.cfg.progress_bar, self.global_step, self.total_steps) as bar:
             while self.global_step < self.total_steps:
-                last = self._run_step()
+                try:
+                    last = self._run_step()
+                except StepAborted as err:
+                    self._log_aborted(err, err.metrics)
                 if self._is_due(self.cfg.test_freq):
                     start = time.perf_counter()
-                    last.update(self.validate())
+                    try:
+                        last.update(self.validate())
+                    except StepAborted as err:
+                        self._log_aborted(err, {**last, **err.metrics})
                     last["timing_s/validate"] = time.perf_counter() - start
                 if self._is_due(self.cfg.save_freq):
                     start = time.perf_counter()
@@ -414,6 +456,13 @@ class RayPPOTrainer:
                 self.tracker.log(last, step=self.global_step)
                 bar.update(1)
         return last
+
+    def _log_aborted(self, err: StepAborted, metrics: dict) -> None:
+        """Log the aborted step's line (it records how many rollouts failed) and re-raise; no checkpoint is saved,
+        so a rerun resumes from the last one."""
+        self.tracker.log({**metrics, "trainer/aborted": 1.0}, step=self.global_step)
+        logger.error("%s", err)
+        raise err
 
     def _trace_batch_with(self, batch: DataProto, driver_rng: str) -> None:
         """Append the step's prompt ids and RNG fingerprints to ``data_trace.jsonl`` (the resume checks use it)."""

@@ -25,7 +25,7 @@ import torch
 from verl.workers.rollout.base import (GenerationOutput, RolloutBackend, SamplingConfig, StopCutter,
                                        check_prompts, eos_ids_of, iter_weight_buckets, layer_key)
 
-__all__ = ["VLLMRolloutBackend", "iter_weight_buckets", "layer_key"]
+__all__ = ["VLLMRolloutBackend", "generation_config_of", "iter_weight_buckets", "layer_key"]
 
 
 def _reload_serialized_bucket(worker, payload: bytes) -> None:
@@ -72,6 +72,20 @@ def _hidden_from_vllm_module_scan():
         sys.modules.update(hidden)
 
 
+def generation_config_of(model_path: str):
+    """The model folder's ``generation_config.json`` (None when it has none).
+
+    vLLM stops on its ``eos_token_id`` list (Qwen2.5 chat models: ``<|im_end|>`` as well as ``<|endoftext|>``), so
+    the cutter must know those ids too, as the HF backend does; otherwise they stay in the trained response.
+    """
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(model_path)
+    except OSError:  # no generation_config.json: the tokenizer's EOS is the only one
+        return None
+
+
 class VLLMRolloutBackend(RolloutBackend):
     """`vllm.LLM` behind the RolloutBackend interface.
 
@@ -113,7 +127,8 @@ class VLLMRolloutBackend(RolloutBackend):
         self.sleep_enabled = enable_sleep_mode
         self.sleep_level = sleep_level
         self.bucket_bytes = bucket_bytes
-        self.cutter = StopCutter(tokenizer, eos_ids_of(tokenizer))
+        self.eos_token_ids = eos_ids_of(tokenizer, generation_config_of(model_path))
+        self.cutter = StopCutter(tokenizer, self.eos_token_ids)
         self.num_weight_buckets_last_load = 0
 
     def _sampling_params(self, params: SamplingConfig, row: int):

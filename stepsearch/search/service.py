@@ -1,0 +1,253 @@
+"""The work behind `POST /retrieve`, after validation: backends (local index or Serper), the cache, and `execute`,
+which both request paths (fast lane and FastAPI) call to turn a validated `RetrieveCall` into the reply.
+
+    backend = open_backend(cfg); backend.start()
+    service = RetrievalService(cfg, backend)
+    status, body = await execute(service, call)     # 200 + result JSON, or 500/502/504 + {"detail": ...}
+
+Local search runs on one owner thread (`batcher.MicroBatcher`) that coalesces concurrent requests. Cache hits are
+spliced into the reply from their stored JSON (no decoding, no thread hop when the in-process LRU has them).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import deque
+
+import numpy as np
+
+from stepsearch.search.batcher import BatcherConfig, GuardedPipelineBatcher, MicroBatcher
+from stepsearch.search.cache import CacheConfig, RetrievalCache
+from stepsearch.search.index import DenseRetriever, LoadedIndex, LoadOptions, load_index
+from stepsearch.search.online import SerperBackend, SerperConfig, UpstreamError
+from stepsearch.search.request_check import RequestError, RetrieveCall
+from stepsearch.search.server_config import ServerConfig
+
+logger = logging.getLogger("stepsearch.search.server")
+
+
+# ---------------------------------------------------------------- backends
+class LocalBackend:
+    """A local index searched on one owner thread; rows come from the memory-mapped corpus table."""
+
+    def __init__(self, loaded: LoadedIndex, batcher_cfg: BatcherConfig, guard_pipeline: bool = True,
+                 guard_workers: int = 2):
+        self.loaded = loaded
+        self.identity = loaded.identity
+        self.batcher_cfg = batcher_cfg
+        self.guard_pipeline, self.guard_workers = guard_pipeline, guard_workers
+        self.batcher: MicroBatcher | None = None
+
+    def start(self) -> None:
+        dense = self.loaded.retriever
+        if self.guard_pipeline and isinstance(dense, DenseRetriever) and dense.encoder.config.mode == "guarded":
+            def fallback(queries: list[str], topk: int):
+                res = dense.search_exact(queries, topk)
+                return res.ids, res.scores
+
+            self.batcher = GuardedPipelineBatcher(dense.search_first, fallback, self.batcher_cfg,
+                                                  first_workers=self.guard_workers)
+        else:
+            self.batcher = MicroBatcher(self.search_ids, self.batcher_cfg)
+
+    def search_ids(self, queries: list[str], topk: int) -> tuple[np.ndarray, np.ndarray]:
+        """(N,) queries -> ids (N, topk) int64, scores (N, topk) float32. Runs on the owner thread only."""
+        res = self.loaded.retriever.search(queries, topk)
+        return res.ids, res.scores
+
+    def hits(self, ids: np.ndarray, scores: np.ndarray) -> list[list[dict]]:
+        """ids/scores (N, k) -> per query [{"document": row, "score": float}] (id -1 = no hit, dropped)."""
+        valid = ids >= 0
+        rows = iter(self.loaded.corpus.rows(ids[valid]))
+        return [[{"document": next(rows), "score": float(s)} for i, s, ok in zip(ids[q], scores[q], valid[q]) if ok]
+                for q in range(ids.shape[0])]
+
+    async def search(self, queries: list[str], topk: int) -> list[list[dict]]:
+        ids, scores = await self.batcher.submit(queries, topk)
+        return self.hits(ids, scores)
+
+    def search_sync(self, queries: list[str], topk: int) -> list[list[dict]]:
+        """The same encode+search+lookup, in-process, without HTTP or the batcher (benchmark baseline)."""
+        return self.hits(*self.search_ids(queries, topk))
+
+    def encoder(self):
+        """The dense query encoder (also inside hybrid), or None for BM25."""
+        return getattr(self.loaded.retriever, "encoder", None) or getattr(
+            getattr(self.loaded.retriever, "dense", None), "encoder", None)
+
+    def health(self) -> dict:
+        m = self.loaded.manifest
+        encoder = self.encoder()
+        return {"backend": "local", "method": self.loaded.method, "num_passages": len(self.loaded.corpus),
+                "encoder": (m.get("encoder") or {}).get("model"), "index_factory": m.get("index_factory"),
+                "encoder_mode": encoder.config.mode if encoder is not None else None,
+                "guard_eps": encoder.guard_eps if encoder is not None else None, "identity": self.identity}
+
+    def batch_stats(self) -> dict:
+        sizes = np.asarray(self.batcher.batch_sizes if self.batcher else [], dtype=np.float64)
+        if sizes.size == 0:
+            return {"batches": 0}
+        search_ms = np.asarray(self.batcher.batch_ms, dtype=np.float64)
+        guard = getattr(self.loaded.retriever, "guard_stats", lambda: None)()  # guarded mode: fp32 fallbacks
+        pipeline = {}
+        if isinstance(self.batcher, GuardedPipelineBatcher):  # the fp32 owner thread's share of the work
+            fb = np.asarray(self.batcher.fallback_batch_sizes, dtype=np.float64)
+            pipeline = {"pipeline": {"fallback_batches": int(fb.size), "fallback_queries": int(fb.sum()),
+                                     "fallback_busy_s": self.batcher.fallback_busy_s}}
+        return {**({"guard": guard} if guard else {}), **pipeline, "batches": self.batcher.num_batches,
+                "mean": float(sizes.mean()), "p50": float(np.median(sizes)), "max": int(sizes.max()),
+                "search_ms_p50": float(np.percentile(search_ms, 50)),
+                "search_ms_p99": float(np.percentile(search_ms, 99)), "busy_s": self.batcher.busy_s,
+                "coalesce": self.batcher_cfg.coalesce,
+                "max_batch_queries": self.batcher_cfg.max_batch_queries, "max_wait_ms": self.batcher_cfg.max_wait_ms}
+
+    async def aclose(self) -> None:
+        if self.batcher is not None:
+            await asyncio.to_thread(self.batcher.close)
+
+
+class OnlineBackend:
+    """Adapter giving SerperBackend the LocalBackend interface."""
+
+    def __init__(self, serper: SerperBackend):
+        self.serper = serper
+        self.identity = serper.identity
+
+    def start(self) -> None:
+        pass
+
+    async def search(self, queries: list[str], topk: int) -> list[list[dict]]:
+        return await self.serper.search(queries, topk)
+
+    def health(self) -> dict:
+        return self.serper.health()
+
+    def batch_stats(self) -> dict:
+        return {"batches": 0, "note": "online backend: one upstream call per query"}
+
+    async def aclose(self) -> None:
+        await self.serper.aclose()
+
+
+def open_backend(cfg: ServerConfig):
+    """Load the index (or online client) for cfg; IndexLoadError/ValueError explain what is wrong."""
+    if cfg.online == "serper":
+        return OnlineBackend(SerperBackend(SerperConfig.from_args(cfg.serper_api_key, url=cfg.serper_url)))
+    loaded = load_index(cfg.index_dir, LoadOptions(method=cfg.method, encoder=cfg.encoder,
+                                                   encoder_mode=cfg.encoder_mode, device=cfg.device,
+                                                   corpus=cfg.corpus, guard_eps=cfg.guard_eps,
+                                                   guard_order=cfg.guard_order, faiss_gpu=cfg.faiss_gpu,
+                                                   gpu_storage=cfg.gpu_storage))
+    if loaded.method != "bm25" and cfg.torch_threads > 0:
+        import torch
+
+        torch.set_num_threads(cfg.torch_threads)
+    return LocalBackend(loaded, BatcherConfig(cfg.max_batch_queries, cfg.max_wait_ms, cfg.coalesce),
+                        guard_pipeline=cfg.guard_pipeline, guard_workers=cfg.guard_workers)
+
+
+# ---------------------------------------------------------------- the service
+class RetrievalService:
+    """Cache lookup, de-duplication, backend search, cache fill, statistics."""
+
+    def __init__(self, cfg: ServerConfig, backend):
+        self.cfg = cfg
+        self.backend = backend
+        self.cache = RetrievalCache(CacheConfig(cfg.redis_url, cfg.cache_ttl_s, cfg.lru_size, cfg.cache_normalization),
+                                    backend.identity)
+        self.started_at = time.time()
+        self.requests = self.queries = self.errors = 0
+        self.latencies_ms: deque[float] = deque(maxlen=20000)
+        # Redis writes of fresh results, drained by one background task in one pipeline per round (all on the
+        # event loop, so no lock): a coalesced batch of 32 single-query requests costs one Redis round trip
+        self._redis_pending: list[tuple[str, str]] = []
+        self._redis_writer: asyncio.Task | None = None
+
+    def lookup_raw(self, queries: list[str], topk: int) -> tuple[list[str], list[str | None]]:
+        """(keys, pre-serialised hits per query or None) from the in-process LRU only; cheap, on the event loop."""
+        keys = [self.cache.key(q, topk) for q in queries]
+        return keys, self.cache.lookup_lru(keys)
+
+    async def retrieve_raw(self, queries: list[str], topk: int, keys: list[str],
+                           found: list[str | None]) -> list[str]:
+        """Each query's hits as a JSON array string (the cache's stored form), filling the LRU misses `found`
+        from Redis (a worker thread) and then from the backend. Redis writes run in the background."""
+        if self.cache.redis is not None and None in found:
+            found = await asyncio.to_thread(self.cache.lookup_redis, keys, found)
+        self.cache.count(found)
+        missing = list(dict.fromkeys(q for q, v in zip(queries, found) if v is None))  # unique, in order
+        if not missing:
+            return found
+        hits = await self.backend.search(missing, topk)
+        fresh = dict(zip(missing, self.cache.put_lru(missing, topk, hits)))
+        if self.cache.redis is not None:
+            self._redis_pending.extend(fresh.values())
+            if self._redis_writer is None:
+                self._redis_writer = asyncio.ensure_future(self._write_redis())
+        return [fresh[q][1] if v is None else v for q, v in zip(queries, found)]
+
+    async def _write_redis(self) -> None:
+        """Drain `_redis_pending` to Redis on a worker thread until it stays empty (RedisLayer swallows errors)."""
+        try:
+            while self._redis_pending:
+                items, self._redis_pending = self._redis_pending, []
+                await asyncio.to_thread(self.cache.put_redis, items)
+        finally:
+            self._redis_writer = None
+
+    def record(self, n_queries: int, latency_ms: float) -> None:
+        self.requests += 1
+        self.queries += n_queries
+        self.latencies_ms.append(latency_ms)
+
+    def health(self) -> dict:
+        cache = self.cache.health()
+        degraded = ["redis down: serving uncached"] if cache["redis"] == "down" else []
+        return {"status": "degraded" if degraded else "ok", "problems": degraded, **self.backend.health(),
+                "cache": cache, "uptime_s": round(time.time() - self.started_at, 1)}
+
+    def stats(self) -> dict:
+        lat = np.asarray(self.latencies_ms, dtype=np.float64)
+        pct = {f"p{p}": float(np.percentile(lat, p)) for p in (50, 90, 99)} if lat.size else {}
+        return {"requests": self.requests, "queries": self.queries, "errors": self.errors,
+                "cache": self.cache.stats(), "latency_ms": {**pct, "window": int(lat.size)},
+                "batch_sizes": self.backend.batch_stats()}
+
+
+def raw_body(per_query: list[str], return_scores: bool) -> bytes:
+    """Response body from each query's hits as stored in the cache (JSON array strings): spliced as they are
+    when scores are wanted, else decoded and reduced to the bare document rows."""
+    if return_scores:
+        return ('{"result":[' + ",".join(per_query) + "]}").encode()
+    docs = [[h["document"] for h in json.loads(v)] for v in per_query]
+    return json.dumps({"result": docs}, ensure_ascii=False).encode()
+
+
+async def execute(service: RetrievalService, call: RetrieveCall) -> bytes:
+    """The reply body for a validated call; RequestError(504 | 502 | 500) when the search times out or fails.
+    An all-cache-hit call answers on the event loop without a task, a thread or JSON decoding."""
+    queries, topk, return_scores = call
+    t0 = time.perf_counter()
+    keys, found = service.lookup_raw(queries, topk)
+    if None not in found:
+        service.cache.count(found)
+        body = raw_body(found, return_scores)
+    else:
+        timeout_s = service.cfg.request_timeout_s
+        try:
+            per_query = await asyncio.wait_for(service.retrieve_raw(queries, topk, keys, found), timeout_s)
+        except asyncio.TimeoutError:
+            service.errors += 1
+            raise RequestError(504, f"retrieval took longer than {timeout_s}s (overloaded?)") from None
+        except UpstreamError as exc:
+            service.errors += 1
+            raise RequestError(502, f"online search failed: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - a failed search must not take the server down
+            service.errors += 1
+            logger.exception("retrieve failed")
+            raise RequestError(500, f"retrieval failed: {type(exc).__name__}: {exc}") from None
+        body = raw_body(per_query, return_scores)
+    service.record(len(queries), (time.perf_counter() - t0) * 1000)
+    return body
