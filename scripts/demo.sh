@@ -12,8 +12,8 @@
 # world's default mix), DEMO_NUM_ENTITIES (240: a world of N people has at most 4N distinct 2-hop questions),
 # DEMO_PREMATURE (0.6, the scripted searcher's premature-answer probability),
 # DEMO_COPY (1.0, its probability of copying the top-ranked passage's name), DEMO_HIDDEN (128, the tiny Qwen2's
-# hidden size), DEMO_SFT_STOP_ACC (0.9: SFT stops once held-out copy accuracy on names and relations reaches it;
-# 0 runs all DEMO_SFT_STEPS), DEMO_SFT_MIN_STEPS (600), DEMO_SFT_PLATEAU (5: SFT also stops once that accuracy
+# hidden size), DEMO_SFT_STOP_ACC (0.85: SFT stops once held-out copy accuracy on names and relations reaches it;
+# 0 runs all DEMO_SFT_STEPS), DEMO_SFT_MIN_STEPS (600), DEMO_SFT_PLATEAU (3: SFT also stops once that accuracy
 # gained <= 0.01 over this many checks of 100 steps, from 0.8 on; 0 turns it off), DEMO_REUSE (0),
 # PY (.venv/bin/python).
 set -euo pipefail
@@ -117,8 +117,8 @@ if [ $REUSE = 0 ]; then
   OMP_NUM_THREADS=$SOLO_THREADS MKL_NUM_THREADS=$SOLO_THREADS "$PY" -m stepsearch.envs.warmstart --world_dir "$OUT/world" --retriever_url "$URL" --out "$OUT/sft_model" \
     --sft_steps "$SFT_STEPS" --seed "$SEED" --premature_answer_prob "${DEMO_PREMATURE:-0.6}" \
     --copy_correct_prob "${DEMO_COPY:-1.0}" --hidden_size "${DEMO_HIDDEN:-128}" \
-    --stop_copy_acc "${DEMO_SFT_STOP_ACC:-0.9}" --min_sft_steps "${DEMO_SFT_MIN_STEPS:-600}" \
-    --plateau_checks "${DEMO_SFT_PLATEAU:-5}" --plateau_min_acc 0.8 > "$OUT/logs/warmstart.log" 2>&1 \
+    --stop_copy_acc "${DEMO_SFT_STOP_ACC:-0.85}" --min_sft_steps "${DEMO_SFT_MIN_STEPS:-600}" \
+    --plateau_checks "${DEMO_SFT_PLATEAU:-3}" --plateau_min_acc 0.8 > "$OUT/logs/warmstart.log" 2>&1 \
     || { tail -30 "$OUT/logs/warmstart.log"; exit 1; }
   grep -E "held-out copy accuracy|sft stops" "$OUT/logs/warmstart.log" | sed 's/^[0-9-]* [0-9:,]* INFO /  /' || true
 else

@@ -67,6 +67,7 @@ def test_fast_resolves_to_guarded_on_bf16_cpus():
         assert enc.guard_eps == GUARD_EPS[MINILM_NAME] and enc.describe()["guard_eps"] == enc.guard_eps
 
 
+@pytest.mark.slow  # 20-70 s on a CPU without bf16 instructions (bf16 is emulated there)
 def test_guarded_matches_exact_top3_on_real_questions(guarded, flat, questions):
     exact_emb = Encoder(mode="exact").encode_queries(questions)
     exact_scores, exact_ids = flat.search(exact_emb, 3)
@@ -120,6 +121,7 @@ def test_near_tie_takes_the_fp32_fallback(guarded):
     assert set(res.ids[1].tolist()) == {4, 5, 6}
 
 
+@pytest.mark.slow  # 20-70 s on a CPU without bf16 instructions (bf16 is emulated there)
 def test_calibrate_guard_eps_matches_a_slow_loop(guarded, flat, questions):
     passages = flat.reconstruct_n(0, flat.ntotal)  # (1000, 384)
     qs = questions[::5]  # 60 real questions
@@ -139,6 +141,7 @@ def test_calibrate_guard_eps_matches_a_slow_loop(guarded, flat, questions):
     assert np.mean(np.array(errs) < GUARD_EPS[MINILM_NAME]) >= 0.95
 
 
+@pytest.mark.slow  # 20-70 s on a CPU without bf16 instructions (bf16 is emulated there)
 def test_calibrate_max_disagree_rule_matches_a_slow_loop(guarded, flat, questions):
     """eps = the smallest bf16 gap g (or 0) with share(g <= gap < err) <= max_disagree, err and gap by plain loops."""
     passages = flat.reconstruct_n(0, flat.ntotal)
@@ -217,6 +220,7 @@ def test_bf16_batches_pad_to_a_multiple_and_warm_up(guarded, questions):
     assert Encoder(mode="sorted").warm_up_bf16() == 0  # nothing to warm outside guarded mode
 
 
+@pytest.mark.slow  # 20-70 s on a CPU without bf16 instructions (bf16 is emulated there)
 def test_pipelined_server_backend_returns_guarded_search_results(wiki_index_dir, questions):
     """The server's two-thread guarded pipeline (bf16 pass | fp32 fallback pass) answers 24 concurrent requests of
     real questions with exactly what the one-thread guarded search returns, fallback rows included."""
