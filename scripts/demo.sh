@@ -56,6 +56,7 @@ stage() {
   printf '%s\t%s\n' "$1" "${2:-}" > "$OUT/logs/.stage"
 }
 heartbeat() {
+  set +e +o pipefail  # a stage log with no line yet must not end the heartbeat
   local name log line
   while sleep "${DEMO_PROGRESS_S:-20}"; do
     [ -f "$OUT/logs/.stage" ] && IFS=$'\t' read -r name log < "$OUT/logs/.stage" || continue
