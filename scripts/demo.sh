@@ -5,9 +5,10 @@
 #   -> held-out eval (before) -> StePPO (verl.trainer.main_ppo, configs/cpu_demo.yaml) -> held-out eval (after)
 #   -> learning-curve PNG + trajectory viewer HTML.
 # Everything it starts (redis-server, the retrieval server) is stopped on exit, also on failure or Ctrl-C.
-# Knobs (environment): DEMO_OUT (runs/demo), DEMO_SEED (0), DEMO_STEPS (30), DEMO_SFT_STEPS (the SFT cap, 2000),
-# DEMO_THREADS (1: torch threads of stages that share the cores with the retriever), DEMO_SOLO_THREADS (2: of the
-# stages that run alone, the index build and the warm start), DEMO_PROGRESS_S (20: a progress line at least this often),
+# Knobs (environment): DEMO_OUT (runs/demo), DEMO_SEED (0), DEMO_STEPS (20), DEMO_SFT_STEPS (the SFT cap, 2000),
+# DEMO_THREADS (1: torch threads of the evaluations, which query the retriever all the time), DEMO_SOLO_THREADS (2:
+# of the index build, the warm start and StePPO, which compute while the retriever idles),
+# DEMO_PROGRESS_S (20: a progress line at least this often),
 # DEMO_NUM_TRAIN (800), DEMO_NUM_TEST (100), DEMO_HOPS (2:1, i.e. 2-hop questions only; 2:0.5,3:0.3,4:0.2 is the
 # world's default mix), DEMO_NUM_ENTITIES (240: a world of N people has at most 4N distinct 2-hop questions),
 # DEMO_PREMATURE (0.6, the scripted searcher's premature-answer probability),
@@ -22,11 +23,12 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 OUT=${DEMO_OUT:-runs/demo}
 SEED=${DEMO_SEED:-0}
-STEPS=${DEMO_STEPS:-30}
+STEPS=${DEMO_STEPS:-20}
 SFT_STEPS=${DEMO_SFT_STEPS:-2000}
 # One intra-op thread per process while the retriever and a model share the 2 cores: torch's default thread pool
 # oversubscribes them (a tiny-model step measured 4-6x slower with 2 threads than with 1 under load). The stages
-# that run alone (index build, warm start: the retriever is idle during SFT) use DEMO_SOLO_THREADS.
+# that compute while the retriever idles (index build; warm start: SFT; StePPO: 97% of a step is forward/backward)
+# use DEMO_SOLO_THREADS (an SFT step: 365 ms on 2 threads, 630 ms on 1, quiet 2-core AMD EPYC, AVX2).
 THREADS=${DEMO_THREADS:-1}
 SOLO_THREADS=${DEMO_SOLO_THREADS:-2}
 export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
@@ -133,7 +135,7 @@ stage "5/8 held-out evaluation BEFORE RL" "$OUT/logs/eval_before.log"
   > "$OUT/logs/eval_before.log" 2>&1
 
 stage "6/8 StePPO ($STEPS steps, configs/cpu_demo.yaml)" "$OUT/logs/train.log"
-"$PY" -m verl.trainer.main_ppo --config-name cpu_demo model.path="$OUT/sft_model" \
+OMP_NUM_THREADS=$SOLO_THREADS MKL_NUM_THREADS=$SOLO_THREADS "$PY" -m verl.trainer.main_ppo --config-name cpu_demo model.path="$OUT/sft_model" \
   "data.train_files=[$OUT/world/train.parquet]" "data.val_files=[$OUT/world/test.parquet]" \
   retriever.url="$URL" trainer.default_local_dir="$OUT/rl" trainer.total_training_steps="$STEPS" \
   trainer.save_freq="$STEPS" trainer.resume_mode=disable trainer.seed="$SEED" \
