@@ -194,8 +194,8 @@ def run_sft(model, data: DataProto, cfg: SFTConfig, permute_groups: list[list[in
     """Supervised fine-tuning on rollout trajectories (loss on generated tokens only); returns per-step losses.
     With cfg.permute_names, each sampled trajectory gets its own relabelling of every id group in `permute_groups`
     (the world's single-token names, its relations). With `val_data` it stops as `sft_stop_reason` says: once
-    `copy_accuracy` on val_data reaches cfg.stop_copy_acc for every group, or has plateaued, counting the first group (the names)
-    only after the first <information> block (copying out of passages is the skill that forms late; copying the
+    `copy_accuracy` on val_data reaches cfg.stop_copy_acc for every group, or has plateaued, counting the first
+    group (the names) only after the first <information> block (copying out of passages is the skill that forms late; copying the
     start entity out of the question forms first); each check is appended to `history` as {"step", "copy_acc"}."""
     g = torch.Generator().manual_seed(cfg.seed)
     groups = [torch.tensor(ids, dtype=torch.long) for ids in permute_groups if len(ids) > 1]
