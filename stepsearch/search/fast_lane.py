@@ -14,8 +14,8 @@ from stepsearch.search.retrieve_handler import handle_retrieve
 class FastLane:
     """ASGI app: `POST /retrieve` via handle_retrieve, the rest via `app`."""
 
-    def __init__(self, app: FastAPI, cfg=None):
-        self.app = app  # cfg: accepted for callers of the old signature; the service carries the config
+    def __init__(self, app: FastAPI):
+        self.app = app  # the app's service (app.state.service) carries the config
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] != "/retrieve" or scope["method"] != "POST":

@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     app = create_app(cfg, backend)
-    uvicorn.run(FastLane(app, cfg) if cfg.fast_lane else app, host=cfg.host, port=cfg.port, log_level="warning",
+    uvicorn.run(FastLane(app) if cfg.fast_lane else app, host=cfg.host, port=cfg.port, log_level="warning",
                 access_log=False)
     return 0
 

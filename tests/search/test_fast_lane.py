@@ -18,7 +18,7 @@ QUERIES = ["Evan Morris lobbyist", "1972 Caribbean Series", "writ of trespass", 
 
 def make_client(cfg: ServerConfig, fast: bool) -> TestClient:
     app = create_app(cfg, open_backend(cfg))
-    return TestClient(FastLane(app, cfg) if fast else app)
+    return TestClient(FastLane(app) if fast else app)
 
 
 @pytest.fixture(scope="module")

@@ -191,7 +191,7 @@ def test_server_flags_reach_the_guard(wiki_index_dir, questions):
                        warm_up=False)  # the shape warm-up has its own test
     app = create_app(cfg, open_backend(cfg))
     qs = questions[:20]
-    with TestClient(FastLane(app, cfg)) as client:
+    with TestClient(FastLane(app)) as client:
         health = client.get("/health").json()
         assert (health["encoder_mode"], health["guard_eps"]) == ("guarded", 1.0)
         got = client.post("/retrieve", json={"queries": qs, "topk": 3, "return_scores": True}).json()["result"]
