@@ -18,7 +18,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from stepsearch.data.corpus import load_corpus_pairs
-from stepsearch.data.formats import read_rows_parquet, support_doc_text
+from stepsearch.data.formats import read_rows_parquet, support_doc_fields
 from stepsearch.data.io import DataError, write_json_atomic
 
 EXACT, NORMALIZED, MISSING = "exact", "normalized_only", "missing"
@@ -91,7 +91,7 @@ class RowReport:
 
 
 def check_row(i: int, row: dict, corpus: CorpusIndex) -> RowReport:
-    docs = [support_doc_text(d) for d in row["extra_info"]["support_docs"]]
+    docs = [support_doc_fields(d) for d in row["extra_info"]["support_docs"]]
     gt = row["reward_model"]["ground_truth"]
     rep = RowReport(index=i, id=str(row.get("id") or row["extra_info"]["index"]))
     rep.doc_status = [corpus.status(t, x) for t, x in docs]

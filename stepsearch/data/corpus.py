@@ -11,29 +11,17 @@ import hashlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from stepsearch.data.formats import read_parquet_table, support_doc_text
+from stepsearch.data.formats import read_parquet_table, support_doc_fields
 from stepsearch.data.io import DataError, iter_records, write_jsonl_atomic
 from stepsearch.data.musique import detect_musique_kind
 from stepsearch.data.qa_sets import context_paragraphs as from_context_format
+from stepsearch.search.corpus import format_contents, split_contents
 
 
 def passage_id(title: str, text: str, prefix: str = "musi") -> str:
     """Stable id: prefix + the first 16 hex digits of sha1(title \\x1f text)."""
     digest = hashlib.sha1(f"{title}\x1f{text}".encode("utf-8")).hexdigest()[:16]
     return f"{prefix}-{digest}"
-
-
-def make_contents(title: str, text: str) -> str:
-    return f'"{title}"\n{text}'
-
-
-def split_contents(contents: str) -> tuple[str, str]:
-    """Inverse of make_contents: title = first line without its quotes, text = the rest."""
-    title, _, text = contents.partition("\n")
-    title = title.strip()
-    if len(title) >= 2 and title[0] == title[-1] == '"':
-        title = title[1:-1]
-    return title, text
 
 
 @dataclass
@@ -53,7 +41,7 @@ def iter_paragraphs(path: str, supporting_only: bool = False) -> Iterator[tuple[
     if str(path).endswith(".parquet"):
         for row in read_parquet_table(path, columns=["extra_info"]).column("extra_info").to_pylist():
             for doc in row["support_docs"]:
-                yield support_doc_text(doc)
+                yield support_doc_fields(doc)
         return
     for loc in iter_records(path):
         rec = loc.record
@@ -71,7 +59,7 @@ def iter_paragraphs(path: str, supporting_only: bool = False) -> Iterator[tuple[
         else:
             for d in loc.record.get("sub_support_docs", []) or []:
                 try:
-                    yield support_doc_text(d)
+                    yield support_doc_fields(d)
                 except DataError as e:
                     raise DataError(f"{loc.where}: field 'sub_support_docs': {e}") from None
 
@@ -88,7 +76,7 @@ def corpus_rows(pairs: Iterable[tuple[str, str]], stats: CorpusStats, id_prefix:
             continue
         seen[pid] = (title, text)
         stats.passages_written += 1
-        yield {"id": pid, "title": title, "text": text, "contents": make_contents(title, text)}
+        yield {"id": pid, "title": title, "text": text, "contents": format_contents(title, text)}
 
 
 def build_corpus(inputs: list[str], out_path: str, supporting_only: bool = False, id_prefix: str = "musi") -> CorpusStats:

@@ -8,7 +8,6 @@ HF_HUB_OFFLINE=1) it fails at once with the list of URLs to fetch by hand and wh
 from __future__ import annotations
 
 import gzip
-import hashlib
 import os
 import shutil
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from dataclasses import dataclass
 from tqdm import tqdm
 
 from stepsearch.data.io import atomic_path
+from verl.utils.fs import file_sha256
 
 HF_ENDPOINT = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
 
@@ -72,14 +72,6 @@ def manual_instructions(bundles: list[Bundle], save_path: str, reason: str) -> s
     return "\n".join(lines)
 
 
-def sha256_file(path: str, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def verify_file(path: str, size: int | None, sha256: str | None) -> None:
     """Raise ValueError naming the file if its size or sha256 differs from the expected value."""
     if not os.path.exists(path):
@@ -87,7 +79,7 @@ def verify_file(path: str, size: int | None, sha256: str | None) -> None:
     actual = os.path.getsize(path)
     if size is not None and actual != size:
         raise ValueError(f"{path}: size {actual} bytes, expected {size}; delete it and run again")
-    if sha256 is not None and (digest := sha256_file(path)) != sha256:
+    if sha256 is not None and (digest := file_sha256(path)) != sha256:
         raise ValueError(f"{path}: sha256 {digest}, expected {sha256}; delete it and run again")
 
 

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 
 from stepsearch.data.io import DataError, atomic_path
 from stepsearch.data.prompts import make_prompt
+from stepsearch.rewards.docs import support_doc_title_text
 
 ABILITY = "fact-reasoning"
 
@@ -174,20 +175,17 @@ def validate_row(row: dict, where: str) -> None:
     need(extra, "index", int, "extra_info.")
     for j, d in enumerate(need(extra, "support_docs", list, "extra_info.")):
         try:
-            support_doc_text(d)
+            support_doc_fields(d)
         except DataError:
             raise DataError(f"{where}: extra_info.support_docs[{j}] must be a str, {{'title','text'}} or the released "
                             f"{{'title','paragraph_text'}}, got {d!r:.200}") from None
 
 
-def support_doc_text(doc) -> tuple[str, str]:
-    """(title, text) of a support doc stored as {'title','text'}, the released {'title','paragraph_text'}, or str."""
-    if isinstance(doc, str):
-        return "", doc
-    if not isinstance(doc, dict):
-        raise DataError(f"support doc {doc!r:.200} must be a str or a dict")
-    # a parquet holding both layouts has text=None in the released rows and paragraph_text=None in ours
-    text = doc.get("text") if isinstance(doc.get("text"), str) else doc.get("paragraph_text")
-    if not isinstance(text, str):
-        raise DataError(f"support doc {doc!r:.200} has no 'text' (or 'paragraph_text') string")
-    return doc.get("title") or "", text
+def support_doc_fields(doc) -> tuple[str, str]:
+    """(title, text) of a support doc (`stepsearch.rewards.docs.support_doc_title_text`: str, {'title','text'} or
+    the released {'title','paragraph_text'}); a malformed one raises DataError naming it."""
+    try:
+        return support_doc_title_text(doc)
+    except (TypeError, KeyError):
+        raise DataError(f"support doc {doc!r:.200} must be a str or a dict with a 'text' (or 'paragraph_text') "
+                        "string") from None

@@ -30,8 +30,8 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait
 from tqdm import tqdm
 
 from stepsearch.data.check import normalize
-from stepsearch.data.corpus import split_contents
-from stepsearch.data.formats import QAExample, SupportDoc, dedup_keep_order, support_doc_text
+from stepsearch.search.corpus import split_contents
+from stepsearch.data.formats import QAExample, SupportDoc, dedup_keep_order, support_doc_fields
 
 REWRITE_SYSTEM = "You write short, specific web search queries."
 REWRITE_USER = (
@@ -359,7 +359,7 @@ def keys_summary(stats: KeyGenStats) -> dict:
 def row_to_example(row: dict, where: str) -> QAExample:
     """A dataset row (seed format) as a QAExample; sub-answers are unknown, so validity uses the support docs."""
     gt, extra = row["reward_model"]["ground_truth"], row["extra_info"]
-    docs = tuple(SupportDoc(*support_doc_text(d)) for d in extra["support_docs"])  # {title,text|paragraph_text}|str
+    docs = tuple(SupportDoc(*support_doc_fields(d)) for d in extra["support_docs"])  # {title,text|paragraph_text}|str
     return QAExample(id=str(row.get("id") or extra["index"]), question=row["prompt"][0]["content"],
                      answers=tuple(gt["target"]), search_keys=tuple(tuple(g) for g in gt["search_keys"]),
                      support_docs=docs, where=where)

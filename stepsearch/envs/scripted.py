@@ -16,6 +16,10 @@ flaws:
 - `copy_correct_prob`: whenever it copies a name it takes the object of the top-ranked passage with this
   probability, and otherwise the object of the second-ranked passage (a distractor about the same person). The
   demo uses 1.0 (always correct); 0.4 is the earlier design, which a 0.2M-parameter model did not unlearn by RL.
+- `premature_from_hop`: the first hop after whose `<information>` block a premature answer may come (1, the demo:
+  after every hop but the last). With 2 on 3-4-hop questions the flaw sits mid-chain: the first two hops are always
+  searched, and the wrong stop can come after hop 2 or hop 3, several decisions away from the answer
+  (bench/credit_assignment.py's hard setting).
 
 Every turn opens with a short plan, `<think> N left </think>`, the number of hops still to search (read off the
 question at the first turn, then counted down; a premature answer keeps the true count, so the stop decision is
@@ -47,12 +51,16 @@ class ScriptedPolicyConfig:
     # probability of answering with the name just read instead of searching the next hop, after every hop but
     # the last (0: always search the full chain)
     premature_answer_prob: float = 0.0
+    # the premature answer may come after the <information> block of this hop and of every later hop but the last
+    premature_from_hop: int = 1
     seed: int = 0
 
     def __post_init__(self):
         for name in ("copy_correct_prob", "premature_answer_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"[scripted] {name} ({getattr(self, name)}) must lie in [0, 1]")
+        if not isinstance(self.premature_from_hop, int) or self.premature_from_hop < 1:
+            raise ValueError(f"[scripted] premature_from_hop ({self.premature_from_hop!r}) must be an int >= 1")
 
 
 def parse_question(context: str) -> tuple[str, list[str]]:
@@ -96,7 +104,7 @@ class ScriptedSearchBackend(RolloutBackend):
         left = max(len(relations) - len(blocks), 0)
         if subject is None:   # the retriever returned nothing parseable: give up with an answer
             return "<think> 0 left </think><answer> unknown </answer>"
-        if left > 0 and blocks and rng.random() < self.cfg.premature_answer_prob:
+        if left > 0 and len(blocks) >= self.cfg.premature_from_hop and rng.random() < self.cfg.premature_answer_prob:
             return f"<think> {left} left </think><answer> {subject} </answer>"   # stops too early: wrong answer
         if left > 0:
             return f"<think> {left} left </think><search> {hop_query(relations[len(blocks)], subject)} </search>"

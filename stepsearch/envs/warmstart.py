@@ -321,11 +321,21 @@ def save_model_dir(model, tokenizer, out_dir: str) -> str:
 
 
 def warm_start(world_dir: str, retriever_url: str, out_dir: str, model_cfg: TinyModelConfig, sft_cfg: SFTConfig,
-               policy_cfg, agent_cfg, max_prompt_length: int = 128, max_samples: int = -1) -> dict:
-    """Tokenizer + tiny model + scripted trajectories + SFT; saves an HF folder and returns a report dict."""
+               policy_cfg, agent_cfg, max_prompt_length: int = 128, max_samples: int = -1,
+               init_model: str | None = None) -> dict:
+    """Tokenizer + tiny model + scripted trajectories + SFT; saves an HF folder and returns a report dict.
+
+    `init_model`: continue from this warm-started HF folder (its tokenizer and weights; `model_cfg` is then unused),
+    e.g. to teach a model that already copies names a new flaw or longer chains on a world with the same people."""
     torch.manual_seed(sft_cfg.seed)
     t0 = time.perf_counter()
-    tokenizer, model = build_demo_model(world_texts(world_dir), model_cfg)
+    if init_model:
+        from transformers import AutoModelForCausalLM
+
+        tokenizer = AutoTokenizer.from_pretrained(init_model)
+        model = AutoModelForCausalLM.from_pretrained(init_model, torch_dtype=torch.float32)
+    else:
+        tokenizer, model = build_demo_model(world_texts(world_dir), model_cfg)
     # Use the tokenizer exactly as every later stage (eval, trainer, rollout) loads it: AutoTokenizer on the saved
     # folder builds a Qwen2Tokenizer, whose pre-tokenizer splits digits ("Doc 1" is 3 tokens there, 2 in the
     # freshly built one). SFT data tokenized the other way put every <information> block a token off at eval time.
@@ -342,7 +352,8 @@ def warm_start(world_dir: str, retriever_url: str, out_dir: str, model_cfg: Tiny
         data, val_data = data[: len(data) - n_val], data[len(data) - n_val:]
     losses = run_sft(model, data, sft_cfg, [name_ids, relation_ids], val_data=val_data, history=history)
     save_model_dir(model, tokenizer, out_dir)
-    report = {"model": asdict(model_cfg), "sft": asdict(sft_cfg), "policy": asdict(policy_cfg),
+    report = {"model": {"init_model": init_model} if init_model else asdict(model_cfg), "sft": asdict(sft_cfg),
+              "policy": asdict(policy_cfg),
               "num_names": len(names), "num_single_token_names": len(name_ids),
               "relations": relations, "num_single_token_relations": len(relation_ids), "num_trajectories": len(data),
               "num_val_trajectories": len(val_data) if val_data is not None else 0, "sft_steps_run": len(losses),
@@ -369,6 +380,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help="probability of copying the top-ranked passage's name (else the second-ranked one's)")
     p.add_argument("--premature_answer_prob", type=float, default=ScriptedPolicyConfig.premature_answer_prob,
                    help="probability of answering with the name just read instead of searching the next hop")
+    p.add_argument("--premature_from_hop", type=int, default=ScriptedPolicyConfig.premature_from_hop,
+                   help="the first hop after which the premature answer may come (2: a mid-chain flaw)")
     p.add_argument("--stop_copy_acc", type=float, default=SFTConfig.stop_copy_acc,
                    help="stop SFT once held-out copy accuracy (names and relations) reaches this (0: run all steps)")
     p.add_argument("--min_sft_steps", type=int, default=SFTConfig.min_steps)
@@ -385,6 +398,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--num_layers", type=int, default=TinyModelConfig.num_layers)
     p.add_argument("--max_samples", type=int, default=-1, help="use the first N training questions (-1: all)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init_model", help="continue from this warm-started model folder instead of a new tiny model")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -398,8 +412,9 @@ def main(argv: list[str] | None = None) -> dict:
                                   min_steps=a.min_sft_steps, plateau_checks=a.plateau_checks,
                                   plateau_delta=a.plateau_delta, plateau_min_acc=a.plateau_min_acc),
                         ScriptedPolicyConfig(copy_correct_prob=a.copy_correct_prob,
-                                             premature_answer_prob=a.premature_answer_prob, seed=a.seed), agent_cfg,
-                        max_samples=a.max_samples)
+                                             premature_answer_prob=a.premature_answer_prob,
+                                             premature_from_hop=a.premature_from_hop, seed=a.seed), agent_cfg,
+                        max_samples=a.max_samples, init_model=a.init_model)
     print(json.dumps(report))
     return report
 

@@ -29,6 +29,7 @@ import httpx
 from stepsearch.data.io import read_jsonl, write_json_atomic, write_jsonl_atomic
 from stepsearch.eval.metrics import aggregate, markdown_table, retrieval_failed, score_prediction
 from stepsearch.rewards import RewardConfig
+from verl.utils.fs import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -74,18 +75,10 @@ class EvalConfig:
             raise ValueError(f"[eval] --max_retrieval_failures must be >= 0, got {self.max_retrieval_failures}")
 
 
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def index_hash(cfg: EvalConfig) -> str | None:
     """sha256 of the index manifest (from --index_dir), else of the identity the server reports on /health."""
     if cfg.index_dir:
-        return sha256_file(os.path.join(cfg.index_dir, "manifest.json"))
+        return file_sha256(os.path.join(cfg.index_dir, "manifest.json"))
     try:
         health = httpx.get(cfg.retriever_url.rstrip("/").removesuffix("/retrieve") + "/health", timeout=10.0).json()
     except (httpx.HTTPError, ValueError) as e:
@@ -225,7 +218,7 @@ def evaluate(cfg: EvalConfig, reward_cfg: RewardConfig = RewardConfig()) -> dict
     raw, backend_name, stopped_early = generate_predictions(cfg)
     scored = [score_prediction(p, reward_cfg, f"{p['id']}") for p in raw]
     meta = {"model_path": os.path.abspath(cfg.model), "backend": backend_name,
-            "data_files": {os.path.abspath(p): sha256_file(p) for p in cfg.data},
+            "data_files": {os.path.abspath(p): file_sha256(p) for p in cfg.data},
             "index_manifest_sha256": index_hash(cfg),
             "settings": {k: v for k, v in asdict(cfg).items() if k not in ("data", "model", "out", "retriever_url")},
             "reward_config": asdict(reward_cfg), "stopped_early": stopped_early}

@@ -12,26 +12,21 @@ from typing import Any, Mapping, Sequence
 
 from stepsearch.rewards import (RewardConfig, cover_exact_match, exact_match, extract_eval_prediction, f1_score,
                                 normalize_answer, score_trajectory)
+from stepsearch.rewards.docs import support_doc_title_text
+from stepsearch.rewards.redundancy import doc_key
 
 RAW_FIELDS = ("id", "data_source", "question", "trajectory", "targets", "rounds", "num_turns", "num_searches",
               "num_tokens")
 SUMMARY_KEYS = ("em", "f1", "cover_em", "format_ok", "num_searches", "num_turns", "num_tokens", "support_recall")
 
 
-def _doc_key(doc: Any) -> str:
-    """Identity of a document: its id when it has one, else its normalized title + text."""
-    if isinstance(doc, Mapping):
-        if doc.get("id") not in (None, ""):
-            return f"id:{doc['id']}"
-        return "text:" + normalize_answer(f"{doc.get('title', '')} {doc.get('text', doc.get('paragraph_text', ''))}")
-    return "text:" + normalize_answer(str(doc))
-
-
-def _doc_keys(doc: Any) -> set[str]:
-    """Every key a document can be matched by (id and text), so an id-less gold doc still matches a corpus row."""
-    keys = {_doc_key(doc)}
+def _doc_keys(doc: Any) -> set:
+    """Every key a document can be matched by (`stepsearch.rewards.redundancy.doc_key` of its id, when it has one,
+    and of its normalized title + text), so an id-less gold doc still matches a corpus row."""
+    title, text = support_doc_title_text(doc, "document")
+    keys = {doc_key({"title": title, "text": text})}
     if isinstance(doc, Mapping) and doc.get("id") not in (None, ""):
-        keys.add(_doc_key({k: v for k, v in doc.items() if k != "id"}))
+        keys.add(doc_key(doc))
     return keys
 
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 import re
 from typing import Any, Mapping, Sequence
 
+from stepsearch.search.corpus import split_contents
+
 __all__ = [
     "format_docs", "format_docs_with_spans", "parse_information_blocks", "rounds_from_response", "doc_title_text",
-    "support_doc_text", "policy_text",
+    "support_doc_text", "support_doc_title_text", "policy_text",
 ]
 
 # One search round: a <search> span (that does not itself contain </search>) followed by whitespace and an
@@ -25,12 +27,10 @@ _INJECTED_RE = re.compile(r"<information>.*?(?:</information>|\Z)|<warning>.*?(?
 
 
 def _split_contents(contents: str) -> tuple[str, str]:
-    """``"Title"\\ntext`` (wiki-18 ``contents``) -> (title without the surrounding quotes, text)."""
-    first, _, rest = contents.partition("\n")
-    title = first.strip()
-    if len(title) >= 2 and title[0] == '"' and title[-1] == '"':
-        title = title[1:-1]
-    return title, rest.strip()
+    """``"Title"\\ntext`` (wiki-18 ``contents``) -> (title without the surrounding quotes, text without its outer
+    whitespace)."""
+    title, text = split_contents(contents)
+    return title, text.strip()
 
 
 def doc_title_text(doc: Mapping[str, Any], where: str = "doc") -> tuple[str, str]:
@@ -54,17 +54,23 @@ def doc_title_text(doc: Mapping[str, Any], where: str = "doc") -> tuple[str, str
                    f"give each document a body text")
 
 
-def support_doc_text(doc: Any, where: str = "support_docs") -> str:
-    """Body text of one gold document: a string, or a dict with ``paragraph_text`` / ``text`` / ``content`` /
-    ``contents`` (title dropped: similarity uses the body only, docs/method.md §1.6)."""
+def support_doc_title_text(doc: Any, where: str = "support_docs") -> tuple[str, str]:
+    """(title, body text) of one gold document: a string (no title), the released ``{title, paragraph_text}``, or
+    a dict with ``text`` / ``content`` / ``contents``. A parquet holding both layouts has ``paragraph_text=None`` in
+    our rows and ``text=None`` in the released ones; the string field wins."""
     if isinstance(doc, str):
-        return doc
+        return "", doc
     if isinstance(doc, Mapping):
         if isinstance(doc.get("paragraph_text"), str):
-            return doc["paragraph_text"]
-        return doc_title_text(doc, where)[1]
+            return doc.get("title") or "", doc["paragraph_text"]
+        return doc_title_text(doc, where)
     raise TypeError(f"{where} must be a string or a dict with 'paragraph_text' or 'text', "
                     f"got {type(doc).__name__}: {doc!r}")
+
+
+def support_doc_text(doc: Any, where: str = "support_docs") -> str:
+    """Body text of one gold document (title dropped: similarity uses the body only, docs/method.md §1.6)."""
+    return support_doc_title_text(doc, where)[1]
 
 
 def format_docs(docs: Sequence[Mapping[str, Any]]) -> str:

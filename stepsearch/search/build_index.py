@@ -26,9 +26,10 @@ import numpy as np
 from tqdm import tqdm
 
 from stepsearch.data.io import write_json_atomic
-from stepsearch.search.corpus import ArrowCorpus, build_arrow_corpus, file_sha256, format_contents
+from stepsearch.search.corpus import ArrowCorpus, build_arrow_corpus, format_contents
 from stepsearch.search.index import (BM25_DIR, CORPUS_TABLE, DENSE_INDEX, EMBEDDINGS, ENCODER_IDENTITY_KEYS,
                                      MANIFEST, MANIFEST_VERSION, METHODS)
+from verl.utils.fs import file_sha256
 
 PROGRESS = "emb.progress.json"
 CORPUS_STATE = "corpus.arrow.json"

@@ -13,7 +13,6 @@ looked up with a vectorized `take` and no Python object per passage is held.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import json
 import os
@@ -101,15 +100,6 @@ def iter_passages(path: str | os.PathLike) -> Iterator[Passage]:
                 raise ValueError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno})") from None
             pid, title, text = parse_row(obj, where)
             yield Passage(pid, title, text, line.rstrip("\n"))
-
-
-def file_sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
-    """sha256 hex digest of a file's bytes (the corpus identity stored in the index manifest)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def build_arrow_corpus(src: str | os.PathLike, dst: str | os.PathLike, batch_rows: int = 8192, progress=None) -> int:

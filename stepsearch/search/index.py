@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from stepsearch.search.corpus import ArrowCorpus, file_sha256
+from stepsearch.search.corpus import ArrowCorpus
+from verl.utils.fs import file_sha256
 
 MANIFEST = "manifest.json"
 CORPUS_TABLE = "corpus.arrow"

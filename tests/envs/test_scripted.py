@@ -77,3 +77,26 @@ def test_scripted_policy_flaws_combine_independently():
                "rival of Sugok </search>")}
     for k, p in zip(counts, (0.2, 0.3, 0.2, 0.3)):
         assert abs(counts[k] - p) < 0.035, (k, counts[k])
+
+
+FOUR_HOP = ("<|im_start|>user\nAnswer the question by searching. Question: Who is the rival of the rival of the rival "
+            "of the rival of Kiba?<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_scripted_policy_mid_chain_flaw_starts_at_the_configured_hop():
+    mid = ScriptedSearchBackend(None, ScriptedPolicyConfig(premature_answer_prob=1.0, premature_from_hop=2))
+    ctx = FOUR_HOP
+    actions = []
+    for _ in range(2):   # hop 1 and, after its block, hop 2 are always searched
+        actions.append(mid.next_action(ctx))
+        ctx += actions[-1] + "\n\n" + INFO + "\n\n"
+    assert actions == ["<think> 4 left </think><search> rival of Kiba </search>",
+                       "<think> 3 left </think><search> rival of Nathi </search>"]
+    # after hop 2's block, mid-chain: the premature answer (2 hops still to go)
+    assert mid.next_action(ctx) == "<think> 2 left </think><answer> Nathi </answer>"
+    # the demo's setting (premature_from_hop=1) would already have stopped after hop 1
+    demo = ScriptedSearchBackend(None, ScriptedPolicyConfig(premature_answer_prob=1.0))
+    assert demo.next_action(FOUR_HOP + actions[0] + "\n\n" + INFO + "\n\n") == \
+        "<think> 3 left </think><answer> Nathi </answer>"
+    with pytest.raises(ValueError, match="premature_from_hop"):
+        ScriptedPolicyConfig(premature_from_hop=0)

@@ -4,6 +4,7 @@ Kept free of torch and of any other heavy import, so data tools and the retrieva
 """
 from __future__ import annotations
 
+import hashlib
 import os
 
 
@@ -46,3 +47,12 @@ def fsync_dir(directory: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def file_sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
+    """sha256 hex digest of a file's bytes, read in chunks (corpus identity, index manifests, downloads, eval data)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
