@@ -376,7 +376,9 @@ def report(all_results: dict, a, argv) -> None:
     cmd = "python bench/credit_assignment.py " + " ".join(shlex.quote(x) for x in argv)
     walls = [r["train_wall_s"] for res in all_results.values() for r in res["tuning"] + res["final"]]
     lines = ["## Credit assignment on the synthetic world (bench/credit_assignment.py)", "",
-             f"Command: `{cmd}`", "",
+             "Commands: the runs, `python bench/credit_assignment.py --work DIR --settings easy` then `python "
+             "bench/credit_assignment.py --work DIR --settings hard --tuning_from easy` (resumable, any number of "
+             f"calls); this report, `{cmd}`.", "",
              f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores (2-core AMD EPYC, AVX2, no bf16 "
              f"instructions, shared with other jobs while it ran), Python {platform.python_version()}; "
              f"{len(walls)} training runs, {sum(walls) / 60:.0f} min of training wall time in all.", "",
