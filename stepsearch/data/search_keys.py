@@ -30,8 +30,8 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait
 from tqdm import tqdm
 
 from stepsearch.data.check import normalize
-from stepsearch.search.corpus import split_contents
 from stepsearch.data.formats import QAExample, SupportDoc, dedup_keep_order, support_doc_fields
+from stepsearch.search.corpus import split_contents
 
 REWRITE_SYSTEM = "You write short, specific web search queries."
 REWRITE_USER = (

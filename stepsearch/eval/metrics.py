@@ -11,7 +11,7 @@ from collections import OrderedDict
 from typing import Any, Mapping, Sequence
 
 from stepsearch.rewards import (RewardConfig, cover_exact_match, exact_match, extract_eval_prediction, f1_score,
-                                normalize_answer, score_trajectory)
+                                score_trajectory)
 from stepsearch.rewards.docs import support_doc_title_text
 from stepsearch.rewards.redundancy import doc_key
 
