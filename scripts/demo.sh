@@ -103,7 +103,7 @@ fi
 PORT=$(free_port)
 URL="http://127.0.0.1:$PORT"
 "$PY" -m stepsearch.search.server --index_dir "$OUT/index" --host 127.0.0.1 --port "$PORT" "${REDIS_ARGS[@]}" \
-  > "$OUT/logs/retriever.log" 2>&1 &
+  --torch_threads 1 > "$OUT/logs/retriever.log" 2>&1 &
 PIDS+=($!)
 for _ in $(seq 1 240); do
   if "$PY" -c "import httpx,sys; sys.exit(httpx.get('$URL/health', timeout=1).status_code != 200)" 2>/dev/null; then

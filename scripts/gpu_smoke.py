@@ -108,12 +108,14 @@ def smoke_config(model_dir: str, parquet: str, out_dir: str, device: str, steps:
         "actor_rollout_ref": {
             "actor": {"ppo_mini_batch_size": 8, "ppo_micro_batch_size_per_device": 4,
                       "forward_micro_batch_size_per_device": 8},
-            "optim": {"lr": 1e-4, "warmup_ratio": 0.0}, "rollout": {"backend": "hf", "max_new_tokens": 32}},
+            "optim": {"lr": 1e-4, "warmup_ratio": 0.0},
+            # on a GPU the HF rollout copy goes to host memory during the updates (engine sleep)
+            "rollout": {"backend": "hf", "max_new_tokens": 32, "enable_sleep_mode": on_gpu}},
         "critic": {"ppo_mini_batch_size": 8, "ppo_micro_batch_size_per_device": 4,
                    "forward_micro_batch_size_per_device": 8, "optim": {"lr": 1e-3, "warmup_ratio": 0.0}},
         "reward": {"step_rewards_on_format_fail": True},
         "agent": {"max_turns": 2, "topk": 2, "max_obs_length": 192, "max_prompt_length": 2048,
-                  "max_response_length": 512},
+                  "max_response_length": 512, "logprobs": True},
         "retriever": {"url": "in-process"},
         "trainer": {"experiment_name": "gpu_smoke", "logger": ["console", "jsonl"], "default_local_dir": out_dir,
                     "total_training_steps": steps, "save_freq": 2, "test_freq": -1, "n_gpus_per_node": 1 if on_gpu
@@ -130,7 +132,9 @@ def _report(out_dir: str, label: str, first_step: int = 1) -> dict:
         print(f"[{label}] step {r['step']}: step {r['timing_s/step']:.2f}s | gen {r['perf/gen_tokens_per_s']:.0f} "
               f"tok/s | throughput {r['perf/throughput']:.0f} tok/s | peak memory {r['perf/max_memory_gb']:.2f} GiB "
               f"| pg_loss {r['actor/pg_loss']:.4f} | vf_loss {r['critic/vf_loss']:.4f} | searches "
-              f"{r['search/num_searches/mean']:.2f} | step_reward {r['reward/step_reward/mean']:.4f}")
+              f"{r['search/num_searches/mean']:.2f} | step_reward {r['reward/step_reward/mean']:.4f} | "
+              f"logprob_diff {r.get('rollout/logprob_diff_mean', float('nan')):.2e} | "
+              f"sleep {r.get('perf/rollout_sleep_s', 0.0):.3f}s")
     return rows[-1]
 
 

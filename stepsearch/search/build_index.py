@@ -1,13 +1,17 @@
 """Index builder: `python -m stepsearch.search.build_index --corpus PATH --out DIR [--encoder NAME|PATH]
-[--index_factory Flat|HNSW32|IVF4096,PQ64 ...] [--method dense|bm25|hybrid]`.
+[--index_factory Flat|HNSW32|IVF4096,PQ64|IVF1024,PQ32+rerank ...] [--method dense|bm25|hybrid]
+[--import_faiss FILE|DIR]`.
 
 Steps (each resumable or cheap to redo):
 1. stream the corpus into `corpus.arrow` (the served, memory-mapped table) and hash it (sha256);
 2. print a memory estimate;
-3. dense: encode passages ('"Title"\\ntext', passage prefix added by the encoder) into `emb.memmap` (N, D) float32;
+3. dense: encode each passage's text (`corpus.index_text`: a row's `contents` exactly as written, else
+   '"Title"\\ntext'; passage prefix added by the encoder) into `emb.memmap` (N, D) float32;
    `emb.progress.json` records how many rows are done, so an interrupted build resumes where it stopped;
-4. dense: `faiss.index_factory(D, factory, inner product)`, train if needed, add, write `dense.faiss`;
-5. bm25: bm25s over the same '"Title"\\ntext' strings into `bm25/`;
+4. dense: `faiss.index_factory(D, factory, inner product)`, train if needed, add, write `dense.faiss`; a factory
+   ending in "+rerank" also writes `emb.fp16` (N, D) float16 for the exact second stage (rerank.py);
+   with --import_faiss, steps 3-4 are replaced by checking and linking the user's FAISS file (faiss_import.py);
+5. bm25: bm25s over the same texts into `bm25/`;
 6. write `manifest.json` last (atomically): a folder without a manifest is not an index.
 """
 from __future__ import annotations
@@ -26,9 +30,10 @@ import numpy as np
 from tqdm import tqdm
 
 from stepsearch.data.io import write_json_atomic
-from stepsearch.search.corpus import ArrowCorpus, build_arrow_corpus, format_contents
+from stepsearch.search.corpus import ArrowCorpus, build_arrow_corpus
 from stepsearch.search.index import (BM25_DIR, CORPUS_TABLE, DENSE_INDEX, EMBEDDINGS, ENCODER_IDENTITY_KEYS,
-                                     MANIFEST, MANIFEST_VERSION, METHODS)
+                                     MANIFEST, MANIFEST_VERSION, METHODS, PASSAGE_TEXT)
+from stepsearch.search.rerank import RERANK_EMBEDDINGS, split_factory, write_fp16
 from verl.utils.fs import file_sha256
 
 PROGRESS = "emb.progress.json"
@@ -59,13 +64,28 @@ class BuildConfig:
     encoder_mode: str = "exact"
     seed: int = 0
     quiet: bool = False
+    # an existing FAISS file (or a folder holding one *.index) to serve instead of encoding the corpus
+    import_faiss: str | None = None
+    # --import_faiss: passages re-encoded to check the stored vectors, and the cosine each must reach
+    import_check_rows: int = 64
+    import_min_cosine: float = 0.99
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"[build_index] --method must be one of {METHODS}, got {self.method!r}")
-        for name in ("batch_size", "chunk_size", "train_size", "max_length"):
+        for name in ("batch_size", "chunk_size", "train_size", "max_length", "import_check_rows"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"[build_index] --{name} must be positive, got {getattr(self, name)}")
+        if not 0.0 < self.import_min_cosine <= 1.0:
+            raise ValueError(f"[build_index] --import_min_cosine must be in (0, 1], got {self.import_min_cosine}")
+        _, rerank = split_factory(self.index_factory)
+        if self.import_faiss is not None:
+            if "dense" not in self.parts:
+                raise ValueError("[build_index] --import_faiss serves a dense index; use --method dense or hybrid, "
+                                 f"not {self.method!r}")
+            if rerank:
+                raise ValueError(f"[build_index] --index_factory {self.index_factory!r} does not apply with "
+                                 "--import_faiss: the imported index is served as it is")
 
     @property
     def parts(self) -> list[str]:
@@ -100,11 +120,13 @@ def prepare_corpus(cfg: BuildConfig, out: Path) -> tuple[dict, ArrowCorpus]:
 
 
 def estimate_index_bytes(factory: str, n: int, dim: int) -> int:
-    """Rough resident size of a FAISS index: Flat 4·N·D, SQ8 N·D, PQm N·m (+8 B id for IVF), HNSWm adds 8·m·N."""
-    spec = factory.replace(" ", "")
+    """Rough resident size of a FAISS index's per-passage part: Flat 4·N·D, SQ8 N·D, PQm N·m (PQmxb: m·b/8 B)
+    (+8 B id for IVF), HNSWm adds 8·m·N. A "+rerank" factory counts its compressed index only (the fp16
+    vectors stay on disk); `estimate_fixed_bytes` adds the part that does not grow with N."""
+    spec = split_factory(factory)[0].replace(" ", "")
     per_vec = 4 * dim
-    if m := re.search(r"PQ(\d+)", spec):
-        per_vec = int(m.group(1))
+    if m := re.search(r"PQ(\d+)(?:x(\d+))?", spec):
+        per_vec = -(-int(m.group(1)) * int(m.group(2) or 8) // 8)
     elif "SQ8" in spec:
         per_vec = dim
     elif "SQfp16" in spec or "SQ16" in spec:
@@ -114,6 +136,18 @@ def estimate_index_bytes(factory: str, n: int, dim: int) -> int:
     if m := re.search(r"HNSW(\d+)", spec):
         per_vec += 8 * int(m.group(1))
     return n * per_vec
+
+
+def estimate_fixed_bytes(factory: str, dim: int) -> int:
+    """The part of a FAISS index that does not grow with N: IVF centroids nlist·D·4 B and PQ codebooks
+    2^bits·D·4 B (m sub-quantizers of 2^bits centroids of D/m floats)."""
+    spec = split_factory(factory)[0].replace(" ", "")
+    total = 0
+    if m := re.search(r"IVF(\d+)", spec):
+        total += int(m.group(1)) * dim * 4
+    if m := re.search(r"PQ(\d+)(?:x(\d+))?", spec):
+        total += (1 << int(m.group(2) or 8)) * dim * 4
+    return total
 
 
 def human_bytes(n: float) -> str:
@@ -126,10 +160,16 @@ def human_bytes(n: float) -> str:
 
 def print_memory_estimate(cfg: BuildConfig, n: int, dim: int | None, corpus_bytes: int) -> None:
     lines = [f"{n} passages; corpus table {human_bytes(corpus_bytes)} on disk (memory-mapped when serving)"]
-    if dim is not None:
+    if dim is not None and cfg.import_faiss is not None:
+        lines.append(f"FAISS: {cfg.import_faiss} is linked, not copied, and memory-mapped when serving where "
+                     "its type allows (start-up reads none of it; searches page it into the OS page cache)")
+    elif dim is not None:
         lines.append(f"embeddings memmap {human_bytes(n * dim * 4)} on disk (N={n} x D={dim} x 4 B)")
-        lines.append(f"FAISS {cfg.index_factory}: ~{human_bytes(estimate_index_bytes(cfg.index_factory, n, dim))} "
-                     "of RAM to build and to serve")
+        ram = estimate_index_bytes(cfg.index_factory, n, dim) + estimate_fixed_bytes(cfg.index_factory, dim)
+        lines.append(f"FAISS {cfg.index_factory}: ~{human_bytes(ram)} of RAM to build and to serve")
+        if split_factory(cfg.index_factory)[1]:
+            lines.append(f"rerank vectors {RERANK_EMBEDDINGS} {human_bytes(n * dim * 2)} on disk (N x D x 2 B fp16), "
+                         "memory-mapped when serving")
     if "bm25" in cfg.parts:
         lines.append(f"BM25: tokenizing holds every passage in RAM (~{human_bytes(2 * corpus_bytes)} peak)")
     for line in lines:
@@ -148,10 +188,18 @@ def encoder_identity(described: dict) -> dict:
     return {k: described.get(k) for k in ENCODER_IDENTITY_KEYS}
 
 
+def progress_identity(sha: str, described: dict, n: int, dim: int) -> dict:
+    """What `emb.progress.json` must match for a build to resume on the rows already in `emb.memmap`: corpus,
+    encoder identity, shape and the passage-text rule (PASSAGE_TEXT; embeddings of an older rule are redone)."""
+    return {"corpus_sha256": sha, "encoder": encoder_identity(described), "shape": [n, dim],
+            "passage_text": PASSAGE_TEXT}
+
+
 def encode_corpus(cfg: BuildConfig, out: Path, corpus: ArrowCorpus, encoder, sha: str) -> np.ndarray:
-    """Fill `emb.memmap` (N, D) float32, resuming from `emb.progress.json` when it matches corpus and encoder."""
+    """Fill `emb.memmap` (N, D) float32 with the passages' `index_text`, resuming from `emb.progress.json` when it
+    matches (`progress_identity`)."""
     n, dim = len(corpus), encoder.dim
-    ident = {"corpus_sha256": sha, "encoder": encoder_identity(encoder.describe()), "shape": [n, dim]}
+    ident = progress_identity(sha, encoder.describe(), n, dim)
     progress_path, emb_path = out / PROGRESS, out / EMBEDDINGS
     done = 0
     if progress_path.is_file() and emb_path.is_file():
@@ -164,20 +212,22 @@ def encode_corpus(cfg: BuildConfig, out: Path, corpus: ArrowCorpus, encoder, sha
     with tqdm(total=n, initial=done, desc="encode passages", unit="psg", disable=cfg.quiet) as bar:
         for start in range(done, n, cfg.chunk_size):
             stop = min(start + cfg.chunk_size, n)
-            titles, texts = corpus.column("title", start, stop), corpus.column("text", start, stop)
-            emb[start:stop] = encoder.encode_passages([format_contents(t, x) for t, x in zip(titles, texts)])
+            emb[start:stop] = encoder.encode_passages(corpus.index_texts(start, stop))
             emb.flush()
             write_json_atomic(progress_path, {**ident, "rows_done": stop})
             bar.update(stop - start)
     return emb
 
 
-def build_faiss(cfg: BuildConfig, emb: np.ndarray, out: Path) -> None:
-    """index_factory(D, factory, METRIC_INNER_PRODUCT): cosine on L2-normalized vectors (Search-R1's metric)."""
+def build_faiss(cfg: BuildConfig, emb: np.ndarray, out: Path) -> dict:
+    """index_factory(D, factory, METRIC_INNER_PRODUCT) over emb (N, D) float32: cosine on L2-normalized vectors
+    (Search-R1's metric). "<factory>+rerank" builds <factory> and writes emb (N, D) as float16 `emb.fp16`.
+    Returns the manifest fields of the dense part (`rerank` is None without "+rerank")."""
     import faiss
 
     n, dim = emb.shape
-    index = faiss.index_factory(dim, cfg.index_factory, faiss.METRIC_INNER_PRODUCT)
+    base, rerank = split_factory(cfg.index_factory)
+    index = faiss.index_factory(dim, base, faiss.METRIC_INNER_PRODUCT)
     if not index.is_trained:
         rng = np.random.default_rng(cfg.seed)
         sample = np.sort(rng.choice(n, size=min(n, cfg.train_size), replace=False))
@@ -185,7 +235,7 @@ def build_faiss(cfg: BuildConfig, emb: np.ndarray, out: Path) -> None:
         try:
             index.train(np.ascontiguousarray(emb[sample]))
         except RuntimeError as exc:  # e.g. PQ needs >= 256 points per sub-quantizer, IVFk needs >= k
-            raise ValueError(f"[build_index] cannot train --index_factory {cfg.index_factory!r} on {len(sample)} "
+            raise ValueError(f"[build_index] cannot train --index_factory {base!r} on {len(sample)} "
                              f"vectors ({str(exc).splitlines()[-1]}); use Flat or HNSW32 for a corpus this "
                              "small, or fewer IVF lists / PQ bits") from None
     step = 65536
@@ -193,13 +243,18 @@ def build_faiss(cfg: BuildConfig, emb: np.ndarray, out: Path) -> None:
         index.add(np.ascontiguousarray(emb[start:start + step]))
     tmp = out / (DENSE_INDEX + ".tmp")
     faiss.write_index(index, str(tmp))
-    os.replace(tmp, out / DENSE_INDEX)
+    os.replace(tmp, out / DENSE_INDEX)  # also replaces a symlink left by an earlier --import_faiss, not its target
+    if rerank:
+        log(cfg, f"writing {RERANK_EMBEDDINGS} ({n} x {dim} float16) for the exact re-rank")
+        write_fp16(emb, out / RERANK_EMBEDDINGS)
+    return {"index_factory": cfg.index_factory,
+            "rerank": {"embeddings": RERANK_EMBEDDINGS, "dtype": "float16", "shape": [n, dim]} if rerank else None}
 
 
 def build_bm25(cfg: BuildConfig, corpus: ArrowCorpus, out: Path) -> None:
     import bm25s
 
-    texts = [format_contents(t, x) for t, x in zip(corpus.column("title"), corpus.column("text"))]
+    texts = corpus.index_texts()
     tokens = bm25s.tokenize(texts, stopwords="en", show_progress=not cfg.quiet)
     del texts
     model = bm25s.BM25()
@@ -218,16 +273,27 @@ def build_index(cfg: BuildConfig) -> Path:
     (out / MANIFEST).unlink(missing_ok=True)  # the folder is not a valid index until the new manifest lands
     t0 = time.perf_counter()
     rec, corpus = prepare_corpus(cfg, out)
+    imported = None
+    if cfg.import_faiss is not None:  # metric and count checked before the encoder is loaded
+        from stepsearch.search.faiss_import import open_index
+
+        imported = open_index(cfg.import_faiss, len(corpus), cfg.corpus)
     encoder = make_encoder(cfg) if "dense" in cfg.parts else None
     print_memory_estimate(cfg, len(corpus), encoder.dim if encoder else None, (out / CORPUS_TABLE).stat().st_size)
     manifest = {"version": MANIFEST_VERSION, "methods": cfg.parts, "corpus": rec, "metric": None,
                 "encoder": None, "index_factory": None, "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "build_config": asdict(cfg)}
+                "build_config": asdict(cfg), "passage_text": PASSAGE_TEXT}
     if encoder is not None:
-        emb = encode_corpus(cfg, out, corpus, encoder, rec["sha256"])
-        build_faiss(cfg, emb, out)
+        if imported is not None:
+            from stepsearch.search.faiss_import import import_faiss
+
+            manifest.update(import_faiss(*imported, out, corpus, encoder, cfg.import_check_rows,
+                                         cfg.import_min_cosine, cfg.seed, log=lambda msg: log(cfg, msg)))
+        else:
+            emb = encode_corpus(cfg, out, corpus, encoder, rec["sha256"])
+            manifest.update(build_faiss(cfg, emb, out))
         described = encoder.describe()
-        manifest.update(encoder=described, index_factory=cfg.index_factory, metric="inner_product",
+        manifest.update(encoder=described, metric="inner_product",
                         dim=encoder.dim, pooling=described["pooling"], max_length=described["max_length"],
                         query_prefix=described["query_prefix"], passage_prefix=described["passage_prefix"])
     if "bm25" in cfg.parts:
@@ -240,6 +306,7 @@ def build_index(cfg: BuildConfig) -> Path:
 
 
 def parse_args(argv: list[str] | None = None) -> BuildConfig:
+    d = BuildConfig.__dataclass_fields__
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--corpus", required=True, help="JSONL or .jsonl.gz corpus (one passage per line)")
     p.add_argument("--out", required=True, help="index folder to create or resume")
@@ -249,7 +316,9 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
     p.add_argument("--query_prefix", default=None, help="default: 'query: ' for e5, '' otherwise")
     p.add_argument("--passage_prefix", default=None, help="default: 'passage: ' for e5, '' otherwise")
     p.add_argument("--max_length", type=int, default=256)
-    p.add_argument("--index_factory", default="Flat", help="FAISS factory string: Flat, HNSW32, IVF4096,PQ64, ...")
+    p.add_argument("--index_factory", default=d["index_factory"].default,
+                   help="FAISS factory string: Flat, HNSW32, IVF4096,PQ64, ...; append +rerank (IVF1024,PQ32+rerank) "
+                        "to re-rank its candidates exactly against fp16 vectors memory-mapped from disk")
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--chunk_size", type=int, default=1024, help="passages per memmap flush (resume granularity)")
     p.add_argument("--train_size", type=int, default=262144)
@@ -257,6 +326,13 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
     p.add_argument("--encoder_mode", default="exact", help="encoder speed mode (see encoders.py); exact by default")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--import_faiss", default=None,
+                   help="serve this existing FAISS file (Search-R1's e5_Flat.index; or a folder holding one *.index, "
+                        "FlashRAG) without re-encoding: it is checked against --corpus and --encoder, then linked")
+    p.add_argument("--import_check_rows", type=int, default=d["import_check_rows"].default,
+                   help="--import_faiss: random passages re-encoded to check the stored vectors")
+    p.add_argument("--import_min_cosine", type=float, default=d["import_min_cosine"].default,
+                   help="--import_faiss: the cosine every re-encoded passage must reach with its stored vector")
     return BuildConfig(**vars(p.parse_args(argv)))
 
 
@@ -264,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     try:
         build_index(cfg)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:
         print(f"[build_index] error: {exc}", file=sys.stderr)
         return 2
     return 0

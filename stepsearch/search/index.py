@@ -3,9 +3,15 @@
 An index folder (written by `build_index`) holds:
 - `manifest.json`  what was built: methods, encoder settings, dim, metric, corpus identity, number of passages
 - `corpus.arrow`   the memory-mapped passage table served back (`corpus.ArrowCorpus`)
-- `dense.faiss`    FAISS index (inner product over L2-normalized embeddings = cosine), when method has dense
+- `dense.faiss`    FAISS index (inner product over L2-normalized embeddings = cosine), when method has dense; after
+                   `--import_faiss` a symlink to the user's file (manifest `dense_source` records its size/mtime)
 - `emb.memmap`     float32 (N, D) embeddings (resumable build; reusable for other index factories)
+- `emb.fp16`       float16 (N, D) embeddings of a "+rerank" index (manifest `rerank`; see rerank.py)
 - `bm25/`          bm25s index, when method has bm25
+
+Loading reads no corpus file and builds nothing per passage: the corpus table, the FAISS vectors/codes
+(IO_FLAG_MMAP_IFC where the type allows), the fp16 re-rank vectors and the BM25 arrays are memory-mapped, so
+start-up time and resident memory do not grow with the corpus beyond what an index type must hold in RAM.
 
 Every retriever maps a batch of queries to corpus row numbers and scores, `search(queries, topk) -> (ids, scores)`
 with ids (N, k) int64 and scores (N, k) float32; the server turns rows into documents with `ArrowCorpus.rows`.
@@ -21,6 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from stepsearch.search.corpus import ArrowCorpus
+from stepsearch.search.rerank import (DEFAULT_NPROBE, DEFAULT_RERANK_CANDIDATES, RERANK_EMBEDDINGS, RerankIndex,
+                                      open_fp16, read_faiss, set_nprobe)
 from verl.utils.fs import file_sha256
 
 MANIFEST = "manifest.json"
@@ -30,6 +38,10 @@ EMBEDDINGS = "emb.memmap"
 BM25_DIR = "bm25"
 MANIFEST_VERSION = 2  # 2: corpus.mtime_ns replaces corpus.mtime
 METHODS = ("dense", "bm25", "hybrid")
+# The rule for the text a passage is indexed as (corpus.index_text). Recorded in emb.progress.json and the manifest;
+# a build never resumes on embeddings made under another rule (before it: '"Title"\\ntext' rebuilt from the split
+# title, which added quotes to wiki-18 rows whose first line had none).
+PASSAGE_TEXT = "contents-as-is"
 # Encoder settings that define the embedding space; an index must be queried with exactly these. Mirrors
 # encoders.IDENTITY_KEYS (kept here so bm25-only serving never imports torch; a test checks they agree).
 ENCODER_IDENTITY_KEYS = ("model", "pooling", "query_prefix", "passage_prefix", "max_length", "dim", "normalize")
@@ -101,7 +113,20 @@ def check_files(index_dir: Path, manifest: dict, method: str) -> None:
     if method not in METHODS:
         raise IndexLoadError(f"unknown method {method!r}; expected one of {METHODS}")
     needed = {"dense": [DENSE_INDEX], "bm25": [BM25_DIR], "hybrid": [DENSE_INDEX, BM25_DIR]}[method]
+    if method != "bm25" and manifest.get("rerank"):
+        needed.append(manifest["rerank"]["embeddings"])
     built = manifest.get("methods", [])
+    source = manifest.get("dense_source")
+    if method != "bm25" and source:  # --import_faiss: dense.faiss links to the user's file, which must not change
+        path = Path(source["path"])
+        if not path.is_file():
+            raise IndexLoadError(f"{index_dir}: the imported FAISS file {path} is gone; restore it or re-run "
+                                 "build_index --import_faiss")
+        stat = path.stat()
+        if (stat.st_size, stat.st_mtime_ns) != (source["size"], source["mtime_ns"]):
+            raise IndexLoadError(f"{index_dir}: the imported FAISS file {path} changed since the import (size/mtime "
+                                 f"{stat.st_size}/{stat.st_mtime_ns}, was {source['size']}/{source['mtime_ns']}); "
+                                 "re-run build_index --import_faiss to check it again")
     for part in ("dense", "bm25"):
         if method in (part, "hybrid") and part not in built:
             raise IndexLoadError(f"{index_dir}: method {method!r} needs a {part} index, but this index has {built}; "
@@ -120,15 +145,30 @@ class SearchResult:
 
 
 class DenseRetriever:
-    """FAISS inner-product search over L2-normalized embeddings (score = cosine, as Search-R1)."""
+    """FAISS inner-product search over L2-normalized embeddings (score = cosine, as Search-R1).
 
-    def __init__(self, index_path: Path, encoder, gpu: bool = False, gpu_storage: str = "fp16"):
-        import faiss
+    The index is memory-mapped where its type allows (rerank.read_faiss); `nprobe` applies to IVF indexes (0: the
+    value stored in the file); `rerank_vectors` (N, D) float16 turns it into a two-stage `rerank.RerankIndex`."""
 
-        self.index = faiss.read_index(str(index_path))
+    def __init__(self, index_path: Path, encoder, gpu: bool = False, gpu_storage: str = "fp16",
+                 nprobe: int = DEFAULT_NPROBE, rerank_vectors: Path | None = None,
+                 rerank_candidates: int = DEFAULT_RERANK_CANDIDATES):
+        self.index = read_faiss(index_path)
         self.encoder = encoder
         if self.index.d != encoder.dim:
             raise IndexLoadError(f"{index_path}: index dim {self.index.d} != encoder dim {encoder.dim}")
+        self.nprobe = set_nprobe(self.index, nprobe)  # None: not an IVF index
+        self.rerank_candidates = None
+        if rerank_vectors is not None:
+            if gpu:
+                raise IndexLoadError(f"{index_path}: --faiss_gpu serves flat indexes; serve this '+rerank' index on "
+                                     "CPU (its compressed stage is small) or build a Flat/SQfp16 one for the GPU")
+            try:
+                vectors = open_fp16(rerank_vectors, self.index.ntotal, self.index.d)
+                self.index = RerankIndex(self.index, vectors, rerank_candidates)
+            except ValueError as exc:
+                raise IndexLoadError(str(exc)) from None
+            self.rerank_candidates = rerank_candidates
         if gpu:  # flat index -> every visible GPU, `gpu_storage` vectors (gpu_index.TorchFlatIndex, same search API)
             from stepsearch.search.gpu_index import TorchFlatIndex
 
@@ -190,7 +230,7 @@ class BM25Retriever:
     def __init__(self, bm25_dir: Path, num_passages: int):
         import bm25s
 
-        self.model = bm25s.BM25.load(str(bm25_dir))
+        self.model = bm25s.BM25.load(str(bm25_dir), mmap=True, show_progress=False)  # arrays memory-mapped
         self.num_passages = num_passages
 
     def search(self, queries: list[str], topk: int) -> SearchResult:
@@ -268,6 +308,8 @@ class LoadOptions:
     guard_order: bool = False  # guarded: keep the fp32 top-k order too, not only the set
     faiss_gpu: bool = False  # dense index on every visible GPU (flat indexes; Search-R1's --faiss_gpu)
     gpu_storage: str = "fp16"  # faiss_gpu: vector storage on the GPU (fp16 | bf16 | fp32)
+    nprobe: int = DEFAULT_NPROBE  # IVF indexes: inverted lists visited per query (0: the value in the index file)
+    rerank_candidates: int = DEFAULT_RERANK_CANDIDATES  # "+rerank" indexes: candidates re-scored exactly
 
 
 @dataclass
@@ -301,7 +343,10 @@ def load_index(index_dir: str | os.PathLike, opts: LoadOptions = LoadOptions()) 
     if method in ("dense", "hybrid"):
         encoder = encoder_from_manifest(manifest, opts.encoder, mode, opts.device,
                                         guard_eps=opts.guard_eps, guard_order=opts.guard_order)
-        dense = DenseRetriever(index_dir / DENSE_INDEX, encoder, gpu=opts.faiss_gpu, gpu_storage=opts.gpu_storage)
+        rerank = manifest.get("rerank")
+        dense = DenseRetriever(index_dir / DENSE_INDEX, encoder, gpu=opts.faiss_gpu, gpu_storage=opts.gpu_storage,
+                               nprobe=opts.nprobe, rerank_candidates=opts.rerank_candidates,
+                               rerank_vectors=index_dir / rerank["embeddings"] if rerank else None)
         if dense.index.ntotal != len(corpus):
             raise IndexLoadError(f"{index_dir}: FAISS index holds {dense.index.ntotal} vectors for {len(corpus)} "
                               "passages; rebuild the index")
@@ -310,4 +355,8 @@ def load_index(index_dir: str | os.PathLike, opts: LoadOptions = LoadOptions()) 
     retriever = {"dense": dense, "bm25": bm25, "hybrid": None}[method] or HybridRetriever(dense, bm25)
     # guarded results carry bf16-path scores (ids: fp32's set), so they never share cache entries with fp32 ones
     served = f"{method}:guarded" if dense is not None and dense.encoder.config.mode == "guarded" else method
+    if dense is not None and dense.nprobe is not None:  # IVF and re-rank settings change results: own cache entries
+        served += f":nprobe={dense.nprobe}"
+    if dense is not None and dense.rerank_candidates is not None:
+        served += f":rerank={dense.rerank_candidates}"
     return LoadedIndex(manifest, method, corpus, retriever, index_identity(manifest, served))

@@ -71,9 +71,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
     p.add_argument("--request_timeout_s", type=float, default=d["request_timeout_s"].default)
     p.add_argument("--no_fast_lane", action="store_true", help="serve /retrieve through FastAPI only (slower)")
     p.add_argument("--no_warm_up", action="store_true", help="guarded mode: skip the bf16 shape warm-up at start-up")
-    p.add_argument("--torch_threads", type=int, default=0 if os.environ.get("OMP_NUM_THREADS") else 1,
-                   help="intra-op threads for query encoding; 0 = torch default (OMP_NUM_THREADS); default 1 unless "
-                        "OMP_NUM_THREADS is set")
+    p.add_argument("--torch_threads", type=int, default=d["torch_threads"].default,
+                   help="intra-op threads for query encoding; 0 (default) = $OMP_NUM_THREADS if set, else every core "
+                        "this process may use (1 for the guarded pipeline); pass 1 when the cores are shared with "
+                        "the trainer")
+    p.add_argument("--nprobe", type=int, default=d["nprobe"].default,
+                   help="IVF indexes: inverted lists visited per query (0: the value stored in the index file)")
+    p.add_argument("--rerank_candidates", type=int, default=d["rerank_candidates"].default,
+                   help="'+rerank' indexes: candidates from the compressed index re-scored exactly per query")
     p.add_argument("--gil_switch_interval_ms", type=float, default=d["gil_switch_interval_ms"].default)
     p.add_argument("--max_body_bytes", type=int, default=d["max_body_bytes"].default,
                    help="largest /retrieve body accepted (413 beyond it, refused before it is read)")
@@ -99,7 +104,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
                        guard_pipeline=not a.no_guard_pipeline, guard_workers=a.guard_workers,
                        request_timeout_s=a.request_timeout_s, max_body_bytes=a.max_body_bytes,
                        body_timeout_s=a.body_timeout_s, gil_switch_interval_ms=a.gil_switch_interval_ms,
-                       torch_threads=a.torch_threads,
+                       torch_threads=a.torch_threads, nprobe=a.nprobe, rerank_candidates=a.rerank_candidates,
                        token=os.environ.get(a.token_env) or None, token_env=a.token_env,
                        allow_unauthenticated=a.allow_unauthenticated, serper_api_key=a.serper_api_key,
                        serper_url=a.serper_url)

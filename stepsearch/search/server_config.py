@@ -9,6 +9,7 @@ import ipaddress
 from dataclasses import dataclass
 
 from stepsearch.search.client import DEFAULT_MAX_QUERY_CHARS, TOKEN_ENV
+from stepsearch.search.rerank import DEFAULT_NPROBE, DEFAULT_RERANK_CANDIDATES
 
 
 def is_loopback(host: str) -> bool:
@@ -58,10 +59,15 @@ class ServerConfig:
     # guarded pipeline: threads running the bf16 pass (1 torch thread each, plus the fp32 thread); 2 measured best
     # on the 2-core machine (bench/results/retrieval.md); on a dedicated many-core node give it more
     guard_workers: int = 2
-    # torch intra-op threads for query encoding; 0 leaves torch alone (it follows OMP_NUM_THREADS). 1 keeps small
-    # query batches fast when the node's cores are shared with the trainer/rollout (oversubscribed OpenMP threads
-    # stall each other). The CLI default is 1 unless OMP_NUM_THREADS is set, which then wins.
-    torch_threads: int = 1
+    # torch intra-op threads for query encoding. 0 (auto): $OMP_NUM_THREADS when set, else every core this process
+    # may run on (os.sched_getaffinity), except 1 for the guarded pipeline (its parallelism is its worker threads).
+    # Pass 1 when the node's cores are shared with the trainer/rollout: oversubscribed OpenMP threads stall each
+    # other (docs/retrieval.md)
+    torch_threads: int = 0
+    # IVF indexes: inverted lists visited per query (0: the value stored in the index file)
+    nprobe: int = DEFAULT_NPROBE
+    # "+rerank" indexes: candidates from the compressed index re-scored exactly against the fp16 vectors
+    rerank_candidates: int = DEFAULT_RERANK_CANDIDATES
     # Python GIL switch interval for the server process (default 5 ms; see main)
     gil_switch_interval_ms: float = 0.5
     # a /retrieve that takes longer answers 504 (the client retries it)
@@ -96,6 +102,10 @@ class ServerConfig:
             raise ValueError(f"[server] --gpu_storage must be fp16, bf16 or fp32, got {self.gpu_storage!r}")
         if self.torch_threads < 0:
             raise ValueError(f"[server] --torch_threads must be >= 0, got {self.torch_threads}")
+        if self.nprobe < 0:
+            raise ValueError(f"[server] --nprobe must be >= 0, got {self.nprobe}")
+        if self.rerank_candidates <= 0:
+            raise ValueError(f"[server] --rerank_candidates must be positive, got {self.rerank_candidates}")
         if self.default_topk > self.max_topk:
             raise ValueError(f"[server] --default_topk ({self.default_topk}) exceeds --max_topk ({self.max_topk})")
         if not is_loopback(self.host) and self.token is None and not self.allow_unauthenticated:

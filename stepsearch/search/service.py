@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 from collections import deque
 
@@ -29,6 +30,11 @@ logger = logging.getLogger("stepsearch.search.server")
 
 
 # ---------------------------------------------------------------- backends
+def retriever_encoder(retriever):
+    """The dense query encoder of a retriever (also inside hybrid), or None for BM25."""
+    return getattr(retriever, "encoder", None) or getattr(getattr(retriever, "dense", None), "encoder", None)
+
+
 class LocalBackend:
     """A local index searched on one owner thread; rows come from the memory-mapped corpus table."""
 
@@ -74,8 +80,7 @@ class LocalBackend:
 
     def encoder(self):
         """The dense query encoder (also inside hybrid), or None for BM25."""
-        return getattr(self.loaded.retriever, "encoder", None) or getattr(
-            getattr(self.loaded.retriever, "dense", None), "encoder", None)
+        return retriever_encoder(self.loaded.retriever)
 
     def health(self) -> dict:
         m = self.loaded.manifest
@@ -83,7 +88,19 @@ class LocalBackend:
         return {"backend": "local", "method": self.loaded.method, "num_passages": len(self.loaded.corpus),
                 "encoder": (m.get("encoder") or {}).get("model"), "index_factory": m.get("index_factory"),
                 "encoder_mode": encoder.config.mode if encoder is not None else None,
-                "guard_eps": encoder.guard_eps if encoder is not None else None, "identity": self.identity}
+                "guard_eps": encoder.guard_eps if encoder is not None else None, "identity": self.identity,
+                **self.dense_settings()}
+
+    def dense_settings(self) -> dict:
+        """torch threads, IVF nprobe and re-rank candidates in effect (None where they do not apply)."""
+        retriever = self.loaded.retriever
+        dense = retriever if isinstance(retriever, DenseRetriever) else getattr(retriever, "dense", None)
+        if dense is None:
+            return {}
+        import torch
+
+        return {"torch_threads": torch.get_num_threads(), "nprobe": dense.nprobe,
+                "rerank_candidates": dense.rerank_candidates}
 
     def batch_stats(self) -> dict:
         sizes = np.asarray(self.batcher.batch_sizes if self.batcher else [], dtype=np.float64)
@@ -139,13 +156,29 @@ def open_backend(cfg: ServerConfig):
                                                    encoder_mode=cfg.encoder_mode, device=cfg.device,
                                                    corpus=cfg.corpus, guard_eps=cfg.guard_eps,
                                                    guard_order=cfg.guard_order, faiss_gpu=cfg.faiss_gpu,
-                                                   gpu_storage=cfg.gpu_storage))
-    if loaded.method != "bm25" and cfg.torch_threads > 0:
+                                                   gpu_storage=cfg.gpu_storage, nprobe=cfg.nprobe,
+                                                   rerank_candidates=cfg.rerank_candidates))
+    if loaded.method != "bm25":
         import torch
 
-        torch.set_num_threads(cfg.torch_threads)
+        torch.set_num_threads(torch_threads(cfg, retriever_encoder(loaded.retriever).config.mode))
     return LocalBackend(loaded, BatcherConfig(cfg.max_batch_queries, cfg.max_wait_ms, cfg.coalesce),
                         guard_pipeline=cfg.guard_pipeline, guard_workers=cfg.guard_workers)
+
+
+def torch_threads(cfg: ServerConfig, encoder_mode: str) -> int:
+    """Intra-op torch threads for query encoding: cfg.torch_threads when > 0; else (auto) $OMP_NUM_THREADS when set
+    to a positive int, 1 for the guarded pipeline (it runs `guard_workers` bf16 threads + an fp32 thread), and
+    otherwise every core this process may run on (os.sched_getaffinity: idle cores are used, not left to one thread).
+    """
+    if cfg.torch_threads > 0:
+        return cfg.torch_threads
+    omp = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if omp.isdigit() and int(omp) > 0:
+        return int(omp)
+    if encoder_mode == "guarded" and cfg.guard_pipeline:
+        return 1
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 # ---------------------------------------------------------------- the service

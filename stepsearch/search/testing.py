@@ -106,7 +106,8 @@ def start_redis(port: int | None = None, timeout_s: float = 10.0) -> RedisProc:
 def start_retrieval_server(index_dir: str | os.PathLike | None, redis_url: str | None = None, *,
                            extra_args: list[str] = (), env: dict | None = None, port: int | None = None,
                            timeout_s: float = 180.0) -> ServerProc:
-    """`python -m stepsearch.search.server` on a free loopback port; returns once GET /health answers 200."""
+    """`python -m stepsearch.search.server` on a free loopback port; returns once GET /health answers 200.
+    Runs 1 torch thread (cores shared with the caller) unless extra_args or $OMP_NUM_THREADS say otherwise."""
     port = port or free_port()
     args = [sys.executable, "-m", "stepsearch.search.server", "--host", "127.0.0.1", "--port", str(port)]
     if index_dir is not None:
@@ -114,6 +115,8 @@ def start_retrieval_server(index_dir: str | os.PathLike | None, redis_url: str |
     if redis_url:
         args += ["--redis_url", redis_url]
     args += list(extra_args)
+    if "--torch_threads" not in args and not os.environ.get("OMP_NUM_THREADS"):
+        args += ["--torch_threads", "1"]  # test servers share the cores with pytest and each other (the shared case)
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                 "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]), **(env or {})}
     log = _log_file("retrieval-server-")
@@ -143,13 +146,15 @@ def wait_for_health(proc: subprocess.Popen, url: str, timeout_s: float, poll_s: 
 
 
 def _embedding_cache_key(corpus: Path, encoder: str, max_length: int) -> str:
-    """Content key of cached test embeddings: corpus bytes, encoder settings and the encoder's source code."""
+    """Content key of cached test embeddings: corpus bytes, encoder settings, the encoder's source code and the
+    passage-text rule (index.PASSAGE_TEXT)."""
     from stepsearch.search import encoders
+    from stepsearch.search.index import PASSAGE_TEXT
 
     h = hashlib.sha256()
     h.update(corpus.read_bytes())
     h.update(Path(encoders.__file__).read_bytes())
-    h.update(json.dumps([encoder, max_length]).encode())
+    h.update(json.dumps([encoder, max_length, PASSAGE_TEXT]).encode())
     return h.hexdigest()[:24]
 
 

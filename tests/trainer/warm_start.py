@@ -57,14 +57,18 @@ def _collate(examples, pad_id: int):
 
 
 def build_warm_policy(out_dir: str, parquet: str, steps: int = 100, batch_size: int = 8, lr: float = 5e-3,
-                      hidden_size: int = 64, num_layers: int = 2, seed: int = 0, max_obs_tokens: int = 48) -> str:
-    """Train a tokenizer on the prompts, build a tiny Qwen2, fine-tune it on gold trajectories; save to out_dir."""
+                      hidden_size: int = 64, num_layers: int = 2, seed: int = 0, max_obs_tokens: int = 48,
+                      num_heads: int = 4) -> str:
+    """Train a tokenizer on the prompts, build a tiny Qwen2, fine-tune it on gold trajectories; save to out_dir.
+
+    vLLM's CPU attention needs head_dim >= 32: pass num_heads=2 with hidden_size=64 for the vLLM backend."""
     from verl.utils.tiny_model import build_tiny_causal_lm, build_tokenizer
 
     rows = _rows(parquet)
     texts = [m["content"] for r in rows for m in r["prompt"]] + ["".join(_target_text(r)) for r in rows]
     tokenizer = build_tokenizer(texts, vocab_size=1024, extra_tokens=TAGS)
-    model = build_tiny_causal_lm(tokenizer, hidden_size=hidden_size, num_layers=num_layers, num_heads=4, seed=seed)
+    model = build_tiny_causal_lm(tokenizer, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+                                 seed=seed)
     examples = [_example(tokenizer, r, max_obs_tokens) for r in rows]
     rng = random.Random(seed)
     torch.manual_seed(seed)

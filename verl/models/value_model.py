@@ -68,7 +68,11 @@ class CausalLMWithValueHead(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-        """input_ids, attention_mask, position_ids: (B, L). Returns values (B, L) float32."""
+        """input_ids, attention_mask, position_ids: (B, L). Returns values (B, L) float32.
+
+        Packed rows (verl/utils/packing.py): input_ids, position_ids (1, N), attention_mask None and the packing
+        keyword arguments in `kwargs` (passed on to the backbone's attention); returns (1, N).
+        """
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                use_cache=False, **kwargs).last_hidden_state  # (B, L, H)
         return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()

@@ -6,6 +6,8 @@ import datetime
 import torch
 import torch.distributed as dist
 
+from verl.single_controller.base import Dispatch, register
+
 __all__ = ["Worker"]
 
 
@@ -34,6 +36,21 @@ class Worker:
         except ImportError:  # in-process workers (GPU smoke machine) have no Ray
             pass
         return addr, port
+
+    @register(Dispatch.ONE_TO_ALL)
+    def node_info(self) -> dict:
+        """Where this rank runs: {"rank", "node_id" (the Ray node id, None without Ray), "hostname", "pid"}."""
+        import os
+        import socket
+
+        node_id = None
+        try:
+            import ray
+            if ray.is_initialized():
+                node_id = ray.get_runtime_context().get_node_id()
+        except ImportError:  # in-process workers (GPU smoke machine) have no Ray
+            pass
+        return {"rank": self.rank, "node_id": node_id, "hostname": socket.gethostname(), "pid": os.getpid()}
 
     def distributed_backend(self) -> str:
         return "nccl" if torch.cuda.is_available() else "gloo"

@@ -51,17 +51,19 @@ def _section(cfg: dict, path: str) -> dict:
     return dict(node)
 
 
-def _role_config(cls, section: dict, where: str, world_size: int, rollout_n: int):
-    """ActorConfig/CriticConfig with the derived fields world_size and rollout_n computed here."""
-    for derived in ("world_size", "rollout_n"):
-        if derived in section:
-            raise KeyError(f"[{where}] '{derived}' is derived from trainer/rollout settings; remove it from the YAML")
-    return to_dataclass(cls, {**section, "world_size": world_size, "rollout_n": rollout_n}, where)
+def _role_config(cls, section: dict, where: str, world_size: int, rollout_n: int, use_remove_padding: bool):
+    """ActorConfig/CriticConfig with the derived fields world_size, rollout_n and use_remove_padding set here."""
+    derived = {"world_size": world_size, "rollout_n": rollout_n, "use_remove_padding": use_remove_padding}
+    for key in derived:
+        if key in section:
+            raise KeyError(f"[{where}] '{key}' is derived from trainer/rollout/actor_rollout_ref.model settings; "
+                           f"remove it from the YAML")
+    return to_dataclass(cls, {**section, **derived}, where)
 
 
 def build_run_config(cfg: Any) -> RunConfig:
     """Validate the tree and build every frozen config (errors name the key)."""
-    from verl.workers.config import ActorConfig, CriticConfig
+    from verl.workers.config import ActorConfig, ActorRefModelConfig, CriticConfig
 
     cfg = to_container(cfg)
     arr = _section(cfg, "actor_rollout_ref")
@@ -72,19 +74,21 @@ def build_run_config(cfg: Any) -> RunConfig:
     algorithm = to_dataclass(AlgorithmConfig, cfg["algorithm"], "algorithm")
     if algorithm.adv_estimator == "grpo" and rollout.n < 2:
         raise ValueError("[algorithm] adv_estimator=grpo needs actor_rollout_ref.rollout.n >= 2 (group size)")
-    unknown = sorted(set(arr) - {"actor", "optim", "fsdp", "rollout", "weight_bucket_mb"})
+    unknown = sorted(set(arr) - {"actor", "model", "optim", "fsdp", "rollout", "weight_bucket_mb"})
     if unknown:
-        raise KeyError(f"[actor_rollout_ref] unknown key(s) {unknown}; valid: actor, optim, fsdp, rollout, "
+        raise KeyError(f"[actor_rollout_ref] unknown key(s) {unknown}; valid: actor, model, optim, fsdp, rollout, "
                        f"weight_bucket_mb")
     world = trainer.world_size
+    # a missing section (hand-built configs) means ActorRefModelConfig's defaults, as for optim/fsdp/rollout
+    packing = to_dataclass(ActorRefModelConfig, arr.get("model", {}), "actor_rollout_ref.model").use_remove_padding
     run = RunConfig(
         data=to_dataclass(DataConfig, cfg["data"], "data"), model=to_dataclass(ModelConfig, cfg["model"], "model"),
         trainer=trainer, algorithm=algorithm, ray=to_dataclass(RayConfig, cfg.get("ray", {}), "ray"),
         rollout=rollout, fsdp=to_dataclass(FSDPConfig, arr.get("fsdp", {}), "actor_rollout_ref.fsdp"),
         actor_optim=to_dataclass(OptimConfig, arr.get("optim", {}), "actor_rollout_ref.optim"),
         critic_optim=to_dataclass(OptimConfig, critic_optim, "critic.optim"),
-        actor=_role_config(ActorConfig, arr["actor"], "actor_rollout_ref.actor", world, rollout.n),
-        critic=_role_config(CriticConfig, critic, "critic", world, rollout.n),
+        actor=_role_config(ActorConfig, arr["actor"], "actor_rollout_ref.actor", world, rollout.n, packing),
+        critic=_role_config(CriticConfig, critic, "critic", world, rollout.n, packing),
         weight_bucket_mb=int(arr.get("weight_bucket_mb", 512)))
     _validate_sizes(run)
     _validate_value_targets(run)
@@ -233,7 +237,8 @@ def run_ppo(cfg: Any) -> dict:
                        run.trainer.default_local_dir, config=cfg_dict, wandb_mode=run.trainer.wandb_mode)
     spec = TrainerSpec(trainer=run.trainer, algorithm=run.algorithm, rollout_n=run.rollout.n,
                        use_kl_loss=run.actor.use_kl_loss,
-                       mask_observations_in_gae=run.algorithm.mask_observations_in_gae)
+                       mask_observations_in_gae=run.algorithm.mask_observations_in_gae,
+                       rollout_sleep=run.rollout.enable_sleep_mode)
     trainer = RayPPOTrainer(spec, tokenizer, train_ds, val_ds, actor_wg, critic_wg, rollout_fn, reward_fn, tracker,
                             config_dict=cfg_dict)
     try:

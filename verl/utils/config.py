@@ -142,6 +142,9 @@ class FSDPConfig:
     param_offload: bool = False
     optimizer_offload: bool = False
     mixed_precision: bool = True
+    load_from_rank0: bool = True
+    """With FSDP: rank 0 alone reads the checkpoint (on CPU); the other ranks build the model on the meta device
+    and receive only their shards, so no rank but 0 ever holds a full copy. False: every rank loads it all."""
 
     def __post_init__(self):
         if self.enable not in ("auto", "true", "false", True, False):
@@ -159,6 +162,9 @@ class RolloutConfig:
     max_new_tokens: int = 64
     seed: int = 0
     engine_kwargs: dict = field(default_factory=dict)
+    enable_sleep_mode: bool = False
+    """The trainer puts the engine to sleep (weights and KV cache released) before the log-prob and update
+    phases and wakes it before the weight sync and generation (a no-op where the engine cannot sleep)."""
 
     def __post_init__(self):
         if self.backend not in ("hf", "vllm"):

@@ -1,14 +1,16 @@
 """The PPO actor as a plain class (no Ray): micro-batched log-probs and the clipped policy update.
 
-Letters: B batch rows on this device, P prompt, T response, L = P + T, V vocab.
-`module` is a causal LM (or an FSDP2-wrapped one): only ``module(input_ids=..., attention_mask=...,
-position_ids=..., use_cache=False).logits`` and ``module.parameters()`` are used.
+Letters: B batch rows on this device, P prompt, T response, L = P + T, V vocab, N real tokens of a micro-batch,
+K response tokens of a micro-batch.
+`module` is an HF causal LM (or an FSDP2-wrapped one): only ``module(input_ids=..., attention_mask=...,
+position_ids=..., use_cache=False, logits_to_keep=...).logits`` and ``module.parameters()`` are used; with
+``use_remove_padding`` it also receives the packed-attention keyword arguments of verl/utils/packing.py.
 """
 from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -16,11 +18,14 @@ import torch
 from verl.protocol import DataProto
 from verl.trainer.ppo.core_algos import (agg_denominator, compute_entropy_loss, compute_kl_loss,
                                          compute_policy_loss)
+from verl.utils.packing import PackedRows, enable_packed_attention, pack_rows, packed_attention_kwargs, scatter_to_grid
+from verl.utils.token_budget import token_budget_groups
 from verl.utils.torch_functional import entropy_from_logits, logprobs_from_logits, response_slice_logits
 from verl.workers.config import ActorConfig
 
-__all__ = ["Actor", "model_inputs", "iter_mini_batches", "weighted_micro_batches", "clip_grad_and_step",
-           "enable_gradient_checkpointing", "module_device"]
+__all__ = ["Actor", "model_inputs", "iter_mini_batches", "micro_batches", "restore_row_order", "weighted_micro_batches",
+           "update_token_budget", "forward_token_budget", "clip_grad_and_step", "enable_gradient_checkpointing",
+           "module_device", "response_token_positions"]
 
 ACTOR_UPDATE_KEYS = ("input_ids", "attention_mask", "responses", "response_mask", "old_log_probs", "advantages")
 
@@ -59,6 +64,20 @@ def model_inputs(micro: DataProto, device: torch.device) -> dict[str, torch.Tens
             "position_ids": position_ids}
 
 
+def response_token_positions(packed: PackedRows, response_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The packed tokens whose outputs predict a response token, and where those outputs go in the (B, T) grid.
+
+    Grid column i predicts column i + 1, so response token j is predicted at column L − T − 1 + j (as
+    response_slice_logits). Returns (keep (K,) positions in the packed row, dest (K,) flat indices b·T + j).
+    """
+    L, T = packed.width, response_length
+    if T >= L:
+        raise ValueError(f"response length ({T}) must be shorter than the sequence ({L})")
+    row, col = packed.token_index // L, packed.token_index % L
+    keep = ((col >= L - T - 1) & (col < L - 1)).nonzero().squeeze(-1)
+    return keep, row[keep] * T + (col[keep] - (L - T - 1))
+
+
 def autocast(device: torch.device, enabled: bool):
     if not enabled:
         return contextlib.nullcontext()
@@ -76,13 +95,44 @@ def iter_mini_batches(data: DataProto, mini_batch_size: int, epochs: int, shuffl
         yield from epoch_data.split(mini_batch_size)
 
 
-def weighted_micro_batches(mini: DataProto, micro_batch_size: int, mask_key: str,
-                           loss_agg_mode: str) -> list[tuple[DataProto, float]]:
-    """Micro-batches with loss weights den_micro / den_mini, so that Σ weight·loss_micro equals the loss
-    agg_loss would give on the whole mini-batch (exact gradient accumulation for every agg mode)."""
+def micro_batches(data: DataProto, rows: int, max_tokens: int | None) -> tuple[list[DataProto], list[int] | None]:
+    """`data` in consecutive micro-batches of `rows` rows, or, with max_tokens, in groups of at most max_tokens real
+    tokens (Σ attention_mask; verl/utils/token_budget.py). Returns the micro-batches and the row order they
+    hold (None: the original order)."""
+    if max_tokens is None:
+        return data.split(rows), None
+    groups = token_budget_groups(data.batch["attention_mask"].sum(dim=-1), max_tokens)
+    return [data[g] for g in groups], [i for g in groups for i in g]
+
+
+def restore_row_order(rows: torch.Tensor, order: list[int] | None) -> torch.Tensor:
+    """rows (B, ...) in `order` (from micro_batches) back in the original row order."""
+    if order is None:
+        return rows
+    out = torch.empty_like(rows)
+    out[torch.as_tensor(order, dtype=torch.long)] = rows
+    return out
+
+
+def weighted_micro_batches(mini: DataProto, micro_batch_size: int, mask_key: str, loss_agg_mode: str,
+                           max_tokens: int | None = None) -> list[tuple[DataProto, float]]:
+    """Micro-batches (fixed rows, or a token budget: micro_batches) with loss weights den_micro / den_mini, so that
+    Σ weight·loss_micro equals the loss agg_loss would give on the whole mini-batch (exact gradient accumulation
+    for every agg mode, whatever the sizes of the micro-batches)."""
     total = agg_denominator(mini.batch[mask_key], loss_agg_mode)
+    micros, _ = micro_batches(mini, micro_batch_size, max_tokens)
     return [(micro, agg_denominator(micro.batch[mask_key], loss_agg_mode) / total if total > 0 else 0.0)
-            for micro in mini.split(micro_batch_size)]
+            for micro in micros]
+
+
+def update_token_budget(cfg) -> int | None:
+    """The update micro-batch token budget of an ActorConfig/CriticConfig (None: fixed rows)."""
+    return cfg.ppo_max_token_len_per_gpu if cfg.use_dynamic_bsz else None
+
+
+def forward_token_budget(cfg) -> int | None:
+    """The no-grad forward micro-batch token budget of an ActorConfig/CriticConfig (None: fixed rows)."""
+    return cfg.forward_max_token_len_per_gpu if cfg.use_dynamic_bsz else None
 
 
 def clip_grad_and_step(module: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -123,7 +173,7 @@ def run_ppo_updates(worker, data: DataProto, mask_key: str, micro_batch_loss, ro
                                   cfg.seed + 1000 * worker._num_updates):
         mini_metrics: dict[str, float] = defaultdict(float)
         for micro, weight in weighted_micro_batches(mini, cfg.ppo_micro_batch_size_per_device, mask_key,
-                                                    cfg.loss_agg_mode):
+                                                    cfg.loss_agg_mode, update_token_budget(cfg)):
             loss, metrics = micro_batch_loss(micro)
             (loss * weight).backward()
             for k, v in metrics.items():
@@ -153,6 +203,8 @@ class Actor:
         self.module, self.optimizer, self.config, self.lr_scheduler = module, optimizer, config, lr_scheduler
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(module, "actor")
+        if config.use_remove_padding:
+            enable_packed_attention(module, "actor")
         self._num_updates = 0
 
     @property
@@ -162,40 +214,63 @@ class Actor:
     def _temperature(self, data: DataProto) -> float:
         return float(data.meta_info["temperature"]) if "temperature" in data.meta_info else self.config.temperature
 
+    def _response_logits(self, micro: DataProto, temperature: float
+                         ) -> tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+        """Tempered float32 logits of the outputs that predict response tokens, their labels, and `to_grid`,
+        which lays a per-output tensor out as (b, T).
+
+        Padded: logits (b, T, V), labels (b, T), to_grid the identity. Packed (use_remove_padding): logits (K, V)
+        and labels (K,) for the K real response tokens only; to_grid scatters (K,) into (b, T), 0 elsewhere.
+        """
+        device = self.device
+        responses = micro.batch["responses"].to(device)  # (b, T)
+        b, T = responses.shape
+        inputs = model_inputs(micro, device)
+        if not self.config.use_remove_padding:
+            with autocast(device, self.config.use_bf16_autocast):
+                logits = self.module(**inputs, use_cache=False, logits_to_keep=T + 1).logits  # (b, T + 1, V)
+            return response_slice_logits(logits, T).float() / temperature, responses, lambda x: x
+        packed = pack_rows(inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"])
+        keep, dest = response_token_positions(packed, T)
+        with autocast(device, self.config.use_bf16_autocast):
+            logits = self.module(input_ids=packed.input_ids, attention_mask=None, position_ids=packed.position_ids,
+                                 use_cache=False, logits_to_keep=keep, **packed_attention_kwargs(packed)).logits
+        labels = responses.reshape(-1)[dest]  # (K,)
+        return logits[0].float() / temperature, labels, lambda x: scatter_to_grid(x, dest, b * T).view(b, T)
+
     def _forward_micro_batch(self, micro: DataProto, temperature: float, entropy_mode: str
                              ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """log π(responses) (b, T) and the entropy (b, T): entropy_mode 'none' | 'no_grad' | 'grad'."""
-        device = self.device
-        responses = micro.batch["responses"].to(device)
-        with autocast(device, self.config.use_bf16_autocast):
-            logits = self.module(**model_inputs(micro, device), use_cache=False).logits  # (b, L, V)
-        logits = response_slice_logits(logits, responses.shape[1]).float() / temperature  # (b, T, V)
-        log_probs = logprobs_from_logits(logits, responses)
+        logits, labels, to_grid = self._response_logits(micro, temperature)
+        log_probs = to_grid(logprobs_from_logits(logits, labels))
         if entropy_mode == "none":
             return log_probs, None
         if entropy_mode == "no_grad":
             with torch.no_grad():
-                return log_probs, entropy_from_logits(logits.detach())
-        return log_probs, entropy_from_logits(logits)
+                return log_probs, to_grid(entropy_from_logits(logits.detach()))
+        return log_probs, to_grid(entropy_from_logits(logits))
 
     @torch.no_grad()
     def compute_log_prob(self, data: DataProto, calculate_entropy: bool = False
                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """log π_θ of each response token, (B, T) float32 on CPU, and optionally the entropy (B, T).
 
-        Needs input_ids, attention_mask, responses (position_ids optional); 0 is not written on masked
-        tokens here — multiply by response_mask where it matters.
+        Needs input_ids, attention_mask, responses (position_ids optional). Values on pad positions are arbitrary
+        (0 where no real token predicts them, with use_remove_padding) — multiply by response_mask where it matters.
         """
         require_keys(data, ("input_ids", "attention_mask", "responses"), "actor", "compute_log_prob")
         self.module.eval()
         temperature = self._temperature(data)
         log_probs, entropies = [], []
-        for micro in data.split(self.config.forward_micro_batch_size_per_device):
+        micros, order = micro_batches(data, self.config.forward_micro_batch_size_per_device,
+                                      forward_token_budget(self.config))
+        for micro in micros:
             lp, ent = self._forward_micro_batch(micro, temperature, "no_grad" if calculate_entropy else "none")
             log_probs.append(lp.cpu())
             if ent is not None:
                 entropies.append(ent.cpu())
-        return torch.cat(log_probs), (torch.cat(entropies) if calculate_entropy else None)
+        log_probs = restore_row_order(torch.cat(log_probs), order)
+        return log_probs, (restore_row_order(torch.cat(entropies), order) if calculate_entropy else None)
 
     def _micro_batch_loss(self, micro: DataProto, temperature: float) -> tuple[torch.Tensor, dict[str, float]]:
         """Policy loss − entropy_coeff·entropy + kl_loss_coef·KL for one micro-batch, and its metrics."""

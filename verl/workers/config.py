@@ -10,7 +10,10 @@ from typing import Any, Mapping
 
 from verl.trainer.ppo.core_algos import KL_ESTIMATORS, LOSS_AGG_MODES
 
-__all__ = ["ActorConfig", "CriticConfig", "config_from_mapping"]
+__all__ = ["ActorConfig", "CriticConfig", "ActorRefModelConfig", "config_from_mapping"]
+
+# actor_rollout_ref.model.use_remove_padding: one switch for the actor, the reference and the critic.
+DEFAULT_USE_REMOVE_PADDING = True
 
 
 def _positive_int(role: str, name: str, value: Any) -> None:
@@ -35,6 +38,15 @@ def _check_batch_sizes(role: str, cfg) -> None:
         raise ValueError(f"[{role}] grad_clip must be > 0 or None, got {cfg.grad_clip}")
     if cfg.loss_agg_mode not in LOSS_AGG_MODES:
         raise ValueError(f"[{role}] loss_agg_mode '{cfg.loss_agg_mode}' is not one of {list(LOSS_AGG_MODES)}")
+    for name in ("ppo_max_token_len_per_gpu", "forward_max_token_len_per_gpu"):
+        _positive_int(role, name, getattr(cfg, name))
+
+
+@dataclass(frozen=True)
+class ActorRefModelConfig:
+    """``actor_rollout_ref.model``: how the actor, the reference and the critic run their models."""
+    # Forward/backward on packed sequences (verl/utils/packing.py): no compute on pad tokens.
+    use_remove_padding: bool = DEFAULT_USE_REMOVE_PADDING
 
 
 @dataclass(frozen=True)
@@ -79,6 +91,13 @@ class ActorConfig(_BatchSizes):
     temperature: float = 1.0                         # must equal the rollout's sampling temperature
     use_bf16_autocast: bool = False                  # GPU: bf16 autocast around the forward pass
     gradient_checkpointing: bool = False
+    # Sequence packing (verl/utils/packing.py); the trainer sets it from actor_rollout_ref.model.use_remove_padding.
+    use_remove_padding: bool = DEFAULT_USE_REMOVE_PADDING
+    # Token-budget micro-batches: rows grouped so that each micro-batch holds at most this many real tokens
+    # (Σ attention_mask); replaces ppo_micro_batch_size_per_device / forward_micro_batch_size_per_device.
+    use_dynamic_bsz: bool = False
+    ppo_max_token_len_per_gpu: int = 16384           # per forward/backward (update)
+    forward_max_token_len_per_gpu: int = 16384       # per no-grad forward (log-probs, values)
 
     def __post_init__(self):
         _check_batch_sizes("actor", self)
@@ -112,6 +131,13 @@ class CriticConfig(_BatchSizes):
     value_loss_on_observations: bool = False
     use_bf16_autocast: bool = False
     gradient_checkpointing: bool = False
+    # Sequence packing (verl/utils/packing.py); the trainer sets it from actor_rollout_ref.model.use_remove_padding.
+    use_remove_padding: bool = DEFAULT_USE_REMOVE_PADDING
+    # Token-budget micro-batches: rows grouped so that each micro-batch holds at most this many real tokens
+    # (Σ attention_mask); replaces ppo_micro_batch_size_per_device / forward_micro_batch_size_per_device.
+    use_dynamic_bsz: bool = False
+    ppo_max_token_len_per_gpu: int = 16384           # per forward/backward (update)
+    forward_max_token_len_per_gpu: int = 16384       # per no-grad forward (log-probs, values)
 
     def __post_init__(self):
         _check_batch_sizes("critic", self)

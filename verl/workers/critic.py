@@ -1,7 +1,9 @@
 """The PPO critic as a plain class (no Ray): micro-batched values and the clipped value update.
 
 `module` maps (input_ids, attention_mask, position_ids) (B, L) to values (B, L), e.g.
-verl.models.value_model.CausalLMWithValueHead, possibly FSDP2-wrapped.
+verl.models.value_model.CausalLMWithValueHead, possibly FSDP2-wrapped. With use_remove_padding it gets packed
+(1, N) input_ids / position_ids, attention_mask=None and the packed-attention keyword arguments of
+verl/utils/packing.py, and returns (1, N) values.
 """
 from __future__ import annotations
 
@@ -9,9 +11,10 @@ import torch
 
 from verl.protocol import DataProto
 from verl.trainer.ppo.core_algos import compute_value_loss
+from verl.utils.packing import enable_packed_attention, pack_rows, packed_attention_kwargs, scatter_to_grid
 from verl.utils.torch_functional import masked_mean, response_slice_logits
-from verl.workers.actor import (autocast, enable_gradient_checkpointing, model_inputs, module_device, require_keys,
-                                run_ppo_updates)
+from verl.workers.actor import (autocast, enable_gradient_checkpointing, forward_token_budget, micro_batches,
+                                model_inputs, module_device, require_keys, restore_row_order, run_ppo_updates)
 from verl.workers.config import CriticConfig
 
 __all__ = ["Critic", "value_mask"]
@@ -40,6 +43,8 @@ class Critic:
         self.module, self.optimizer, self.config, self.lr_scheduler = module, optimizer, config, lr_scheduler
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(module, "critic")
+        if config.use_remove_padding:
+            enable_packed_attention(module, "critic")
         self._num_updates = 0
 
     @property
@@ -50,8 +55,16 @@ class Critic:
         """V(s_t) before each response token, (b, T) float32, zero outside the value mask."""
         device = self.device
         response_length = micro.batch["responses"].shape[1]
+        inputs = model_inputs(micro, device)
         with autocast(device, self.config.use_bf16_autocast):
-            values = self.module(**model_inputs(micro, device))  # (b, L)
+            if self.config.use_remove_padding:
+                packed = pack_rows(inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"])
+                packed_values = self.module(input_ids=packed.input_ids, attention_mask=None,
+                                            position_ids=packed.position_ids, **packed_attention_kwargs(packed))
+                values = scatter_to_grid(packed_values[0].float(), packed.token_index,
+                                         packed.rows * packed.width).view(packed.rows, packed.width)  # (b, L)
+            else:
+                values = self.module(**inputs)  # (b, L)
         values = response_slice_logits(values.float(), response_length)  # (b, T)
         return values * micro.batch[_VALUE_MASK].to(device)
 
@@ -65,8 +78,9 @@ class Critic:
         require_keys(data, ("input_ids", "attention_mask", "responses", "response_mask"), "critic", "compute_values")
         self.module.eval()
         data = self._with_value_mask(data)
-        return torch.cat([self._forward_micro_batch(micro).cpu()
-                          for micro in data.split(self.config.forward_micro_batch_size_per_device)])
+        micros, order = micro_batches(data, self.config.forward_micro_batch_size_per_device,
+                                      forward_token_budget(self.config))
+        return restore_row_order(torch.cat([self._forward_micro_batch(micro).cpu() for micro in micros]), order)
 
     def _micro_batch_loss(self, micro: DataProto) -> tuple[torch.Tensor, dict[str, float]]:
         device = self.device

@@ -36,7 +36,8 @@ from verl.utils.fs import follow_umask
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["WorkerConfig", "ActorRolloutRefWorker", "CriticWorker", "resolve_device", "build_lr_scheduler"]
+__all__ = ["WorkerConfig", "ActorRolloutRefWorker", "CriticWorker", "resolve_device", "build_lr_scheduler",
+           "load_sharded_causal_lm"]
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,43 @@ def _shard(module: torch.nn.Module, cfg: FSDPConfig, device: torch.device, world
         if type(sub).__name__.endswith("DecoderLayer"):
             fully_shard(sub, **kw)
     fully_shard(module, **kw)
+
+
+def load_sharded_causal_lm(model_path: str, attn_implementation: str, cfg: FSDPConfig, device: torch.device,
+                           rank: int, world_size: int) -> torch.nn.Module:
+    """An FSDP2-sharded fp32 causal LM whose checkpoint only rank 0 reads.
+
+    Rank 0 loads the checkpoint on the CPU. Every rank builds the model on the meta device, shards it
+    (``_shard``), allocates only its own shards on ``device`` and receives them from rank 0, one tensor at a time
+    (``set_model_state_dict(..., broadcast_from_rank0=True)``). Buffers, which the state dict lacks when they
+    are non-persistent (rotary ``inv_freq``), are broadcast from rank 0 as well. So rank r != 0 holds 1/world of
+    the parameters plus one tensor in flight, never a full copy (3B fp32: 12 GB per rank otherwise).
+    Collective: every rank of the group must call it.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    full_state, buffers = {}, {}
+    if rank == 0:
+        source = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32,
+                                                      attn_implementation=attn_implementation)
+        full_state = source.state_dict()
+        buffers = dict(source.named_buffers())
+    hf_config = AutoConfig.from_pretrained(model_path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32,
+                                                 attn_implementation=attn_implementation)
+    _shard(model, cfg, device, world_size)
+    model.to_empty(device="cpu" if (cfg.param_offload or cfg.optimizer_offload) else device)
+    set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    del full_state
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            value = buffers[name].to(device) if rank == 0 else torch.empty(buffer.shape, dtype=buffer.dtype,
+                                                                           device=device)
+            dist.broadcast(value, src=0)
+            buffer.copy_(value)
+    return model
 
 
 def _full_state_items(module: torch.nn.Module, device: torch.device):
@@ -219,15 +257,30 @@ class ActorRolloutRefWorker(_DistributedWorker):
         self.tokenizer = None
         self.hf_config = None
 
-    def _load_causal_lm(self, trainable: bool) -> torch.nn.Module:
+    def _load_causal_lm(self, trainable: bool, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+        """A full copy on this rank (the unsharded path and the HF rollout copy)."""
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(self.config.model_path, dtype=torch.float32,
+        model = AutoModelForCausalLM.from_pretrained(self.config.model_path, dtype=dtype,
                                                      attn_implementation=self.config.attn_implementation)
         model.to(self.device)
         if not trainable:
             model.requires_grad_(False)
             model.eval()
+        return model
+
+    def _load_fsdp_causal_lm(self, trainable: bool) -> torch.nn.Module:
+        """A sharded model: read by rank 0 only (fsdp.load_from_rank0), else loaded in full, then sharded."""
+        cfg = self.config
+        if cfg.fsdp.load_from_rank0:
+            model = load_sharded_causal_lm(cfg.model_path, cfg.attn_implementation, cfg.fsdp, self.device,
+                                           self.rank, self.world_size)
+            if not trainable:
+                model.requires_grad_(False)
+                model.eval()
+            return model
+        model = self._load_causal_lm(trainable)
+        _shard(model, cfg.fsdp, self.device, self.world_size)
         return model
 
     @register(Dispatch.ONE_TO_ALL)
@@ -241,29 +294,30 @@ class ActorRolloutRefWorker(_DistributedWorker):
         self.tokenizer = load_tokenizer(cfg.tokenizer_path)
         self.hf_config = AutoConfig.from_pretrained(cfg.model_path)
         fsdp = _use_fsdp(cfg.fsdp, self.world_size, self.device)
-        self.module = self._load_causal_lm(trainable=True)
-        if fsdp:
-            _shard(self.module, cfg.fsdp, self.device, self.world_size)
+        self.module = self._load_fsdp_causal_lm(trainable=True) if fsdp else self._load_causal_lm(trainable=True)
         self._build_optimizer()
         self.actor = Actor(self.module, self.optimizer, cfg.role_config, lr_scheduler=self.lr_scheduler)
         if cfg.use_ref:
-            ref_module = self._load_causal_lm(trainable=False)
-            if fsdp:
-                _shard(ref_module, cfg.fsdp, self.device, self.world_size)
+            ref_module = (self._load_fsdp_causal_lm(trainable=False) if fsdp
+                          else self._load_causal_lm(trainable=False))
             self.ref = Actor(ref_module, None, cfg.role_config)
         self.backend = self._build_rollout()
         self.sync_rollout_weights()
 
     def _build_rollout(self):
         cfg = self.config
+        sleep = cfg.rollout.enable_sleep_mode
         if cfg.rollout.backend == "vllm":
             from verl.workers.rollout.vllm import VLLMRolloutBackend
-            return VLLMRolloutBackend(cfg.model_path, self.tokenizer, **dict(cfg.rollout.engine_kwargs))
+            # load_format=dummy: the engine starts with random weights instead of reading the checkpoint again
+            # (in its own dtype, on every rank); init_model's first sync fills in the actor's weights.
+            engine_kwargs = {"load_format": "dummy", **dict(cfg.rollout.engine_kwargs)}
+            return VLLMRolloutBackend(cfg.model_path, self.tokenizer, enable_sleep_mode=sleep, **engine_kwargs)
         from verl.workers.rollout.hf import HFRolloutBackend
-        model = self._load_causal_lm(trainable=False)
-        if self.device.type == "cuda":
-            model.to(torch.bfloat16)
-        return HFRolloutBackend(model, self.tokenizer)
+        # bf16 on GPU, read as bf16 (no fp32 copy on the way); fp32 on CPU
+        model = self._load_causal_lm(trainable=False,
+                                     dtype=torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        return HFRolloutBackend(model, self.tokenizer, enable_sleep_mode=sleep)
 
     # ---- rollout ---------------------------------------------------------------------------------------------
     @register(Dispatch.DP_COMPUTE_LIST)
@@ -280,12 +334,20 @@ class ActorRolloutRefWorker(_DistributedWorker):
         return self.backend.generate(prompt_ids, dataclasses.replace(params, seed=seed))
 
     @register(Dispatch.ONE_TO_ALL)
-    def wake_rollout(self) -> None:
+    def wake_rollout(self) -> float:
+        """Restore the engine's weights and KV cache (after ``sleep_rollout``); returns seconds taken."""
+        start = time.perf_counter()
         self.backend.wake_up()
+        return time.perf_counter() - start
 
     @register(Dispatch.ONE_TO_ALL)
-    def sleep_rollout(self) -> None:
+    def sleep_rollout(self) -> float:
+        """Release the engine's weights and KV cache for the training phases; returns seconds taken."""
+        start = time.perf_counter()
         self.backend.sleep()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return time.perf_counter() - start
 
     @register(Dispatch.ONE_TO_ALL)
     def sync_rollout_weights(self) -> float:

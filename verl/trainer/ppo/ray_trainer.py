@@ -2,8 +2,11 @@
 
     gen -> old_log_prob -> ref -> values -> reward -> kl -> adv -> update_critic -> update_actor -> sync_weights
 
-(veRL's phase order; docs/method.md §1.10-1.11.) The rollout and reward functions are hooks loaded by dotted path
-from the config (``trainer.rollout_fn`` / ``trainer.reward_fn``): ``verl`` never imports ``stepsearch``.
+(veRL's phase order; docs/method.md §1.10-1.11.) With ``rollout.enable_sleep_mode`` the rollout engine sleeps
+(weights and KV cache released) from the start of ``old_log_prob`` to the start of ``sync_weights``, where it
+wakes to receive the new weights; generation then finds it awake. The rollout and reward functions are hooks
+loaded by dotted path from the config (``trainer.rollout_fn`` / ``trainer.reward_fn``): ``verl`` never imports
+``stepsearch``.
 Advantages are computed on the driver on CPU tensors; everything heavy runs in the worker groups.
 """
 from __future__ import annotations
@@ -109,6 +112,8 @@ class TrainerSpec:
     rollout_n: int = 1
     use_kl_loss: bool = False
     mask_observations_in_gae: bool = True
+    rollout_sleep: bool = False
+    """rollout.enable_sleep_mode: sleep the engine during the log-prob and update phases."""
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
@@ -130,6 +135,20 @@ def _merge_rollout(batch: DataProto, gen: DataProto, metrics: dict) -> DataProto
     metrics.update(meta.pop("rollout_metrics", {}))
     extra = {k: v for k, v in batch.non_tensor_batch.items() if k not in gen.non_tensor_batch}
     return DataProto(batch=gen.batch, non_tensor_batch={**gen.non_tensor_batch, **extra}, meta_info=meta)
+
+
+def _logprob_diff(rollout_log_probs: torch.Tensor, old_log_probs: torch.Tensor, mask: torch.Tensor) -> dict:
+    """``rollout/logprob_diff_{mean,max}``: |engine log-prob − actor log-prob| over the generated tokens.
+
+    rollout_log_probs, old_log_probs: (B, T) float; mask: (B, T) response_mask (1 on generated tokens). The
+    engine sampled with the weights of the last sync and the actor recomputes with its own, so a gap well above
+    the engine's numeric noise (bf16: ~1e-2) means the engine holds other weights than the actor.
+    """
+    diff = (rollout_log_probs.float() - old_log_probs.float()).abs()
+    keep = mask.bool()
+    if not keep.any():
+        return {}
+    return {"rollout/logprob_diff_mean": float(diff[keep].mean()), "rollout/logprob_diff_max": float(diff[keep].max())}
 
 
 def _mean_dicts(dicts: list[dict]) -> dict:
@@ -161,6 +180,7 @@ class RayPPOTrainer:
         self.use_critic = alg.adv_estimator == "gae"
         self.use_ref = alg.use_kl_in_reward or spec.use_kl_loss
         self.global_step = 0
+        self.engine_asleep = False
         self.total_steps = self._total_steps()
         self.root = self.cfg.default_local_dir
         if self.use_critic and critic_wg is None:
@@ -171,10 +191,23 @@ class RayPPOTrainer:
             return self.cfg.total_training_steps
         return self.cfg.total_epochs * self.train_dataset.batches_per_epoch()
 
+    # ---- rollout engine sleep ---------------------------------------------------------------------------------
+    def _sleep_engine(self, metrics: dict) -> None:
+        """Release the engine's memory before FSDP's phases (only with rollout.enable_sleep_mode)."""
+        if self.spec.rollout_sleep and not self.engine_asleep:
+            metrics["perf/rollout_sleep_s"] = max(self.actor_wg.sleep_rollout())
+            self.engine_asleep = True
+
+    def _wake_engine(self, metrics: dict) -> None:
+        if self.engine_asleep:
+            metrics["perf/rollout_wake_s"] = max(self.actor_wg.wake_rollout())
+            self.engine_asleep = False
+
     # ---- phases of one step ----------------------------------------------------------------------------------
     def _phase_generate(self, batch: DataProto, metrics: dict) -> DataProto:
         """Multi-turn rollout on the driver; ``generate`` calls go to the workers. uid = dataset index, set
         before the GRPO repeat, so the samples of one prompt share it."""
+        self._wake_engine(metrics)  # normally already awake since the last weight sync
         n = self.spec.rollout_n
         batch = DataProto(batch=batch.batch, meta_info=batch.meta_info,
                           non_tensor_batch={**batch.non_tensor_batch, "uid": batch.non_tensor_batch["index"].copy()})
@@ -202,10 +235,14 @@ class RayPPOTrainer:
                 f"last checkpoint is kept. Check the retrieval server, then rerun to resume.", metrics)
 
     def _phase_old_log_prob(self, batch: DataProto, metrics: dict) -> DataProto:
+        self._sleep_engine(metrics)
         out = self.actor_wg.compute_log_prob(batch)
         if "entropys" in out.batch:
             metrics["actor/entropy"] = _masked_mean(out.batch["entropys"], batch.batch["response_mask"])
             out = out.select(batch_keys=["old_log_probs"])
+        if "rollout_log_probs" in batch.batch:
+            metrics.update(_logprob_diff(batch.batch["rollout_log_probs"], out.batch["old_log_probs"],
+                                         batch.batch["response_mask"]))
         return batch.union(out)
 
     def _phase_ref(self, batch: DataProto, metrics: dict) -> DataProto:
@@ -260,6 +297,7 @@ class RayPPOTrainer:
         return batch
 
     def _phase_sync_weights(self, batch: DataProto, metrics: dict) -> DataProto:
+        self._wake_engine(metrics)
         if metrics.get("actor/updated"):
             metrics["perf/weight_sync_s"] = max(self.actor_wg.sync_rollout_weights())
         return batch
@@ -334,6 +372,7 @@ class RayPPOTrainer:
         """Greedy rollouts over the validation set; the mean EM/F1 per data_source, and a predictions dump."""
         if self.val_dataset is None:
             return {}
+        self._wake_engine({})
         records, failures = [], {}
         for batch in self.val_dataset.iter_epoch():
             gen = _merge_rollout(batch, self.rollout_fn(batch, self.backend, validate=True), {})
@@ -430,6 +469,7 @@ class RayPPOTrainer:
         """Train until ``total_steps``; returns the last step's metrics."""
         os.makedirs(self.root, exist_ok=True)
         self.load_checkpoint()
+        self._record_workers()
         last: dict = {}
         if self.cfg.val_only or (self.cfg.val_before_train and self.global_step == 0):
             last = self.validate()
@@ -463,6 +503,13 @@ class RayPPOTrainer:
         self.tracker.log({**metrics, "trainer/aborted": 1.0}, step=self.global_step)
         logger.error("%s", err)
         raise err
+
+    def _record_workers(self) -> None:
+        """Write ``workers.json``: where every rank of every worker group of this run runs (node id, host, pid)."""
+        groups = {"actor_rollout_ref": self.actor_wg.node_info()}
+        if self.critic_wg is not None:
+            groups["critic"] = self.critic_wg.node_info()
+        ckpt.atomic_write_text(os.path.join(self.root, "workers.json"), json.dumps(groups, indent=1) + "\n")
 
     def _trace_batch_with(self, batch: DataProto, driver_rng: str) -> None:
         """Append the step's prompt ids and RNG fingerprints to ``data_trace.jsonl`` (the resume checks use it)."""

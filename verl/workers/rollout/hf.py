@@ -13,9 +13,12 @@ class HFRolloutBackend(RolloutBackend):
     `model` may be the actor module itself (then `load_weights` is a no-op, the rollout sees every update)
     or a separate copy that receives the trainer's weights through `load_weights`.
     `micro_batch_size` splits large batches to bound memory (None: one call for the whole batch).
+    `enable_sleep_mode`: `sleep` moves a GPU-resident copy to host memory and `wake_up` moves it back, so the
+    rollout copy does not sit beside the trainer's state during updates (a no-op on CPU). Only for a separate
+    copy: never enable it on a backend that wraps the actor module itself.
     """
 
-    def __init__(self, model, tokenizer, micro_batch_size: int | None = None):
+    def __init__(self, model, tokenizer, micro_batch_size: int | None = None, enable_sleep_mode: bool = False):
         if tokenizer.pad_token_id is None:
             raise ValueError("[rollout.hf] the tokenizer has no pad_token_id; set tokenizer.pad_token (e.g. to eos)")
         if micro_batch_size is not None and micro_batch_size < 1:
@@ -23,6 +26,8 @@ class HFRolloutBackend(RolloutBackend):
         self.model = model
         self.tokenizer = tokenizer
         self.micro_batch_size = micro_batch_size
+        self.sleep_enabled = enable_sleep_mode
+        self._awake_device: torch.device | None = None  # set while asleep: where wake_up moves the model back
         self.eos_token_ids = eos_ids_of(tokenizer, getattr(model, "generation_config", None))
         self.cutter = StopCutter(tokenizer, self.eos_token_ids)
 
@@ -30,8 +35,25 @@ class HFRolloutBackend(RolloutBackend):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def sleep(self) -> None:
+        if not self.sleep_enabled or self._awake_device is not None or self.device.type == "cpu":
+            return
+        self._awake_device = self.device
+        self.model.to("cpu")
+        torch.cuda.empty_cache()
+
+    def wake_up(self) -> None:
+        if self._awake_device is not None:
+            self.model.to(self._awake_device)
+            self._awake_device = None
+
+    def _check_awake(self, what: str) -> None:
+        if self._awake_device is not None:
+            raise RuntimeError(f"[rollout.hf] {what} on a sleeping backend; call wake_up() first")
+
     def generate(self, prompt_ids: list[list[int]], params: SamplingConfig) -> list[GenerationOutput]:
         check_prompts(prompt_ids)
+        self._check_awake("generate")
         step = self.micro_batch_size or len(prompt_ids)
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             if params.seed is not None:
@@ -93,6 +115,7 @@ class HFRolloutBackend(RolloutBackend):
         """Copy `state_dict` (HF names) into the rollout model; a no-op when it holds the model's own tensors."""
         if not state_dict:
             raise ValueError("[rollout.hf] load_weights got an empty state_dict")
+        self._check_awake("load_weights")
         if self._shares_parameters(state_dict):
             return
         result = self.model.load_state_dict(state_dict, strict=False)

