@@ -1,7 +1,7 @@
 """GPU training check: the actor's speed and memory on a Qwen2.5-1.5B-shaped model, with no model hub.
 
     python bench/gpu_train_check.py --out DIR [--device auto|cuda|cpu] [--tiny] [--use_remove_padding both]
-    python bench/gpu_train_check.py --report DIR/gpu_train_check.json   # rewrite bench/RESULTS.md's section
+    python bench/gpu_train_check.py --report DIR/gpu_train_check.json   # its section -> bench/results/, RESULTS.md rebuilt
 
 What it builds: a Qwen2 with the published Qwen2.5-1.5B dimensions (hidden 1536, 28 layers, 12 heads, 2 KV heads,
 intermediate 8960, vocab 151936, tied embeddings), random weights (seed 0), wrapped with FSDP2 on one rank as the
@@ -32,6 +32,7 @@ import json
 import os
 import platform
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -46,7 +47,7 @@ TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_
             vocab_size=512, tie_word_embeddings=True, max_position_embeddings=1024, rope_theta=1000000.0,
             rms_norm_eps=1e-6)
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
-RESULTS_MD = REPO / "bench" / "RESULTS.md"
+SECTION_MD = REPO / "bench" / "results" / "gpu_train_check.md"  # joined into bench/RESULTS.md
 SECTION_START, SECTION_END = "<!-- gpu_train_check:start -->", "<!-- gpu_train_check:end -->"
 COMMAND = "bash scripts/gpu_checks.sh OUT_DIR"
 PART_COMMAND = "python bench/gpu_train_check.py --device cuda --out OUT_DIR/train_check"
@@ -331,8 +332,9 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def write_results_section(results: dict | None, path: Path = RESULTS_MD) -> None:
-    """Replace (or append) the "GPU training check" section of bench/RESULTS.md; None: the not-run text."""
+def write_results_section(results: dict | None, path: Path = SECTION_MD) -> None:
+    """Replace (or append) the "GPU training check" section in `path` (bench/results/gpu_train_check.md, which
+    bench/collect_results.py joins into bench/RESULTS.md); None: the not-run text."""
     from verl.utils.checkpoint import atomic_write_text
 
     head = ["## GPU training check (bench/gpu_train_check.py)", "",
@@ -345,13 +347,13 @@ def write_results_section(results: dict | None, path: Path = RESULTS_MD) -> None
     else:
         body = [markdown(results)]
     section = "\n".join([SECTION_START, *head, *body, SECTION_END])
-    text = path.read_text()
+    text = path.read_text() if path.exists() else ""
     if SECTION_START in text and SECTION_END in text:
         before, rest = text.split(SECTION_START, 1)
         after = rest.split(SECTION_END, 1)[1]
         text = before + section + after
     else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
+        text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + section + "\n"
     atomic_write_text(str(path), text)
 
 
@@ -364,10 +366,11 @@ def main(argv=None) -> int:
                     help="packed, padded or both (both: also reports the packing speed-up)")
     ap.add_argument("--peak_tflops", type=float, default=None, help="peak dense bf16 TFLOP/s for MFU")
     ap.add_argument("--repeats", type=int, default=2, help="timed calls per measurement (after one warm-up)")
-    ap.add_argument("--report", help="a gpu_train_check.json: write its table into bench/RESULTS.md and exit")
+    ap.add_argument("--report", help="a gpu_train_check.json: write its table into bench/results/gpu_train_check.md, rebuild bench/RESULTS.md, exit")
     args = ap.parse_args(argv)
     if args.report:
         write_results_section(json.load(open(args.report)))
+        subprocess.run([sys.executable, str(REPO / "bench" / "collect_results.py")], check=True)
         return 0
     if not args.out:
         ap.error("--out is required (or --report JSON)")
