@@ -91,7 +91,7 @@ def files(tmp_path_factory):
 
 def _fit(cfg: dict) -> dict:
     """run_ppo with the recording worker classes (in-process workers)."""
-    from verl.trainer.main_ppo import _build_datasets, _total_steps, _worker_configs, build_run_config, seed_everything
+    from verl.trainer.main_ppo import _build_datasets, _worker_configs, build_run_config, seed_everything
     from verl.trainer.ppo.ray_trainer import RayPPOTrainer, TrainerSpec
     from verl.utils.config import load_object
     from verl.utils.tokenizer import load_tokenizer
@@ -102,7 +102,7 @@ def _fit(cfg: dict) -> dict:
     seed_everything(run.trainer.seed)
     tokenizer = load_tokenizer(run.model.path)
     train, val = _build_datasets(run, tokenizer)
-    actor_cfg, critic_cfg = _worker_configs(run, _total_steps(run, train))
+    actor_cfg, critic_cfg = _worker_configs(run, run.trainer.total_steps(train.batches_per_epoch()))
     critic = LocalWorkerGroup(RecordingCriticWorker, "critic", config=critic_cfg)
     actor = LocalWorkerGroup(RecordingActorWorker, "actor_rollout_ref", config=actor_cfg)
     critic.init_model()

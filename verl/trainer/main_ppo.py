@@ -212,12 +212,6 @@ def _init_models(actor, critic):
     return actor
 
 
-def _total_steps(run: RunConfig, train_dataset) -> int:
-    if run.trainer.total_training_steps > 0:
-        return run.trainer.total_training_steps
-    return run.trainer.total_epochs * train_dataset.batches_per_epoch()
-
-
 def run_ppo(cfg: Any) -> dict:
     """Build everything from the config tree and train; returns the last step's metrics."""
     from verl.trainer.ppo.ray_trainer import RayPPOTrainer, TrainerSpec
@@ -231,7 +225,7 @@ def run_ppo(cfg: Any) -> dict:
     train_ds, val_ds = _build_datasets(run, tokenizer)
     rollout_fn = load_object(run.trainer.rollout_fn, "trainer.rollout_fn")(cfg_dict, tokenizer)
     reward_fn = load_object(run.trainer.reward_fn, "trainer.reward_fn")(cfg_dict, tokenizer)
-    total_steps = _total_steps(run, train_ds)
+    total_steps = run.trainer.total_steps(train_ds.batches_per_epoch())
     actor_wg, critic_wg, release = build_worker_groups(run, total_steps)
     tracker = Tracking(run.trainer.project_name, run.trainer.experiment_name, run.trainer.logger,
                        run.trainer.default_local_dir, config=cfg_dict, wandb_mode=run.trainer.wandb_mode)

@@ -235,6 +235,12 @@ class TrainerConfig:
         """Data-parallel ranks: every GPU of every node, or ``dp_size`` CPU workers."""
         return self.nnodes * self.n_gpus_per_node if self.n_gpus_per_node > 0 else self.dp_size
 
+    def total_steps(self, batches_per_epoch: int) -> int:
+        """RL steps of the run: total_training_steps when set (> 0), else total_epochs x batches per epoch."""
+        if self.total_training_steps > 0:
+            return self.total_training_steps
+        return self.total_epochs * batches_per_epoch
+
     def __post_init__(self):
         if not self.resume_mode:
             raise ValueError("[trainer] resume_mode must be auto, disable or a checkpoint path, got ''")

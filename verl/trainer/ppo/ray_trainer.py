@@ -181,15 +181,10 @@ class RayPPOTrainer:
         self.use_ref = alg.use_kl_in_reward or spec.use_kl_loss
         self.global_step = 0
         self.engine_asleep = False
-        self.total_steps = self._total_steps()
+        self.total_steps = self.cfg.total_steps(self.train_dataset.batches_per_epoch())
         self.root = self.cfg.default_local_dir
         if self.use_critic and critic_wg is None:
             raise ValueError("[algorithm] adv_estimator=gae needs a critic worker group")
-
-    def _total_steps(self) -> int:
-        if self.cfg.total_training_steps > 0:
-            return self.cfg.total_training_steps
-        return self.cfg.total_epochs * self.train_dataset.batches_per_epoch()
 
     # ---- rollout engine sleep ---------------------------------------------------------------------------------
     def _sleep_engine(self, metrics: dict) -> None:
