@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from verl.trainer.ppo.core_algos import ADVANTAGE_ESTIMATORS
 from verl.utils.config import (AlgorithmConfig, DataConfig, FSDPConfig, ModelConfig, OptimConfig, RayConfig,
                                RolloutConfig, TrainerConfig, load_object, to_container, to_dataclass)
 
@@ -72,8 +73,9 @@ def build_run_config(cfg: Any) -> RunConfig:
     trainer = to_dataclass(TrainerConfig, cfg["trainer"], "trainer")
     rollout = to_dataclass(RolloutConfig, arr.get("rollout", {}), "actor_rollout_ref.rollout")
     algorithm = to_dataclass(AlgorithmConfig, cfg["algorithm"], "algorithm")
-    if algorithm.adv_estimator == "grpo" and rollout.n < 2:
-        raise ValueError("[algorithm] adv_estimator=grpo needs actor_rollout_ref.rollout.n >= 2 (group size)")
+    if ADVANTAGE_ESTIMATORS[algorithm.adv_estimator].uses_groups and rollout.n < 2:
+        raise ValueError(f"[algorithm] adv_estimator={algorithm.adv_estimator} needs actor_rollout_ref.rollout.n >= 2 "
+                         f"(group size)")
     unknown = sorted(set(arr) - {"actor", "model", "optim", "fsdp", "rollout", "weight_bucket_mb"})
     if unknown:
         raise KeyError(f"[actor_rollout_ref] unknown key(s) {unknown}; valid: actor, model, optim, fsdp, rollout, "
@@ -101,8 +103,8 @@ def _validate_value_targets(run: RunConfig) -> None:
     With ``mask_observations_in_gae=true`` the GAE chain skips observation tokens and leaves their returns at 0;
     a value loss on those tokens would then regress V toward 0 wherever documents were injected.
     """
-    gae = run.algorithm.adv_estimator == "gae"  # only GAE trains a critic
-    if gae and run.algorithm.mask_observations_in_gae and run.critic.value_loss_on_observations:
+    uses_critic = ADVANTAGE_ESTIMATORS[run.algorithm.adv_estimator].uses_critic
+    if uses_critic and run.algorithm.mask_observations_in_gae and run.critic.value_loss_on_observations:
         raise ValueError("[critic] value_loss_on_observations=true needs returns on observation tokens, but "
                          "algorithm.mask_observations_in_gae=true leaves them at 0 (V would be trained toward 0 "
                          "there); set critic.value_loss_on_observations=false, or "
@@ -179,7 +181,7 @@ def build_worker_groups(run: RunConfig, total_steps: int):
     from verl.workers.fsdp_workers import ActorRolloutRefWorker, CriticWorker
 
     actor_cfg, critic_cfg = _worker_configs(run, total_steps)
-    use_critic = run.algorithm.adv_estimator == "gae"
+    use_critic = ADVANTAGE_ESTIMATORS[run.algorithm.adv_estimator].uses_critic
     if not run.ray.enable:
         if run.trainer.world_size != 1:
             raise ValueError(f"[ray] enable=false runs one in-process worker; world size is {run.trainer.world_size}")

@@ -197,8 +197,11 @@ class AlgorithmConfig:
     mask_observations_in_gae: bool = True
 
     def __post_init__(self):
-        if self.adv_estimator not in ("gae", "grpo"):
-            raise ValueError(f"[algorithm] adv_estimator must be gae|grpo, got {self.adv_estimator!r}")
+        from verl.trainer.ppo.core_algos import ADVANTAGE_ESTIMATORS
+
+        if self.adv_estimator not in ADVANTAGE_ESTIMATORS:
+            raise ValueError(f"[algorithm] adv_estimator must be one of {'|'.join(ADVANTAGE_ESTIMATORS)}, "
+                             f"got {self.adv_estimator!r}")
 
 
 @dataclass(frozen=True)

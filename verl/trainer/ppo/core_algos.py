@@ -10,6 +10,7 @@ dual clip (Ye et al. 2019, arXiv 1912.09729), StepSearch (Wang et al. 2025, arXi
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
@@ -19,7 +20,8 @@ from verl.utils.torch_functional import masked_mean, masked_whiten
 
 __all__ = [
     "discounted_reverse_cumsum", "compute_gae_advantage_return", "compute_grpo_outcome_advantage",
-    "compute_rloo_outcome_advantage", "compute_reinforce_plus_plus_advantage", "kl_penalty", "KL_ESTIMATORS",
+    "compute_rloo_outcome_advantage", "compute_reinforce_plus_plus_advantage", "AdvantageInputs",
+    "AdvantageEstimator", "ADVANTAGE_ESTIMATORS", "compute_advantage", "kl_penalty", "KL_ESTIMATORS",
     "FixedKLController", "AdaptiveKLController", "build_kl_controller", "apply_kl_penalty", "compute_kl_loss",
     "compute_policy_loss", "compute_value_loss", "compute_entropy_loss", "agg_loss", "agg_denominator",
     "LOSS_AGG_MODES", "masked_mean", "masked_whiten",
@@ -240,6 +242,72 @@ def compute_reinforce_plus_plus_advantage(token_level_rewards: torch.Tensor, res
     mask = response_mask.float()
     returns = discounted_reverse_cumsum(token_level_rewards.float() * mask, gamma) * mask
     return masked_whiten(returns, mask) * mask, returns
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Advantage estimator registry (algorithm.adv_estimator)
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AdvantageInputs:
+    """What any estimator may read from a batch. B rows, T response positions.
+
+    token_level_rewards, response_mask: (B, T); values: (B, T) critic values (critic estimators only);
+    group_index: (B,) group labels (the prompt uid; group estimators only); group_size: rows per group (rollout.n);
+    skip_masked / whiten_mask: GAE's observation handling (compute_gae_advantage_return).
+    """
+
+    token_level_rewards: torch.Tensor
+    response_mask: torch.Tensor
+    values: torch.Tensor | None = None
+    group_index: Sequence | np.ndarray | None = None
+    group_size: int | None = None
+    skip_masked: bool = True
+    whiten_mask: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class AdvantageEstimator:
+    """fn(inputs, algorithm config) -> (advantages (B, T), returns (B, T)). uses_critic: the trainer builds and
+    trains a critic (values are read); uses_groups: needs rollout.n >= 2 samples per prompt."""
+
+    fn: Callable[[AdvantageInputs, object], tuple[torch.Tensor, torch.Tensor]]
+    uses_critic: bool
+    uses_groups: bool
+
+
+def _gae(x: AdvantageInputs, alg) -> tuple[torch.Tensor, torch.Tensor]:
+    return compute_gae_advantage_return(x.token_level_rewards, x.values, x.response_mask, alg.gamma, alg.lam,
+                                        skip_masked=x.skip_masked, whiten_mask=x.whiten_mask)
+
+
+def _grpo(x: AdvantageInputs, alg) -> tuple[torch.Tensor, torch.Tensor]:
+    return compute_grpo_outcome_advantage(x.token_level_rewards, x.response_mask, x.group_index,
+                                          norm_adv_by_std=alg.norm_adv_by_std_in_grpo, group_size=x.group_size)
+
+
+def _rloo(x: AdvantageInputs, alg) -> tuple[torch.Tensor, torch.Tensor]:
+    return compute_rloo_outcome_advantage(x.token_level_rewards, x.response_mask, x.group_index,
+                                          group_size=x.group_size)
+
+
+def _reinforce_plus_plus(x: AdvantageInputs, alg) -> tuple[torch.Tensor, torch.Tensor]:
+    return compute_reinforce_plus_plus_advantage(x.token_level_rewards, x.response_mask, alg.gamma)
+
+
+# every estimator above, by its config name (algorithm.adv_estimator)
+ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {
+    "gae": AdvantageEstimator(_gae, uses_critic=True, uses_groups=False),
+    "grpo": AdvantageEstimator(_grpo, uses_critic=False, uses_groups=True),
+    "rloo": AdvantageEstimator(_rloo, uses_critic=False, uses_groups=True),
+    "reinforce_plus_plus": AdvantageEstimator(_reinforce_plus_plus, uses_critic=False, uses_groups=False),
+}
+
+
+def compute_advantage(name: str, inputs: AdvantageInputs, alg) -> tuple[torch.Tensor, torch.Tensor]:
+    """Advantages and returns, both (B, T), by the registered estimator `name` (algorithm.adv_estimator)."""
+    if name not in ADVANTAGE_ESTIMATORS:
+        raise ValueError(f"[algorithm] adv_estimator must be one of {sorted(ADVANTAGE_ESTIMATORS)}, got {name!r}")
+    return ADVANTAGE_ESTIMATORS[name].fn(inputs, alg)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

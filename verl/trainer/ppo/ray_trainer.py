@@ -177,14 +177,14 @@ class RayPPOTrainer:
         alg = spec.algorithm
         self.kl_ctrl = core_algos.build_kl_controller(alg.kl_ctrl.type, alg.kl_ctrl.kl_coef, alg.kl_ctrl.target_kl,
                                                       alg.kl_ctrl.horizon)
-        self.use_critic = alg.adv_estimator == "gae"
+        self.use_critic = core_algos.ADVANTAGE_ESTIMATORS[alg.adv_estimator].uses_critic
         self.use_ref = alg.use_kl_in_reward or spec.use_kl_loss
         self.global_step = 0
         self.engine_asleep = False
         self.total_steps = self.cfg.total_steps(self.train_dataset.batches_per_epoch())
         self.root = self.cfg.default_local_dir
         if self.use_critic and critic_wg is None:
-            raise ValueError("[algorithm] adv_estimator=gae needs a critic worker group")
+            raise ValueError(f"[algorithm] adv_estimator={alg.adv_estimator} needs a critic worker group")
 
     # ---- rollout engine sleep ---------------------------------------------------------------------------------
     def _sleep_engine(self, metrics: dict) -> None:
@@ -266,16 +266,13 @@ class RayPPOTrainer:
 
     def _phase_advantage(self, batch: DataProto, metrics: dict) -> DataProto:
         alg, b = self.spec.algorithm, batch.batch
-        if alg.adv_estimator == "gae":
-            response_len = b["responses"].shape[1]
-            whiten_mask = None if self.spec.mask_observations_in_gae else b["attention_mask"][:, -response_len:]
-            adv, ret = core_algos.compute_gae_advantage_return(
-                b["token_level_rewards"], b["values"], b["response_mask"], alg.gamma, alg.lam,
-                skip_masked=self.spec.mask_observations_in_gae, whiten_mask=whiten_mask)
-        else:
-            adv, ret = core_algos.compute_grpo_outcome_advantage(
-                b["token_level_rewards"], b["response_mask"], batch.non_tensor_batch["uid"],
-                norm_adv_by_std=alg.norm_adv_by_std_in_grpo, group_size=self.spec.rollout_n)
+        response_len = b["responses"].shape[1]
+        inputs = core_algos.AdvantageInputs(
+            token_level_rewards=b["token_level_rewards"], response_mask=b["response_mask"],
+            values=b["values"] if self.use_critic else None, group_index=batch.non_tensor_batch["uid"],
+            group_size=self.spec.rollout_n, skip_masked=self.spec.mask_observations_in_gae,
+            whiten_mask=None if self.spec.mask_observations_in_gae else b["attention_mask"][:, -response_len:])
+        adv, ret = core_algos.compute_advantage(alg.adv_estimator, inputs, alg)
         return batch.union(DataProto.from_dict(tensors={"advantages": adv, "returns": ret}))
 
     def _phase_update_critic(self, batch: DataProto, metrics: dict) -> DataProto:
@@ -341,6 +338,10 @@ class RayPPOTrainer:
         out.update(_stats("critic/score", b["token_level_scores"].sum(-1)))
         out.update(_stats("critic/rewards", b["token_level_rewards"].sum(-1)))
         out["critic/advantages/mean"] = _masked_mean(b["advantages"], mask)
+        on_mask = b["advantages"][mask.bool()]
+        if on_mask.numel():
+            out["critic/advantages/max"] = float(on_mask.max())
+            out["critic/advantages/min"] = float(on_mask.min())
         out["critic/returns/mean"] = _masked_mean(b["returns"], mask)
         if "values" in b:
             out["critic/values/mean"] = _masked_mean(b["values"], mask)
