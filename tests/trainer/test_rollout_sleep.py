@@ -102,7 +102,7 @@ def _fit(cfg: dict) -> dict:
     seed_everything(run.trainer.seed)
     tokenizer = load_tokenizer(run.model.path)
     train, val = _build_datasets(run, tokenizer)
-    actor_cfg, critic_cfg = _worker_configs(run, run.trainer.total_steps(train.batches_per_epoch()))
+    actor_cfg, critic_cfg = _worker_configs(run, run.trainer.total_steps(train))
     critic = LocalWorkerGroup(RecordingCriticWorker, "critic", config=critic_cfg)
     actor = LocalWorkerGroup(RecordingActorWorker, "actor_rollout_ref", config=actor_cfg)
     critic.init_model()

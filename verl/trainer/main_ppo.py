@@ -227,7 +227,7 @@ def run_ppo(cfg: Any) -> dict:
     train_ds, val_ds = _build_datasets(run, tokenizer)
     rollout_fn = load_object(run.trainer.rollout_fn, "trainer.rollout_fn")(cfg_dict, tokenizer)
     reward_fn = load_object(run.trainer.reward_fn, "trainer.reward_fn")(cfg_dict, tokenizer)
-    total_steps = run.trainer.total_steps(train_ds.batches_per_epoch())
+    total_steps = run.trainer.total_steps(train_ds)
     actor_wg, critic_wg, release = build_worker_groups(run, total_steps)
     tracker = Tracking(run.trainer.project_name, run.trainer.experiment_name, run.trainer.logger,
                        run.trainer.default_local_dir, config=cfg_dict, wandb_mode=run.trainer.wandb_mode)

@@ -238,11 +238,12 @@ class TrainerConfig:
         """Data-parallel ranks: every GPU of every node, or ``dp_size`` CPU workers."""
         return self.nnodes * self.n_gpus_per_node if self.n_gpus_per_node > 0 else self.dp_size
 
-    def total_steps(self, batches_per_epoch: int) -> int:
-        """RL steps of the run: total_training_steps when set (> 0), else total_epochs x batches per epoch."""
+    def total_steps(self, train_dataset) -> int:
+        """RL steps of the run: total_training_steps when set (> 0), else total_epochs x
+        train_dataset.batches_per_epoch() (the dataset is only read then; it may be None otherwise)."""
         if self.total_training_steps > 0:
             return self.total_training_steps
-        return self.total_epochs * batches_per_epoch
+        return self.total_epochs * train_dataset.batches_per_epoch()
 
     def __post_init__(self):
         if not self.resume_mode:

@@ -181,7 +181,7 @@ class RayPPOTrainer:
         self.use_ref = alg.use_kl_in_reward or spec.use_kl_loss
         self.global_step = 0
         self.engine_asleep = False
-        self.total_steps = self.cfg.total_steps(self.train_dataset.batches_per_epoch())
+        self.total_steps = self.cfg.total_steps(self.train_dataset)
         self.root = self.cfg.default_local_dir
         if self.use_critic and critic_wg is None:
             raise ValueError(f"[algorithm] adv_estimator={alg.adv_estimator} needs a critic worker group")
