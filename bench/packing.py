@@ -1,8 +1,10 @@
 """Sequence packing ("remove padding"): actor update and log-prob tokens/s, packed ÷ padded.
 
-    nice -n 15 .venv/bin/python bench/packing.py [--reps 2] [--out bench/results/packing.md]
+    .venv/bin/python bench/packing.py [--reps 2] [--model tiny,real] [--out bench/results/packing.md]
+    .venv/bin/python bench/packing.py --model tiny,real --reps 1 --max_rows 2 --max_width 512 \\
+        --out /tmp/packing_smoke.md                                                     # a smoke check
 
-Two length distributions, each run with the actor settings of a shipped config (composed with Hydra and built by
+Three length distributions, each run with the actor settings of a shipped config (composed with Hydra and built by
 the trainer's own build_run_config), once with actor_rollout_ref.model.use_remove_padding=false (padded) and once
 with the default true (packed), on the same rows, the same model and the same thread count, interleaved:
 
@@ -11,6 +13,21 @@ with the default true (packed), on the same rows, the same model and the same th
     P = 96, T = 400 and batch settings from configs/cpu_demo.yaml.
 (b) Search-R1-like: prompt 300–600 tokens; 1–5 turns of 50–800 generated tokens, each search turn followed by an
     observation of 3 documents of ~120 tokens; widths P = T = 4096 and batch settings from configs/ppo_trainer.yaml.
+(c) real tokenizer: the first --rows_c questions of the bundled MuSiQue sample (data/samples/musique_ans_train_100.json)
+    as the training data renders them (paper prompt, SmolLM2's chat template), each followed by a gold trajectory:
+    per decomposition step a short generated turn (``<think> … </think>`` and ``<search>`` with that step's search
+    key) and an observation built by the agent loop's ObservationEncoder from real MuSiQue passages (the step's
+    supporting paragraph and two other paragraphs of the record, max_obs_length 800), then a final
+    ``<think>``/``<answer>`` turn and EOS; all tokenized with the SmolLM2 tokenizer (docs/real_model.md). The
+    generated turns are gold actions, much shorter than a policy's reasoning; the prompt and the observations are
+    what a real rollout sees. Widths and batch settings as (b).
+
+--model picks the model(s): ``tiny`` (the default: a random tiny Qwen2, --hidden/--layers/--heads) and ``real``
+(SmolLM2-135M-Instruct, 134.5M parameters, from --real_model_dir, made by `make real-model`), or both
+(``tiny,real``), each on the same rows. The token ids of (c) are real SmolLM2 ids; the tiny model's vocabulary is
+smaller, so for it they are folded into its range (the lengths, which are what packing depends on, are unchanged).
+--max_rows caps the rows of every distribution and --max_width the widths P and T (rows cut to fit): a smoke check
+of the script, whose numbers then mean nothing.
 
 Tokens/s counts real (non-pad) tokens, the same numerator for both paths, so the ratio is the time ratio. The pad
 share is the share of pad tokens in the (rows × (P + T)) tensors the padded path computes on; "after trimming" is
@@ -42,6 +59,11 @@ from verl.protocol import DataProto  # noqa: E402
 from verl.utils.packing import pack_rows  # noqa: E402
 from verl.utils.tiny_model import build_tiny_causal_lm, build_tokenizer  # noqa: E402
 from verl.workers.actor import Actor, micro_batches  # noqa: E402
+
+MUSIQUE_SAMPLE = REPO / "data" / "samples" / "musique_ans_train_100.json"
+REAL_MODEL_DIR = REPO / "models" / "smollm2-135m-instruct"
+REAL_OBS_LENGTH = 800  # configs/ppo_trainer.yaml agent.max_obs_length
+REAL_TOPK = 3  # configs/ppo_trainer.yaml agent.topk
 
 # Per-step (min, mean, max) of response_length_with_obs (generated + observation tokens) of the CPU demo's
 # rollouts, 32 per step, steps 1..20 of the `make demo` run L4 of docs/demo.md (its metrics.jsonl: EM 0.04 -> 0.72).
@@ -101,6 +123,73 @@ def search_r1_rows(n: int, vocab: int, seed: int, max_response: int) -> list[tup
     return rows
 
 
+def musique_trajectory(tokenizer, loc, rng) -> tuple[list[int], list[int], list[int]]:
+    """(prompt ids, response ids, loss mask) of one MuSiQue record with the real tokenizer (distribution (c))."""
+    from stepsearch.agent.observations import ObservationEncoder
+    from stepsearch.data.formats import to_row
+    from stepsearch.data.musique import from_original
+
+    example = from_original(loc)
+    record = loc.record
+    messages = to_row(example, "musique", "train", 0, template="paper")["prompt"]
+    prompt = tokenizer(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
+                       add_special_tokens=False)["input_ids"]
+    encoder = ObservationEncoder(tokenizer)
+    paragraphs = record["paragraphs"]
+    response, mask = [], []
+
+    def add(ids: list[int], generated: bool) -> None:
+        response.extend(ids)
+        mask.extend([int(generated)] * len(ids))
+
+    hops = record["question_decomposition"]
+    for h, hop in enumerate(hops):
+        key = example.search_keys[h][0]
+        thought = (f"First I need to know: {key}" if h == 0 else
+                   f"So it is {hops[h - 1]['answer']}. Next I need to know: {key}")
+        add(tokenizer(f"<think> {thought} </think>\n<search> {key} </search>", add_special_tokens=False)["input_ids"],
+            True)
+        support = next(p for p in paragraphs if p["idx"] == hop["paragraph_support_idx"])
+        others = rng.sample([p for p in paragraphs if p is not support], REAL_TOPK - 1)
+        hits = [{"document": {"id": str(p["idx"]), "title": p["title"], "text": p["paragraph_text"]}}
+                for p in [support] + others]
+        [obs] = encoder.information([hits], caps=[REAL_OBS_LENGTH], final_warning=[False])
+        add(obs.token_ids, False)
+    final = (f"<think> So the answer is {example.answers[0]}. </think>\n<answer> {example.answers[0]} </answer>")
+    add(tokenizer(final, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id], True)
+    return prompt, response, mask
+
+
+def real_tokenizer_rows(tokenizer, n: int, vocab: int, max_response: int, seed: int = 0
+                        ) -> tuple[list[tuple[list[int], list[int], list[int]]], dict]:
+    """Distribution (c): n MuSiQue trajectories tokenized with the real tokenizer, ids folded into [3, vocab) when
+    the model's vocabulary is smaller than the tokenizer's. Also returns their length statistics."""
+    import random
+
+    from stepsearch.data.io import iter_records
+
+    rng = random.Random(seed)
+    rows, prompt_lens, response_lens, obs_lens = [], [], [], []
+    for loc in iter_records(MUSIQUE_SAMPLE, show_progress=False):
+        if len(rows) == n:
+            break
+        if loc.record.get("answerable", True) is False:
+            continue
+        prompt, response, mask = musique_trajectory(tokenizer, loc, rng)
+        prompt_lens.append(len(prompt))
+        response_lens.append(len(response))
+        obs_lens.append(len(response) - sum(mask))
+        if len(tokenizer) > vocab:
+            prompt, response = ([3 + t % (vocab - 3) for t in ids] for ids in (prompt, response))
+        rows.append((prompt, response[:max_response], mask[:max_response]))
+    if len(rows) < n:
+        raise SystemExit(f"[packing] {MUSIQUE_SAMPLE} has only {len(rows)} answerable records; --rows_c {n}")
+    stats = {"prompt": (min(prompt_lens), sum(prompt_lens) / n, max(prompt_lens)),
+             "response": (min(response_lens), sum(response_lens) / n, max(response_lens)),
+             "observation_share": sum(obs_lens) / sum(response_lens)}
+    return rows, stats
+
+
 def with_ppo_keys(data: DataProto, seed: int) -> DataProto:
     gen = torch.Generator().manual_seed(seed)
     shape = data.batch["responses"].shape
@@ -122,7 +211,10 @@ def pad_shares(data: DataProto, rows_per_micro: int) -> tuple[float, float]:
 
 
 def actor_config(config_name: str, rows: int, use_remove_padding: bool):
-    """The actor section of a shipped config as the trainer builds it; one mini-batch of `rows` rows."""
+    """The actor section of a shipped config as the trainer builds it; one mini-batch of `rows` rows. Fewer rows
+    than the config's micro-batch (a --max_rows smoke check) shrink the micro-batch to a divisor of `rows`."""
+    import math
+
     from hydra import compose, initialize_config_dir
 
     from verl.trainer.main_ppo import build_run_config
@@ -132,6 +224,10 @@ def actor_config(config_name: str, rows: int, use_remove_padding: bool):
             "model.path=bench", "data.train_files=[x]", "data.val_files=[]", f"data.train_batch_size={rows}",
             f"actor_rollout_ref.actor.ppo_mini_batch_size={rows}", "trainer.n_gpus_per_node=0",
             f"actor_rollout_ref.model.use_remove_padding={str(use_remove_padding).lower()}"])
+    actor = cfg.actor_rollout_ref.actor
+    for key in ("ppo_micro_batch_size_per_device", "forward_micro_batch_size_per_device"):
+        if rows % actor[key]:
+            actor[key] = math.gcd(rows, actor[key])
     return dataclasses.replace(build_run_config(cfg).actor, world_size=1)
 
 
@@ -159,7 +255,8 @@ def distribution_batch(config_name: str, rows, P: int, T: int, pad_id: int) -> t
                   "pad_share": full_pad, "pad_share_trimmed": trimmed_pad}
 
 
-def bench_distribution(name: str, config_name: str, rows, P: int, T: int, model, pad_id: int, reps: int) -> dict:
+def bench_distribution(name: str, config_name: str, rows, P: int, T: int, model, pad_id: int, reps: int,
+                       model_name: str = "tiny") -> dict:
     """The description of the batch plus raw (log-prob s, update s) per repetition and side, interleaved."""
     data, desc = distribution_batch(config_name, rows, P, T, pad_id)
     configs = {side: actor_config(config_name, len(rows), use_remove_padding=side == "packed")
@@ -168,9 +265,9 @@ def bench_distribution(name: str, config_name: str, rows, P: int, T: int, model,
     for rep in range(reps):
         for side in ("padded", "packed") if rep % 2 == 0 else ("packed", "padded"):
             times[side].append(time_actor(model, configs[side], data))
-            print(f"[{name}] rep {rep} {side}: log-prob {times[side][-1][0]:.2f}s update {times[side][-1][1]:.2f}s",
-                  flush=True)
-    return {"name": name, **desc, "raw": times}
+            print(f"[{model_name} {name}] rep {rep} {side}: log-prob {times[side][-1][0]:.2f}s "
+                  f"update {times[side][-1][1]:.2f}s", flush=True)
+    return {"name": name, "model": model_name, **desc, "raw": times}
 
 
 def tokens_per_s(result: dict) -> tuple[dict, dict]:
@@ -215,41 +312,64 @@ def machine_line(load) -> str:
             f"{load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} (1/5/15 min)")
 
 
-def render(results: list[dict], attention: dict | None, cmd: str, model_desc: str, start_load, end_load) -> str:
+def _attention_line(model_name: str, attention: dict, many: bool) -> str:
+    t = {name: min(ts) for name, ts in attention["raw"].items()}
+    who = f"{model_name} model: " if many else ""
+    return (f"{who}Attention path for packed rows on CPU (forward+backward of the same model on one packed "
+            f"micro-batch of {attention['rows']} Search-R1-like rows, {attention['tokens']} tokens): "
+            + ", ".join(f"{k} {v:.2f} s" for k, v in t.items())
+            + f" (fastest of {len(attention['raw']['per-sequence SDPA'])}) → the dense mask takes "
+            f"{t['dense block-diagonal mask'] / t['per-sequence SDPA']:.2f}x the per-sequence time. Raw: "
+            f"`{ {k: [round(x, 2) for x in v] for k, v in attention['raw'].items()} }`")
+
+
+def render(results: list[dict], attention: dict | None, cmd: str, model_descs: dict[str, str] | str, start_load,
+           end_load) -> str:
+    """The markdown report. Accepts the raw JSON of older runs too (one tiny model: a str description, results
+    without "model", one attention dict)."""
+    if isinstance(model_descs, str):
+        model_descs = {"tiny": model_descs}
+    if attention and "raw" in attention:
+        attention = {"tiny": attention}
+    many = len(model_descs) > 1
+    models = ("Models: " + "; ".join(f"**{k}**: {v}" for k, v in model_descs.items())) if many else \
+        f"Model: {next(iter(model_descs.values()))}"
     lines = ["## bench/packing.py: sequence packing (remove padding), actor tokens/s packed ÷ padded", "",
              f"Command: `{cmd}`", "",
              machine_line(end_load) + f"; at the start {start_load[0]:.1f}/{start_load[1]:.1f}/{start_load[2]:.1f}.",
-             f"Model: {model_desc}, fp32. Each side: a fresh copy of the same model, AdamW; `compute_log_prob` "
+             f"{models}, fp32. Each side: a fresh copy of the same model, AdamW; `compute_log_prob` "
              f"(with entropy) and one `update_policy` (one mini-batch = all rows) on the same rows; padded and packed "
              f"interleaved, each side's fastest repetition (the one least slowed by the other jobs; every repetition "
              f"is listed below). Tokens/s counts real tokens only (the same numerator for both paths).", "",
-             "| distribution | rows | mean / max real tokens per row | width P+T "
+             "| " + ("model | " if many else "") + "distribution | rows | mean / max real tokens per row | width P+T "
              "| micro-batch rows (update / log-prob) | pad share (full width / trimmed per micro-batch) "
              "| log-prob tok/s padded → packed | ratio | update tok/s padded → packed | ratio | target |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "|" + ("---|" if many else "") + "---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in results:
         lp, up = tokens_per_s(r)
         target = ">= 1.5x: " + ("met" if up["packed"] / up["padded"] >= 1.5 and lp["packed"] / lp["padded"] >= 1.5
                                 else "not met") if r["name"].startswith("(b)") else "-"
-        lines.append(f"| {r['name']} ({r['config']}) | {r['rows']} | {r['mean_len']:.0f} / {r['max_len']} | "
+        lines.append("| " + (f"{r.get('model', 'tiny')} | " if many else "")
+                     + f"{r['name']} ({r['config']}) | {r['rows']} | {r['mean_len']:.0f} / {r['max_len']} | "
                      f"{r['P']}+{r['T']} | {r['micro']} / {r['fwd_micro']} | "
                      f"{100 * r['pad_share']:.1f}% / {100 * r['pad_share_trimmed']:.1f}% | "
                      f"{lp['padded']:.0f} → {lp['packed']:.0f} | **{lp['packed'] / lp['padded']:.2f}x** | "
                      f"{up['padded']:.0f} → {up['packed']:.0f} | **{up['packed'] / up['padded']:.2f}x** | {target} |")
-    if attention:
-        t = {name: min(ts) for name, ts in attention["raw"].items()}
-        lines += ["", f"Attention path for packed rows on CPU (forward+backward of the same model on one packed "
-                      f"micro-batch of {attention['rows']} Search-R1-like rows, {attention['tokens']} tokens): "
-                  + ", ".join(f"{k} {v:.2f} s" for k, v in t.items())
-                  + f" (fastest of {len(attention['raw']['per-sequence SDPA'])}) → the dense mask takes "
-                  f"{t['dense block-diagonal mask'] / t['per-sequence SDPA']:.2f}x the per-sequence time. Raw: "
-                  f"`{ {k: [round(x, 2) for x in v] for k, v in attention['raw'].items()} }`"]
+    lengths = next((r["lengths"] for r in results if "lengths" in r), None)
+    if lengths:
+        (p0, p1, p2), (r0, r1, r2) = lengths["prompt"], lengths["response"]
+        lines += ["", f"(c) rows with the SmolLM2 tokenizer, before any --max_width cut: prompt {p0} / {p1:.0f} / "
+                      f"{p2} tokens (min / mean / max), response {r0} / {r1:.0f} / {r2} tokens, "
+                      f"{100 * lengths['observation_share']:.0f}% of the response tokens are observations."]
+    for model_name, att in (attention or {}).items():
+        lines += ["", _attention_line(model_name, att, many)]
     spread = max(max(ts) / min(ts) for r in results for side in r["raw"].values() for ts in zip(*side))
     lines += ["", f"The same call varied up to {spread:.1f}x between repetitions (other jobs on the 2 cores); read the "
                   f"ratios as rough."]
     lines += ["", "Raw seconds (log-prob, update) per repetition: `"
-              + str({r["name"]: {s: [(round(a, 2), round(b, 2)) for a, b in v] for s, v in r["raw"].items()}
-                     for r in results}) + "`"]
+              + str({(f"{r.get('model', 'tiny')} " if many else "") + r["name"]:
+                     {s: [(round(a, 2), round(b, 2)) for a, b in v] for s, v in r["raw"].items()} for r in results})
+              + "`"]
     return "\n".join(lines) + "\n"
 
 
@@ -257,11 +377,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--rows_b", type=int, default=8, help="Search-R1-like rows (one mini-batch)")
+    ap.add_argument("--rows_c", type=int, default=16, help="real-tokenizer MuSiQue rows (one mini-batch)")
+    ap.add_argument("--max_rows", type=int, default=0,
+                    help="cap the rows of every distribution (0: no cap); for a quick check that the script runs")
+    ap.add_argument("--max_width", type=int, default=0,
+                    help="cap the widths P and T (0: the configs' widths; rows are cut to fit); for a quick check")
+    ap.add_argument("--model", default="tiny", help="comma list of tiny and real (SmolLM2-135M-Instruct)")
+    ap.add_argument("--real_model_dir", default=os.environ.get("STEPSEARCH_REAL_MODEL", str(REAL_MODEL_DIR)),
+                    help="the converted real model (make real-model); its tokenizer is also used by section c")
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--sections", default="a,b,attention")
+    ap.add_argument("--sections", default="a,b,c,attention")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "packing.md"))
     ap.add_argument("--render_only", action="store_true",
                     help="rewrite --out from the raw timings saved beside it (<out>.json), measuring nothing")
@@ -272,37 +400,92 @@ def main() -> None:
     else:
         run = measure(args)
         write_text_atomic(raw_path, json.dumps(run, indent=1) + "\n")
-    text = render(run["results"], run["attention"], run["cmd"], run["model_desc"], run["start_load"],
-                  run["end_load"]) + (f"\n{run['note']}\n" if "note" in run else "")
+    text = render(run["results"], run["attention"], run["cmd"], run.get("model_descs", run.get("model_desc")),
+                  run["start_load"], run["end_load"]) + (f"\n{run['note']}\n" if "note" in run else "")
     print(text)
     write_text_atomic(args.out, text)
     print(f"wrote {args.out} and {raw_path}")
+
+
+def load_real(model_dir: str):
+    """(model, tokenizer) of the converted SmolLM2 folder, or a message that says how to make it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (Path(model_dir) / "config.json").is_file():
+        raise SystemExit(f"[packing] no converted real model at {model_dir}: run `make real-model` "
+                         f"(or pass --real_model_dir)")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    return model, AutoTokenizer.from_pretrained(model_dir)
+
+
+def build_models(args) -> dict[str, tuple[torch.nn.Module, int, int, str]]:
+    """name -> (model, vocabulary size, pad id, description) for each name of --model."""
+    names = [m for m in args.model.split(",") if m]
+    unknown = sorted(set(names) - {"tiny", "real"})
+    if unknown or not names:
+        raise SystemExit(f"[packing] --model takes a comma list of tiny and real, got {args.model!r}")
+    out = {}
+    for name in names:
+        if name == "tiny":
+            tok = build_tokenizer(vocab_size=1024)
+            model = build_tiny_causal_lm(tok, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
+                                         seed=0, max_position_embeddings=8192)
+            n_params = sum(p.numel() for p in model.parameters())
+            desc = (f"tiny Qwen2 (hidden {args.hidden}, {args.layers} layers, {args.heads} heads, vocab {len(tok)}, "
+                    f"{n_params / 1e6:.2f}M parameters, sdpa)")
+            out[name] = (model, len(tok), tok.pad_token_id, desc)
+        else:
+            model, tok = load_real(args.real_model_dir)
+            c = model.config
+            n_params = sum(p.numel() for p in model.parameters())
+            desc = (f"SmolLM2-135M-Instruct ({type(model).__name__}, hidden {c.hidden_size}, {c.num_hidden_layers} "
+                    f"layers, {c.num_attention_heads}/{c.num_key_value_heads} heads, vocab {c.vocab_size}, "
+                    f"{n_params / 1e6:.1f}M parameters, sdpa)")
+            out[name] = (model, c.vocab_size, tok.pad_token_id, desc)
+    return out
 
 
 def measure(args) -> dict:
     start_load = os.getloadavg()
     torch.set_num_threads(args.threads)
     sections = set(args.sections.split(","))
-    tok = build_tokenizer(vocab_size=1024)
-    model = build_tiny_causal_lm(tok, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
-                                 seed=0, max_position_embeddings=8192)
-    n_params = sum(p.numel() for p in model.parameters())
-    model_desc = (f"tiny Qwen2 (hidden {args.hidden}, {args.layers} layers, {args.heads} heads, vocab {len(tok)}, "
-                  f"{n_params / 1e6:.2f}M parameters, sdpa), {args.threads} torch threads")
-    vocab, pad_id = len(tok), tok.pad_token_id
-    results, attention = [], None
-    if "a" in sections:
-        rows = demo_rows(vocab, seed=0, steps=DEMO_BENCH_STEPS)
-        results.append(bench_distribution("(a) demo rollouts", "cpu_demo", rows, 96, 400, model, pad_id, args.reps))
-    if "b" in sections:
-        rows = search_r1_rows(args.rows_b, vocab, seed=0, max_response=4096)
-        results.append(bench_distribution("(b) Search-R1-like", "ppo_trainer", rows, 4096, 4096, model, pad_id,
-                                          args.reps))
-    if "attention" in sections:
-        attention = bench_attention(model, search_r1_rows(4, vocab, seed=1, max_response=4096), pad_id, 4096, 4096,
-                                    args.reps)
-    cmd = ("nice -n 15 .venv/bin/python bench/packing.py " + " ".join(sys.argv[1:])).strip()
-    return {"results": results, "attention": attention, "cmd": cmd, "model_desc": model_desc,
+
+    def cap(n: int) -> int:
+        return min(n, args.max_rows) if args.max_rows > 0 else n
+
+    def widths(P: int, T: int) -> tuple[int, int]:
+        return (min(P, args.max_width), min(T, args.max_width)) if args.max_width > 0 else (P, T)
+
+    def fit(rows, P: int, T: int):
+        """Rows cut to the widths: a prompt keeps its last P tokens (as the rolling context does), a response its
+        first T; a no-op at the real widths, which every row fits."""
+        return [(p[-P:], r[:T], m[:T]) for p, r, m in rows]
+
+    models = build_models(args)
+    real_tok = load_real(args.real_model_dir)[1] if "c" in sections else None
+    results, attention = [], {}
+    for name, (model, vocab, pad_id, _) in models.items():
+        if "a" in sections:
+            P, T = widths(96, 400)
+            rows = fit(demo_rows(vocab, seed=0, steps=DEMO_BENCH_STEPS)[:cap(32 * len(DEMO_BENCH_STEPS))], P, T)
+            results.append(bench_distribution("(a) demo rollouts", "cpu_demo", rows, P, T, model, pad_id,
+                                              args.reps, name))
+        P, T = widths(4096, 4096)
+        if "b" in sections:
+            rows = fit(search_r1_rows(cap(args.rows_b), vocab, seed=0, max_response=T), P, T)
+            results.append(bench_distribution("(b) Search-R1-like", "ppo_trainer", rows, P, T, model, pad_id,
+                                              args.reps, name))
+        if "c" in sections:
+            rows, lengths = real_tokenizer_rows(real_tok, cap(args.rows_c), vocab, max_response=T)
+            result = bench_distribution("(c) real tokenizer", "ppo_trainer", fit(rows, P, T), P, T, model, pad_id,
+                                        args.reps, name)
+            results.append({**result, "lengths": lengths})
+        if "attention" in sections:
+            rows = fit(search_r1_rows(cap(4), vocab, seed=1, max_response=T), P, T)
+            attention[name] = bench_attention(model, rows, pad_id, P, T, args.reps)
+    cmd = (".venv/bin/python bench/packing.py " + " ".join(sys.argv[1:])).strip()
+    descs = {name: f"{m[3]}, {args.threads} torch threads" for name, m in models.items()}
+    return {"results": results, "attention": attention or None, "cmd": cmd, "model_descs": descs,
             "start_load": start_load, "end_load": os.getloadavg()}
 
 
