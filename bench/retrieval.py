@@ -109,7 +109,6 @@ class QueryRequest(BaseModel):
 def make_naive_app(index_dir: str):
     """fp32 encoder, one request at a time (a lock), no coalescing, no cache; rows from the JSONL in index order."""
     import faiss
-    from fastapi import FastAPI
 
     from stepsearch.search.encoders import Encoder
 
@@ -119,6 +118,14 @@ def make_naive_app(index_dir: str):
         rows = [json.loads(line) for line in f]
     # Search-R1's retrieval_server encodes each request in batches of 512 (one batch here) at full fp32
     encoder = Encoder(model=manifest["encoder"]["model"], mode="exact", batch_size=512)
+    return naive_app(encoder, index, rows.__getitem__)
+
+
+def naive_app(encoder, index, row):
+    """The naive app's routes over a loaded encoder, FAISS index and `row(i)` -> corpus row dict (i: int); also
+    served by bench/retrieval_scale.py over a `datasets` table, as Search-R1 loads its corpus."""
+    from fastapi import FastAPI
+
     lock = threading.Lock()
     app = FastAPI()
 
@@ -127,7 +134,7 @@ def make_naive_app(index_dir: str):
         with lock:
             emb = encoder.encode_queries(req.queries)
             scores, idx = index.search(emb, req.topk)
-        result = [[{"document": rows[i], "score": float(s)} if req.return_scores else rows[i]
+        result = [[{"document": row(i), "score": float(s)} if req.return_scores else row(i)
                    for i, s in zip(r_idx, r_s)] for r_idx, r_s in zip(idx.tolist(), scores.tolist())]
         return {"result": result}
 

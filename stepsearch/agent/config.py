@@ -29,7 +29,8 @@ class AgentConfig:
     greedy: bool = False
     """Validation/evaluation decoding."""
     seed: int | None = None
-    """Base seed of the sampling calls (turn s uses seed + s); None: the engine's own RNG."""
+    """Base seed of the sampling. sync: the call of turn s uses seed + s (vLLM: + row). async: turn s of row i uses
+    seed + i·(max_turns + 1) + s, its own request seed, whatever else is in flight. None: the engine's own RNG."""
     logprobs: bool = False
     """Return `rollout_log_probs` from the engine."""
     stop: tuple[str, ...] = STOP_STRINGS
@@ -39,13 +40,20 @@ class AgentConfig:
     `--max_query_chars`; keep it <= the server's setting."""
     on_retrieval_error: Literal["observe", "abort"] = "observe"
     """observe: the sample sees a retrieval-error observation and goes on; abort: raise, failing the batch."""
+    mode: Literal["sync", "async"] = "sync"
+    """sync: turn by turn for the whole batch (stepsearch.agent.loop); async: every trajectory runs its own turns,
+    its searches sent as soon as it writes them (stepsearch.agent.async_loop)."""
+    max_concurrent_trajectories: int = 256
+    """async: trajectories in flight at once (the others wait to start); bounds engine and retriever load."""
 
     def __post_init__(self):
         for name in ("max_turns", "topk", "max_prompt_length", "max_new_tokens", "max_response_length",
-                     "max_obs_length", "max_query_chars"):
+                     "max_obs_length", "max_query_chars", "max_concurrent_trajectories"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"[agent] {name} must be an int >= 1, got {value!r}")
+        if self.mode not in ("sync", "async"):
+            raise ValueError(f"[agent] mode must be 'sync' or 'async', got {self.mode!r}")
         if self.on_retrieval_error not in ("observe", "abort"):
             raise ValueError(f"[agent] on_retrieval_error must be 'observe' or 'abort', "
                              f"got {self.on_retrieval_error!r}")

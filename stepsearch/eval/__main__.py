@@ -17,6 +17,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--from-predictions", dest="from_predictions", help="re-score this predictions JSONL; no generation")
     p.add_argument("--backend", default="auto", choices=("auto", "hf", "vllm", "scripted"))
+    p.add_argument("--mode", default="auto", choices=("auto", "sync", "async"),
+                   help="agent loop: auto = async on vllm (its async engine), sync otherwise")
     p.add_argument("--scripted_copy_prob", type=float, default=1.0, help="backend=scripted: P(copy the right doc)")
     p.add_argument("--max_response_length", type=int, default=EvalConfig.max_response_length)
     p.add_argument("--batch_size", type=int, default=EvalConfig.batch_size)
@@ -55,7 +57,7 @@ def _run(a: argparse.Namespace) -> dict:
     if missing:
         raise SystemExit(f"[eval] missing --{', --'.join(missing)} (or pass --from-predictions FILE)")
     cfg = EvalConfig(data=tuple(a.data), model=a.model, retriever_url=a.retriever_url, out=a.out,
-                     backend=a.backend, batch_size=a.batch_size, max_prompt_length=a.max_prompt_length,
+                     backend=a.backend, mode=a.mode, batch_size=a.batch_size, max_prompt_length=a.max_prompt_length,
                      max_turns=a.max_turns, topk=a.topk, max_new_tokens=a.max_new_tokens,
                      max_obs_length=a.max_obs_length, max_samples=a.max_samples, index_dir=a.index_dir,
                      seed=a.seed, scripted_copy_prob=a.scripted_copy_prob,

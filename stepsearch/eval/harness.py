@@ -6,7 +6,9 @@
 Writes `predictions.jsonl` (one scored record per question, input order), `summary.json` (per-source means,
 model path, data and index hashes, settings; no timestamps, so two runs with the same inputs give identical
 files), `metrics.md` (the table) and `run_info.json` (wall time: the one thing that varies between runs).
-Rollouts go through `stepsearch.agent.loop.run_rollout`, exactly as in training, with greedy decoding.
+Rollouts go through the agent loop of training (`stepsearch.agent.dispatch.run_agent`) with greedy decoding;
+`--mode auto` runs the async loop on vLLM's async engine and the sync loop on HF. Each prediction carries the
+trajectory `record` (stepsearch.agent.record), from which rewards, metrics and the viewer read.
 
 Failure policy: a question whose rollout had a retrieval that failed after the client's retries is a *retrieval
 failure* (its prediction lists the errors in `retrieval_errors`). Every output counts them (`summary.json`
@@ -45,6 +47,7 @@ class EvalConfig:
     retriever_url: str
     out: str
     backend: str = "auto"            # auto (vllm when importable, else hf) | hf | vllm | scripted (world only)
+    mode: str = "auto"               # agent loop: auto (async on vllm, else sync) | sync | async
     scripted_copy_prob: float = 1.0   # backend=scripted: the synthetic world's scripted searcher (tokenizer from --model)
     batch_size: int = 32
     max_prompt_length: int = 512
@@ -68,6 +71,8 @@ class EvalConfig:
                 raise FileNotFoundError(f"[eval] --data file {path} does not exist")
         if self.backend not in ("auto", "hf", "vllm", "scripted"):
             raise ValueError(f"[eval] --backend {self.backend!r} is unknown; valid: auto, hf, vllm, scripted")
+        if self.mode not in ("auto", "sync", "async"):
+            raise ValueError(f"[eval] --mode {self.mode!r} is unknown; valid: auto, sync, async")
         if self.batch_size < 1 or self.max_turns < 1 or self.topk < 1:
             raise ValueError(f"[eval] batch_size ({self.batch_size}), max_turns ({self.max_turns}) and topk "
                              f"({self.topk}) must be >= 1")
@@ -88,9 +93,17 @@ def index_hash(cfg: EvalConfig) -> str | None:
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest() if ident is not None else None
 
 
+def agent_mode(cfg: EvalConfig, backend_name: str) -> str:
+    """The agent loop: --mode, where auto is async on vLLM (its async engine) and sync on the other backends."""
+    if cfg.mode != "auto":
+        return cfg.mode
+    return "async" if backend_name == "vllm" else "sync"
+
+
 def make_backend(cfg: EvalConfig, tokenizer):
     """(backend, name): vLLM when asked for (or available under auto), HF transformers otherwise; `scripted` runs
-    the synthetic world's scripted searcher (stepsearch.envs.scripted), a reference policy with a known EM."""
+    the synthetic world's scripted searcher (stepsearch.envs.scripted), a reference policy with a known EM. With
+    vLLM and the async loop the engine is vLLM's async engine (AsyncVLLMEngine)."""
     kind = cfg.backend
     if kind == "scripted":
         from stepsearch.envs.scripted import ScriptedPolicyConfig, ScriptedSearchBackend
@@ -104,6 +117,9 @@ def make_backend(cfg: EvalConfig, tokenizer):
         except ImportError:
             kind = "hf"
     if kind == "vllm":
+        if agent_mode(cfg, "vllm") == "async":
+            from verl.workers.rollout.vllm_async import AsyncVLLMEngine
+            return AsyncVLLMEngine(cfg.model, tokenizer), "vllm"
         from verl.workers.rollout.vllm import VLLMRolloutBackend
         return VLLMRolloutBackend(cfg.model, tokenizer), "vllm"
     import torch
@@ -134,6 +150,7 @@ def raw_predictions(gen) -> list[dict]:
             "support_docs": [_plain(d) for d in (nt["support_docs"][i] or [])],
             "rounds": [{"query": r["query"], "docs": [{k: d.get(k) for k in ("id", "title", "text")} for d in r["docs"]]}
                        for r in nt["rounds"][i]],
+            **({"record": nt["record"][i]} if "record" in nt else {}),
             "num_turns": int(nt["num_turns"][i]), "num_searches": int(nt["num_searches"][i]),
             "num_tokens": int(generated[i]), "finished": bool(nt["finished"][i]),
             "retrieval_errors": [str(e) for e in nt["retrieval_errors"][i]],
@@ -148,7 +165,7 @@ def _plain(doc):
 def generate_predictions(cfg: EvalConfig) -> tuple[list[dict], str, bool]:
     """Greedy rollouts over every file; returns (raw predictions in input order, backend name, stopped early).
     Generation stops after the batch that takes the retrieval failures past ``cfg.max_retrieval_failures``."""
-    from stepsearch.agent.loop import run_rollout
+    from stepsearch.agent.dispatch import run_agent
     from stepsearch.search.client import RetrievalClient
     from verl.utils.dataset import RLHFDataset
     from verl.utils.tokenizer import load_tokenizer
@@ -156,32 +173,36 @@ def generate_predictions(cfg: EvalConfig) -> tuple[list[dict], str, bool]:
     tokenizer = load_tokenizer(cfg.model)
     backend, name = make_backend(cfg, tokenizer)
     client = RetrievalClient(cfg.retriever_url)
-    agent_cfg = build_agent_config(cfg)
+    agent_cfg = build_agent_config(cfg, agent_mode(cfg, name))
     preds, failed = [], 0
-    for path in cfg.data:
-        ds = RLHFDataset(path, tokenizer, cfg.max_prompt_length, cfg.batch_size, shuffle=False, drop_last=False,
-                         max_samples=cfg.max_samples)
-        for b, batch in enumerate(ds.iter_epoch()):
-            batch_preds = raw_predictions(run_rollout(batch, backend, client, tokenizer, agent_cfg))
-            preds += batch_preds
-            failed += sum(retrieval_failed(p) for p in batch_preds)
-            logger.info("[eval] %s: batch %d/%d done (retrieval failures so far: %d)", os.path.basename(path),
-                        b + 1, ds.batches_per_epoch(), failed)
-            if failed > cfg.max_retrieval_failures:
-                logger.error("[eval] %d questions had a failed retrieval (--max_retrieval_failures %d); stopping",
-                             failed, cfg.max_retrieval_failures)
-                return preds, name, True
+    try:
+        for path in cfg.data:
+            ds = RLHFDataset(path, tokenizer, cfg.max_prompt_length, cfg.batch_size, shuffle=False, drop_last=False,
+                             max_samples=cfg.max_samples)
+            for b, batch in enumerate(ds.iter_epoch()):
+                batch_preds = raw_predictions(run_agent(batch, backend, client, tokenizer, agent_cfg))
+                preds += batch_preds
+                failed += sum(retrieval_failed(p) for p in batch_preds)
+                logger.info("[eval] %s: batch %d/%d done (retrieval failures so far: %d)", os.path.basename(path),
+                            b + 1, ds.batches_per_epoch(), failed)
+                if failed > cfg.max_retrieval_failures:
+                    logger.error("[eval] %d questions had a failed retrieval (--max_retrieval_failures %d); "
+                                 "stopping", failed, cfg.max_retrieval_failures)
+                    return preds, name, True
+    finally:
+        if hasattr(backend, "shutdown"):  # AsyncVLLMEngine: its engine core is a child process
+            backend.shutdown()
     return preds, name, False
 
 
-def build_agent_config(cfg: EvalConfig):
-    """The rollout settings of evaluation: greedy decoding, the configured turn and length budgets."""
-    from stepsearch.agent.loop import AgentConfig
+def build_agent_config(cfg: EvalConfig, mode: str = "sync"):
+    """The rollout settings of evaluation: greedy decoding, the configured turn and length budgets, the loop."""
+    from stepsearch.agent.config import AgentConfig
 
     return AgentConfig.from_dict({"max_turns": cfg.max_turns, "topk": cfg.topk, "max_obs_length": cfg.max_obs_length,
                                   "max_new_tokens": cfg.max_new_tokens, "max_prompt_length": cfg.max_context_length,
                                   "max_response_length": cfg.max_response_length, "greedy": True, "seed": cfg.seed,
-                                  **cfg.extra_agent}, where="eval agent")
+                                  "mode": mode, **cfg.extra_agent}, where="eval agent")
 
 
 def write_outputs(out_dir: str, scored: list[dict], meta: dict) -> dict:

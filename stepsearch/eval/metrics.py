@@ -1,17 +1,19 @@
 """Scoring of evaluation predictions and their aggregation per data_source (docs/method.md §6.1).
 
 A *raw* prediction is what a rollout produced for one question (id, data_source, question, trajectory text,
-rounds with queries and docs, counters, targets, gold docs). `score_prediction` adds EM / F1 / cover-EM on the
-extracted answer, the format gate, per-round G^t / P^t / step reward from `stepsearch.rewards`, and support-doc
-recall. Scoring only reads the raw fields, so `--from-predictions` re-scores a file without generating.
+the trajectory `record` (stepsearch.agent.record), rounds with queries and docs, counters, targets, gold docs).
+`score_prediction` adds EM / F1 (the record's, computed once by the rollout) and cover-EM of its prediction, the
+format gate, per-round G^t / P^t / step reward from `stepsearch.rewards`, and support-doc recall. Scoring only
+reads the raw fields, so `--from-predictions` re-scores a file without generating. A prediction without a record
+(files of older runs) is scored from its text and rounds.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
 from typing import Any, Mapping, Sequence
 
-from stepsearch.rewards import (RewardConfig, cover_exact_match, exact_match, extract_eval_prediction, f1_score,
-                                score_trajectory)
+from stepsearch.agent.record import TrajectoryRecord
+from stepsearch.rewards import RewardConfig, TrajectoryScore, cover_exact_match, score_record, score_trajectory
 from stepsearch.rewards.docs import support_doc_title_text
 from stepsearch.rewards.redundancy import doc_key
 
@@ -47,18 +49,24 @@ def check_raw(pred: Mapping, where: str) -> None:
         raise TypeError(f"{where}: field 'rounds' must be a list of {{query, docs}}, got {type(pred['rounds']).__name__}")
 
 
-def score_prediction(pred: Mapping, reward_cfg: RewardConfig, where: str = "prediction") -> dict:
+def score_prediction(pred: Mapping, reward_cfg: RewardConfig, where: str = "prediction",
+                     score: TrajectoryScore | None = None) -> dict:
     """A new dict: the raw fields plus answer, em, f1, cover_em, format_ok, overall, support_recall and, per
-    round, doc_ids, gold_hits, info_gain (G^t), redundancy (P^t) and step_reward."""
+    round, doc_ids, gold_hits, info_gain (G^t), redundancy (P^t) and step_reward. ``score``: the trajectory's
+    TrajectoryScore when the caller already has it (the trainer's reward hook), so nothing is scored twice."""
     check_raw(pred, where)
     support_docs = list(pred.get("support_docs") or [])
     ground_truth = {"target": list(pred["targets"]), "search_keys": list(pred.get("search_keys") or []),
                     "sub_answers": list(pred.get("sub_answers") or [])}
-    score = score_trajectory(pred["trajectory"], pred["rounds"], ground_truth, support_docs, reward_cfg)
-    answer = extract_eval_prediction(pred["trajectory"])
+    record = TrajectoryRecord.from_dict(pred["record"], f"{where}: field 'record'") if pred.get("record") else None
+    source_rounds = record.rounds() if record is not None else pred["rounds"]
+    if score is None:
+        score = (score_record(record, pred["trajectory"], ground_truth, support_docs, reward_cfg) if record is not None
+                 else score_trajectory(pred["trajectory"], source_rounds, ground_truth, support_docs, reward_cfg))
+    answer = "" if score.answer is None else score.answer
     gold_keys = set().union(*[_doc_keys(g) for g in support_docs]) if support_docs else set()
     rounds = []
-    for t, rnd in enumerate(pred["rounds"]):
+    for t, rnd in enumerate(source_rounds):
         docs = list(rnd.get("docs", []))
         rounds.append({
             "query": rnd.get("query", ""), "docs": docs, "doc_ids": [d.get("id") for d in docs],
@@ -67,10 +75,10 @@ def score_prediction(pred: Mapping, reward_cfg: RewardConfig, where: str = "pred
             "redundancy": score.redundancy[t] if t < len(score.redundancy) else None,
             "step_reward": score.step_rewards[t] if t < len(score.step_rewards) else None,
         })
-    return {**pred, "rounds": rounds, "answer": answer, "em": exact_match(answer, pred["targets"]),
-            "f1": f1_score(answer, pred["targets"]), "cover_em": cover_exact_match(answer, pred["targets"]),
-            "format_ok": bool(score.format_ok), "overall": score.overall, "key_reward": score.key_reward,
-            "support_recall": support_recall(pred["rounds"], support_docs)}
+    return {**pred, "rounds": rounds, "answer": answer, "em": score.answer_em, "f1": score.answer_f1,
+            "cover_em": cover_exact_match(answer, pred["targets"]), "format_ok": bool(score.format_ok),
+            "overall": score.overall, "key_reward": score.key_reward,
+            "support_recall": support_recall(source_rounds, support_docs)}
 
 
 def _mean(values: list) -> float | None:

@@ -12,8 +12,8 @@ from typing import Iterable
 
 __all__ = [
     "normalize_answer", "token_f1", "clear_answer_cache", "f1_score", "exact_match", "cover_exact_match",
-    "extract_answer", "extract_eval_prediction", "check_format", "check_format_paper", "extract_queries",
-    "as_str_list",
+    "extract_answer", "answer_prediction", "answer_scores", "extract_eval_prediction", "check_format",
+    "check_format_paper", "extract_queries", "as_str_list",
 ]
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -125,16 +125,31 @@ def extract_answer(response: str) -> str | None:
     return matches[-1].strip() if matches else None
 
 
-def extract_eval_prediction(response: str) -> str:
-    """Evaluation prediction (docs/method.md §6.1): last ``<answer>`` stripped; if it contains "{", the text after the last
-    "{" up to the following "}" (``\\boxed{…}``-style answers); "" when there is no answer tag."""
-    answer = extract_answer(response)
+def answer_prediction(answer: str | None) -> str | None:
+    """The scored prediction of an answer text, the one rule of training rewards and evaluation (docs/method.md
+    §1.3, §6.1): the stripped text; if it contains "{", the text after the last "{" up to the following "}"
+    (``\\boxed{…}``-style answers). None (no answer) stays None."""
     if answer is None:
-        return ""
+        return None
+    answer = answer.strip()
     if "{" in answer:
         tail = answer[answer.rindex("{") + 1:]
         answer = tail.split("}", 1)[0].strip()
     return answer
+
+
+def answer_scores(prediction: str | None, golds: Iterable[str]) -> tuple[float, float]:
+    """(EM, F1 rounded to 4 decimals) of one prediction against the gold strings; (0, 0) without a prediction.
+    The rollout calls it once per trajectory and stores both in the trajectory record."""
+    golds = list(golds)
+    return exact_match(prediction, golds), f1_score(prediction, golds)
+
+
+def extract_eval_prediction(response: str) -> str:
+    """``answer_prediction`` of the last ``<answer>`` of a response text; "" when there is no answer tag. For
+    texts without a trajectory record (saved files of older runs)."""
+    prediction = answer_prediction(extract_answer(response))
+    return "" if prediction is None else prediction
 
 
 def check_format(response: str) -> bool:

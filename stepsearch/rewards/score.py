@@ -1,10 +1,17 @@
 """Re-score saved rollouts: ``python -m stepsearch.rewards.score --input IN.jsonl --output OUT.jsonl [--skip-bad]``.
 
-Input row:  {"response": str, "ground_truth": {"target": [...], "search_keys": [[...], ...]},
-             "support_docs": [str | {"paragraph_text"|"text", "title"?}, ...],
-             "rounds": [{"query", "docs": [{"id","title","text"}]}]  (optional; else parsed from <information>)}
+Input row, either shape:
+  - {"response": str, "ground_truth": {"target": [...], "search_keys": [[...], ...], "sub_answers"?},
+     "support_docs": [str | {"paragraph_text"|"text", "title"?}, ...],
+     "record": {...} (optional: the rollout's trajectory record), "rounds": [{"query", "docs"}] (optional)}
+  - a saved prediction (``predictions.jsonl`` of ``python -m stepsearch.eval``, ``predictions/step_N.jsonl`` of the
+    trainer): {"trajectory": str, "targets": [...], "search_keys", "sub_answers", "support_docs", "record"}.
+With a ``record`` the rounds, the answer scores and the reward positions come from it (never from the text), and
+the output carries ``token_rewards``, the trainer's token rewards of that row (values before the trainer's float32
+cast). Without one, ``rounds`` (else the ``<information>`` blocks of the text) are scored and no positions exist.
 Output row: {"line", "id" (when the input has one), "answer", "answer_f1", "answer_em", "format_ok", "key_reward",
-             "info_gain": [...], "redundancy": [...], "step_rewards": [...], "overall"}
+             "info_gain": [...], "redundancy": [...], "step_rewards": [...], "overall",
+             "token_rewards": [[response index, value], ...] (rows with a record)}
 """
 from __future__ import annotations
 
@@ -16,10 +23,12 @@ from typing import Any, Mapping
 
 from stepsearch.data.io import DataError, atomic_path, decode_utf8
 
-from .config import ABLATIONS, FORMAT_CHECKS, FORMAT_GATES, RewardConfig
-from .scoring import TrajectoryScore, reward_metrics, score_trajectory
+from stepsearch.agent.record import TrajectoryRecord
 
-__all__ = ["BadRowError", "ScoreSummary", "parse_row", "score_file", "main"]
+from .config import ABLATIONS, FORMAT_CHECKS, FORMAT_GATES, RewardConfig
+from .scoring import TrajectoryScore, reward_metrics, score_record, score_trajectory, sparse_token_rewards
+
+__all__ = ["BadRowError", "ScoreSummary", "ScoreInput", "parse_row", "score_row", "score_file", "main"]
 
 
 class BadRowError(ValueError):
@@ -42,30 +51,64 @@ def _check_rounds(rounds: Any) -> list[dict]:
     return rounds
 
 
-def parse_row(row: Any) -> tuple[str, list[dict] | None, Mapping, list]:
-    """(response, rounds or None, ground_truth, support_docs) of one input row; ValueError names the bad field."""
+@dataclass(frozen=True)
+class ScoreInput:
+    """The fields of one input row that scoring reads."""
+    response: str
+    ground_truth: Mapping
+    support_docs: list
+    rounds: list[dict] | None = None
+    record: TrajectoryRecord | None = None
+
+
+def _ground_truth(row: Mapping) -> Mapping:
+    """``ground_truth`` as a dict with ``target``: the row's own dict, else built from a prediction's ``targets``,
+    ``search_keys`` and ``sub_answers`` (the trainer's prediction rows hold ``ground_truth`` as the target list)."""
+    ground_truth = row.get("ground_truth")
+    if isinstance(ground_truth, Mapping) and "target" in ground_truth:
+        return ground_truth
+    if isinstance(row.get("targets"), list):
+        return {"target": row["targets"], "search_keys": row.get("search_keys") or [],
+                "sub_answers": row.get("sub_answers") or []}
+    raise ValueError(f"field 'ground_truth' must be an object with 'target' (a list of answers), or the row needs "
+                     f"'targets' (a saved prediction); got ground_truth={ground_truth!r}")
+
+
+def parse_row(row: Any) -> ScoreInput:
+    """The scoring fields of one input row (either shape of the module doc); ValueError names the bad field."""
     if not isinstance(row, Mapping):
         raise ValueError(f"a row must be a JSON object, got {type(row).__name__}")
-    if not isinstance(row.get("response"), str):
-        raise ValueError(f"field 'response' must be a string, got {row.get('response')!r}")
-    ground_truth = row.get("ground_truth")
-    if not isinstance(ground_truth, Mapping) or "target" not in ground_truth:
-        raise ValueError(f"field 'ground_truth' must be an object with 'target' (a list of answers), "
-                         f"got {ground_truth!r}")
+    response = row.get("response") if isinstance(row.get("response"), str) else row.get("trajectory")
+    if not isinstance(response, str):
+        raise ValueError(f"field 'response' (or a prediction's 'trajectory') must be a string, got "
+                         f"{row.get('response', row.get('trajectory'))!r}")
     support_docs = row.get("support_docs", [])
     if not isinstance(support_docs, list):
         raise ValueError(f"field 'support_docs' must be a list, got {type(support_docs).__name__}")
+    record = TrajectoryRecord.from_dict(row["record"], "field 'record'") if row.get("record") is not None else None
     rounds = _check_rounds(row["rounds"]) if row.get("rounds") is not None else None
-    return row["response"], rounds, ground_truth, support_docs
+    return ScoreInput(response, _ground_truth(row), support_docs, rounds, record)
 
 
-def _score_line(text: str, where: str, cfg: RewardConfig) -> tuple[TrajectoryScore, Mapping]:
+def score_row(parsed: ScoreInput, cfg: RewardConfig) -> tuple[TrajectoryScore, dict]:
+    """(score, output fields) of one parsed row; with a record the output adds ``token_rewards``."""
+    if parsed.record is None:
+        score = score_trajectory(parsed.response, parsed.rounds, parsed.ground_truth, parsed.support_docs, cfg)
+        return score, score.to_dict()
+    record = parsed.record
+    score = score_record(record, parsed.response, parsed.ground_truth, parsed.support_docs, cfg)
+    sparse = sparse_token_rewards(score.step_rewards, record.search_end_positions(), record.last_model_position(),
+                                  score.overall)
+    return score, {**score.to_dict(), "token_rewards": [[pos, sparse[pos]] for pos in sorted(sparse)]}
+
+
+def _score_line(text: str, where: str, cfg: RewardConfig) -> tuple[TrajectoryScore, dict, Mapping]:
     try:
         row = json.loads(text)
     except json.JSONDecodeError as err:
         raise BadRowError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
     try:
-        return score_trajectory(*parse_row(row), cfg=cfg), row
+        return (*score_row(parse_row(row), cfg), row)
     except (KeyError, TypeError, ValueError) as err:
         raise BadRowError(f"{where}: {err}") from None
 
@@ -89,13 +132,13 @@ def score_file(input_path: str, output_path: str, cfg: RewardConfig, skip_bad: b
                     text = decode_utf8(raw, input_path, line_no)
                 except DataError as err:  # a binary or otherwise non-UTF-8 line: a bad row with file:line
                     raise BadRowError(str(err)) from None
-                score, row = _score_line(text, f"{input_path}:{line_no}", cfg)
+                score, out, row = _score_line(text, f"{input_path}:{line_no}", cfg)
             except BadRowError:
                 if not skip_bad:
                     raise
                 summary.bad_lines.append(line_no)
                 continue
-            out = {"line": line_no, **({"id": row["id"]} if "id" in row else {}), **score.to_dict()}
+            out = {"line": line_no, **({"id": row["id"]} if "id" in row else {}), **out}
             fout.write(json.dumps(out, ensure_ascii=False) + "\n")
             scores.append(score)
         if not rows_seen:

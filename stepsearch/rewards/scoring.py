@@ -16,15 +16,17 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .config import RewardConfig
+from stepsearch.agent.record import TrajectoryRecord
+
 from .docs import doc_title_text, policy_text, rounds_from_response, support_doc_text
 from .info_gain import GoldTfidf, info_gain
-from .qa import as_str_list, check_format, check_format_paper, exact_match, extract_answer, f1_score
+from .qa import answer_prediction, answer_scores, as_str_list, check_format, check_format_paper, extract_answer
 from .redundancy import redundancy_penalty
 from .search_key import search_key_reward
 from .sub_answer import extract_sub_answers, sub_answer_reward
 
-__all__ = ["TrajectoryScore", "score_trajectory", "reward_metrics", "combine_step_rewards", "gold_texts",
-           "round_doc_texts", "round_queries", "format_ok", "outcome_reward"]
+__all__ = ["TrajectoryScore", "score_trajectory", "score_record", "reward_metrics", "combine_step_rewards",
+           "gold_texts", "round_doc_texts", "round_queries", "format_ok", "outcome_reward", "sparse_token_rewards"]
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,7 @@ class TrajectoryScore:
     overall: float = 0.0
     """The outcome reward placed at the last generated token."""
     answer: str | None = None
-    """The extracted answer (last <answer> of the response), None when there is none."""
+    """The scored prediction (``qa.answer_prediction`` of the trajectory's answer), None when there is none."""
     sub_answer_reward: float = 0.0
     """r_sub (only computed with use_sub_answer_reward)."""
 
@@ -81,12 +83,10 @@ def round_queries(rounds: Sequence[Mapping]) -> list[str]:
     return queries
 
 
-def _answer_rewards(answer: str | None, ground_truth: Mapping) -> tuple[float, float]:
-    """(F1 rounded to 4 decimals, EM) of the extracted answer against ``ground_truth.target``."""
+def _targets(ground_truth: Mapping) -> list[str]:
     if not isinstance(ground_truth, Mapping) or "target" not in ground_truth:
         raise KeyError(f"ground_truth must be a dict with 'target' (a list of gold answers), got {ground_truth!r}")
-    targets = as_str_list(ground_truth["target"], "ground_truth.target")
-    return f1_score(answer, targets), exact_match(answer, targets)
+    return as_str_list(ground_truth["target"], "ground_truth.target")
 
 
 def format_ok(response_text: str, cfg: RewardConfig) -> bool:
@@ -120,16 +120,41 @@ def combine_step_rewards(gains: list[float], penalties: list[float], cfg: Reward
 
 def score_trajectory(response_text: str, rounds: Sequence[Mapping] | None, ground_truth: Mapping,
                      support_docs: Sequence[Any] | None, cfg: RewardConfig) -> TrajectoryScore:
-    """Score one trajectory. ``response_text`` is the response only (never the prompt). ``rounds`` are the
-    rollout's ``[{"query", "docs": [{"id","title","text"}]}]`` (docs as shown to the policy, i.e. cut where the
-    observation was cut); None parses them from the response's ``<information>`` blocks. r_key uses the rounds'
-    queries. Without gold docs, G and P are empty and no step rewards are produced (§1.6)."""
+    """Score a trajectory that has no record (saved files of older runs, hand-written rows). ``response_text`` is
+    the response only (never the prompt). ``rounds`` are ``[{"query", "docs": [{"id","title","text"}]}]`` (docs as
+    shown to the policy); None parses them from the response's ``<information>`` blocks. The prediction is
+    ``qa.answer_prediction`` of the last ``<answer>`` of the text. Rollouts carry a record: use
+    :func:`score_record`."""
     if not isinstance(response_text, str):
         raise TypeError(f"response_text must be a string, got {type(response_text).__name__}")
     if rounds is None:
         rounds = rounds_from_response(response_text)
-    answer = extract_answer(response_text)
-    answer_f1, answer_em = _answer_rewards(answer, ground_truth)
+    prediction = answer_prediction(extract_answer(response_text))
+    em, f1 = answer_scores(prediction, _targets(ground_truth))
+    return _score(response_text, rounds, prediction, em, f1, ground_truth, support_docs, cfg)
+
+
+def score_record(record: TrajectoryRecord | Mapping, response_text: str, ground_truth: Mapping,
+                 support_docs: Sequence[Any] | None, cfg: RewardConfig) -> TrajectoryScore:
+    """Score a trajectory from its rollout record: its rounds (queries as sent, docs as shown), its answer and the
+    answer EM/F1 the rollout computed once (computed here only when the rollout had no targets). The text is read
+    only by the format gate and the sub-answer reward, which are about the text itself."""
+    if not isinstance(response_text, str):
+        raise TypeError(f"response_text must be a string, got {type(response_text).__name__}")
+    record = TrajectoryRecord.from_dict(record)
+    targets = _targets(ground_truth)
+    if record.answer_em is None or record.answer_f1 is None:
+        em, f1 = answer_scores(record.prediction, targets)
+    else:
+        em, f1 = float(record.answer_em), float(record.answer_f1)
+    return _score(response_text, record.rounds(), record.prediction, em, f1, ground_truth, support_docs, cfg)
+
+
+def _score(response_text: str, rounds: Sequence[Mapping], prediction: str | None, answer_em: float,
+           answer_f1: float, ground_truth: Mapping, support_docs: Sequence[Any] | None,
+           cfg: RewardConfig) -> TrajectoryScore:
+    """The reward terms of docs/method.md §1 from the answer scores and the rounds. Without gold docs, G and P are
+    empty and no step rewards are produced (§1.6)."""
     is_format_ok = format_ok(response_text, cfg)
     key_reward = search_key_reward(round_queries(rounds), ground_truth.get("search_keys"), cfg.key_reward_mode)
     sub_reward = (sub_answer_reward(extract_sub_answers(policy_text(response_text)), ground_truth.get("sub_answers"))
@@ -145,7 +170,18 @@ def score_trajectory(response_text: str, rounds: Sequence[Mapping] | None, groun
     steps = combine_step_rewards(gains, penalties, cfg) if keep_steps else []
     return TrajectoryScore(answer_f1=answer_f1, answer_em=answer_em, format_ok=is_format_ok, key_reward=key_reward,
                            info_gain=gains, redundancy=penalties, step_rewards=steps, overall=float(overall),
-                           answer=answer, sub_answer_reward=sub_reward)
+                           answer=prediction, sub_answer_reward=sub_reward)
+
+
+def sparse_token_rewards(step_rewards: Sequence[float], step_positions: Sequence[int], last_position: int | None,
+                         overall: float) -> dict[int, float]:
+    """The token rewards of one trajectory as {response index: value} (docs/method.md §1.8): step_rewards[t] at
+    step_positions[t] (the first min(len, len) pairs), then the outcome ASSIGNED (not added) at
+    ``last_position``, the last generated token (nothing when None). Every other token gets 0."""
+    out = {int(p): float(r) for r, p in zip(step_rewards, step_positions)}
+    if last_position is not None:
+        out[int(last_position)] = float(overall)
+    return out
 
 
 def _mean(values: list[float]) -> float:

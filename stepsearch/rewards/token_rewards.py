@@ -8,16 +8,20 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import numpy as np
 import torch
 
 from .config import RewardConfig
-from .scoring import TrajectoryScore, reward_metrics, score_trajectory
+from stepsearch.agent.record import TrajectoryRecord
+
+from .scoring import TrajectoryScore, reward_metrics, score_record, score_trajectory, sparse_token_rewards
 
 __all__ = ["place_token_rewards", "compute_token_rewards", "reward_metrics", "trajectory_scalar_rewards",
-           "REQUIRED_NON_TENSOR_KEYS"]
+           "REQUIRED_NON_TENSOR_KEYS", "RECORD_KEY"]
 
-REQUIRED_NON_TENSOR_KEYS = ("response_text", "rounds", "search_end_positions", "ground_truth", "support_docs")
+REQUIRED_NON_TENSOR_KEYS = ("response_text", "ground_truth", "support_docs")
+RECORD_KEY = "record"
+"""The rollout's per-trajectory record (``stepsearch.agent.record.TrajectoryRecord.to_dict()``). Without it (other
+rollout functions, older data) the non-tensors ``rounds`` and ``search_end_positions`` are read instead."""
 
 
 def _positions(value, b: int) -> list[int]:
@@ -50,45 +54,55 @@ def place_token_rewards(response_mask: torch.Tensor, step_rewards: Sequence[Sequ
             raise ValueError(f"{name} has {len(seq)} rows but response_mask has B={B}")
     mask = response_mask.detach().cpu().bool()
     scores = torch.zeros((B, T), dtype=torch.float32)
+    # Last generated token per row: the largest index with mask 1 (argmax over reversed mask finds it in one go).
+    has_token = mask.any(dim=1)
+    last = (T - 1 - torch.flip(mask, dims=[1]).int().argmax(dim=1)).tolist()          # (B,)
     for b in range(B):
-        for t, (reward, pos) in enumerate(zip(step_rewards[b], step_positions[b])):
+        positions = list(step_positions[b])[:len(step_rewards[b])]
+        for t, pos in enumerate(positions):
             if not 0 <= pos < T:
                 raise IndexError(f"search_end_positions[{b}][{t}] = {pos} is outside the response (T={T})")
             if not mask[b, pos]:
                 raise ValueError(f"search_end_positions[{b}][{t}] = {pos} is not a generated token "
                                  f"(response_mask is 0 there); positions must index the sampled </search> token")
-            scores[b, pos] = reward
-    # Last generated token per row: the largest index with mask 1 (argmax over reversed mask finds it in one go).
-    has_token = mask.any(dim=1)
-    last = T - 1 - torch.flip(mask, dims=[1]).int().argmax(dim=1)                    # (B,)
-    outcome = torch.as_tensor(np.asarray(outcome_rewards, dtype=np.float32))
-    rows = torch.nonzero(has_token).flatten()
-    scores[rows, last[rows]] = outcome[rows]                                           # assigned, not added
+        sparse = sparse_token_rewards(step_rewards[b], positions, last[b] if has_token[b] else None,
+                                      float(outcome_rewards[b]))
+        for pos, value in sparse.items():
+            scores[b, pos] = value
     return scores
 
 
 def compute_token_rewards(data, cfg: RewardConfig) -> tuple[torch.Tensor, dict[str, float], list[TrajectoryScore]]:
     """Score a rollout batch (a DataProto) and place the rewards on its response tokens.
 
-    Reads ``data.batch["response_mask"]`` (B, T) and the non-tensors ``response_text``, ``rounds``,
-    ``search_end_positions``, ``ground_truth``, ``support_docs``. Returns (token_level_scores (B, T) float32,
+    Reads ``data.batch["response_mask"]`` (B, T) and the non-tensors ``response_text``, ``ground_truth``,
+    ``support_docs`` and ``record`` (the rollout's trajectory records: rounds, answer scores, reward positions);
+    without ``record``, ``rounds`` and ``search_end_positions``. Returns (token_level_scores (B, T) float32,
     metrics, per-sample TrajectoryScore).
     """
     if "response_mask" not in data.batch:
         raise KeyError(f"compute_token_rewards needs batch['response_mask'] (B, T); batch keys: {sorted(data.batch)}")
-    missing = [k for k in REQUIRED_NON_TENSOR_KEYS if k not in data.non_tensor_batch]
-    if missing:
-        raise KeyError(f"compute_token_rewards needs non-tensors {missing}; present: {sorted(data.non_tensor_batch)}")
     nt = data.non_tensor_batch
-    scores = []
+    needed = REQUIRED_NON_TENSOR_KEYS + (() if RECORD_KEY in nt else ("rounds", "search_end_positions"))
+    missing = [k for k in needed if k not in nt]
+    if missing:
+        raise KeyError(f"compute_token_rewards needs non-tensors {missing} (or '{RECORD_KEY}' for rounds and "
+                       f"positions); present: {sorted(nt)}")
+    scores, positions = [], []
     for b in range(len(data)):
         try:
-            scores.append(score_trajectory(nt["response_text"][b], nt["rounds"][b], nt["ground_truth"][b],
+            if RECORD_KEY in nt:
+                record = TrajectoryRecord.from_dict(nt[RECORD_KEY][b], f"record of sample {b}")
+                scores.append(score_record(record, nt["response_text"][b], nt["ground_truth"][b],
                                            nt["support_docs"][b], cfg))
+                positions.append(record.search_end_positions())
+            else:
+                scores.append(score_trajectory(nt["response_text"][b], nt["rounds"][b], nt["ground_truth"][b],
+                                               nt["support_docs"][b], cfg))
+                positions.append(_positions(nt["search_end_positions"][b], b))
         except (KeyError, TypeError, ValueError) as err:
             message = err.args[0] if err.args else err                   # KeyError's str() would add quotes
             raise type(err)(f"sample {b}: {message}") from err
-    positions = [_positions(nt["search_end_positions"][b], b) for b in range(len(data))]
     token_level_scores = place_token_rewards(data.batch["response_mask"], [s.step_rewards for s in scores],
                                              positions, [s.overall for s in scores])
     return token_level_scores, reward_metrics(scores), scores

@@ -2,8 +2,10 @@
 
     python -m stepsearch.viz --predictions runs/eval/predictions.jsonl --out report.html
 
-Per question it shows the question, every search round (query, retrieved docs with gold hits highlighted, G^t,
-P^t and the step reward), the answer against the targets, EM/F1 and the full trajectory text. Filters
+Per question it shows the question, then turn by turn what the trajectory record (stepsearch.agent.record) says
+the policy did: each search round (query, the docs as shown with gold hits highlighted, G^t, P^t and the step
+reward), invalid actions, failed retrievals and searches that were not run, then the answer against the targets,
+EM/F1 and the full trajectory text. Predictions without a record show their rounds. Filters
 (all / correct / wrong / format failure) and a text search work offline; the state also lives in the URL hash
 (`#filter=wrong&q=Zorbak`), so a link reproduces a view. No network assets: CSS and JS are inline and the
 data is embedded as JSON.
@@ -14,6 +16,7 @@ import html
 import json
 from typing import Mapping, Sequence
 
+from stepsearch.agent.record import TrajectoryRecord
 from stepsearch.data.io import atomic_path
 
 # Fields the page reads; anything else in a prediction is dropped to keep the file small.
@@ -31,6 +34,7 @@ h1{font-size:1.3em} .bar{position:sticky;top:0;background:#fafafa;padding:.5em 0
 .query{font-family:monospace;background:#eef} .doc{font-size:.9em;margin-left:1.5em}
 .doc.gold{background:#e3f6e3;border-left:3px solid #2a8a3a;padding-left:.3em}
 .num{font-family:monospace} details pre{white-space:pre-wrap;font-size:.8em;background:#f4f4f4;padding:.5em}
+.turn{margin:.3em 0 .3em 1em;color:#555} .turn.error{color:#c0392b}
 """
 
 _JS = """
@@ -48,13 +52,32 @@ function renderRound(r, t){
   });
   return h + '</div>';
 }
+function renderTurn(t, k, p, state){
+  const head = `<div class="turn${t.obs === 'retrieval_error' ? ' error' : ''}">Turn ${k+1}:`;
+  if(t.obs === 'information') {
+    const r = p.rounds[state.round]; state.round += 1;
+    return r ? renderRound(r, state.round - 1) : '';
+  }
+  if(t.obs === 'retrieval_error')
+    return `${head} search <span class="query">${esc(t.query)}</span> failed: ${esc(t.error)}</div>`;
+  if(t.action === 'invalid') return `${head} invalid action (warning shown)</div>`;
+  if(t.action === 'search')
+    return `${head} search <span class="query">${esc(t.text)}</span> not run (forced final turn or no budget)</div>`;
+  if(t.action === 'answer') return `${head} answer <b>${esc(t.text)}</b></div>`;
+  return '';
+}
+function renderSteps(p){
+  if(!p.turns) return (p.rounds || []).map(renderRound).join('');
+  const state = {round: 0};
+  return p.turns.map((t, k) => renderTurn(t, k, p, state)).join('');
+}
 function renderCard(p){
   const o = outcome(p);
   return `<div class="card ${o}" data-outcome="${o}" data-id="${esc(p.id)}">
     <div class="qtext">${esc(p.question)}</div>
     <div class="meta">${esc(p.id)} · ${esc(p.data_source)} · ${o} · EM ${num(p.em)} · F1 ${num(p.f1)} ·
       searches ${p.num_searches} · turns ${p.num_turns} · support recall ${num(p.support_recall)}</div>
-    ${(p.rounds || []).map(renderRound).join('')}
+    ${renderSteps(p)}
     <div>Answer: <b class="answer">${esc(p.answer)}</b> · targets: ${p.targets.map(esc).join(' | ')}</div>
     <details><summary>trajectory</summary><pre>${esc(p.trajectory)}</pre></details></div>`;
 }
@@ -89,6 +112,18 @@ def _compact(pred: Mapping) -> dict:
     out["answer"] = "" if pred.get("answer") is None else str(pred.get("answer"))
     out["rounds"] = [{k: r.get(k) for k in ("query", "docs", "gold_hits", "info_gain", "redundancy", "step_reward")}
                      for r in (pred.get("rounds") or [])]
+    if pred.get("record"):
+        out["turns"] = _turns(pred["record"])
+    return out
+
+
+def _turns(record: Mapping) -> list[dict]:
+    """The record's turns as the page needs them (passages are shown through the scored rounds)."""
+    out = []
+    for t in TrajectoryRecord.from_dict(record).turns:
+        obs = t.observation
+        out.append({"action": t.action, "text": t.text, "query": t.query_sent,
+                    "obs": None if obs is None else obs.kind, "error": None if obs is None else obs.error})
     return out
 
 

@@ -95,3 +95,32 @@ def test_viewer_renders_and_filters_in_headless_chromium(tmp_path):
     _run_chromium([f"--screenshot={shot}", "--window-size=1200,900", url])
     assert shot.exists() and shot.stat().st_size > 5000
     print(f"screenshot: {shot}")
+
+
+def _record_prediction():
+    """A prediction whose trajectory record has a search round, an invalid turn, a failed retrieval and an answer."""
+    from stepsearch.agent.record import ObservationRecord, PassageRecord, TrajectoryRecord, TurnRecord
+
+    shown = tuple(PassageRecord(d["id"], d["title"], d["text"]) for d in (GOLD[0], DOC_WRONG))
+    record = TrajectoryRecord(turns=(
+        TurnRecord(0, 5, "search", "mother of Sugok", "mother of Sugok",
+                   ObservationRecord("information", 5, 40, passages=shown)),
+        TurnRecord(40, 44, "invalid", "", None, ObservationRecord("invalid_action", 44, 60)),
+        TurnRecord(60, 66, "search", "rival of Kiba", "rival of Kiba",
+                   ObservationRecord("retrieval_error", 66, 80, error="server said boom")),
+        TurnRecord(80, 84, "answer", "Kiba")), response_length=84, finished=True, answer="Kiba", prediction="Kiba",
+        answer_em=0.0, answer_f1=0.0)
+    raw = _raw(3, "<answer> Kiba </answer>", record.rounds())
+    return score_prediction({**raw, "record": record.to_dict(), "num_turns": 4}, RewardConfig(), "raw[3]")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_viewer_shows_the_record_turn_by_turn(tmp_path):
+    page = write_report([_record_prediction()], str(tmp_path / "record.html"))
+    dom = _run_chromium(["--dump-dom", "file://" + page]).stdout
+    assert 'class="round"' in dom and "Round 1:" in dom and 'class="doc gold"' in dom   # the information turn
+    assert "Turn 2: invalid action" in dom
+    assert re.search(r'class="turn error">Turn 3: search <span class="query">rival of Kiba</span> failed: '
+                     r'server said boom', dom)
+    assert "Turn 4: answer <b>Kiba</b>" in dom
