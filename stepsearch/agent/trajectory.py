@@ -94,7 +94,10 @@ def record_turn(traj: Trajectory, out: GenerationOutput, tokenizer, cfg: AgentCo
     action = parse_action(text)
     # an answer is the last <answer> span of the turn that holds no other <answer> (qa.extract_answer, the one rule:
     # "<answer> A </think><answer> B </answer>" answers B, so hedging over two names earns nothing)
-    written = extract_answer(text) if action.kind == "answer" else action.content
+    written = action.content
+    if action.kind == "answer":
+        last = extract_answer(text)
+        written = action.content if last is None else last
     traj.turns.append(TurnRecord(start=start, end=len(traj.response), action=action.kind, text=written))
     if action.kind == "answer":
         traj.done = traj.finished = True
