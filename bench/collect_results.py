@@ -12,8 +12,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stepsearch.data.io import write_text_atomic  # noqa: E402
 
-ORDER = ["retrieval", "retrieval_load", "retrieval_scale", "rewards", "rollout", "rollout_async", "core_algos",
-         "packing", "ppo_step", "credit_assignment", "data_pipeline", "gpu_smoke", "gpu_server", "gpu_train_check"]
+ORDER = ["retrieval", "retrieval_load", "retrieval_scale", "rewards", "rollout", "rollout_real", "rollout_async",
+         "rollout_async_real", "core_algos", "packing", "packing_real", "ppo_step",
+         "credit_assignment", "data_pipeline", "gpu_smoke", "gpu_server", "gpu_train_check"]
 
 HEADER = """# Benchmark results
 

@@ -24,7 +24,7 @@ from verl.protocol import DataProto  # noqa: E402
 from verl.trainer.ppo import core_algos  # noqa: E402
 from verl.utils.tiny_model import build_tiny_causal_lm, build_tokenizer  # noqa: E402
 from verl.workers.actor import Actor  # noqa: E402
-from verl.workers.config import ActorConfig  # noqa: E402
+from verl.workers.worker_config import ActorConfig  # noqa: E402
 
 
 def interleaved_mask(B: int, T: int, gen: torch.Generator) -> torch.Tensor:

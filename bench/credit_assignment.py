@@ -47,6 +47,8 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from bench.machine import cpu_description  # noqa: E402
+
 # Reward ablation of docs/method.md §5.3: PPO and GRPO use the answer F1 only (no r_key, no step rewards).
 ANSWER_ONLY = ["reward.use_search_key_reward=false", "reward.use_step_rewards=false"]
 ARMS = ("steppo", "ppo", "grpo")
@@ -144,7 +146,7 @@ def prepare(setting: str, a) -> str:
     os.makedirs(os.path.join(root, "logs"), exist_ok=True)
     log = lambda name: os.path.join(root, "logs", f"{name}.log")  # noqa: E731
     if not os.path.exists(os.path.join(world, "world.json")):
-        sh([sys.executable, "-m", "stepsearch.envs.build", "--out", world, "--seed", "0", "--num_train", "800",
+        sh([sys.executable, "-m", "stepsearch.envs.make_world", "--out", world, "--seed", "0", "--num_train", "800",
             "--num_test", "100", "--hop_weights", spec.hops, "--num_entities", "240"], log("world"), 1)
     if not os.path.exists(os.path.join(index, "manifest.json")):
         sh([sys.executable, "-m", "stepsearch.search.build_index", "--corpus", f"{world}/corpus.jsonl", "--out",
@@ -379,8 +381,7 @@ def report(all_results: dict, a, argv) -> None:
              "Commands: the runs, `python bench/credit_assignment.py --work DIR --settings easy` then `python "
              "bench/credit_assignment.py --work DIR --settings hard --tuning_from easy` (resumable, any number of "
              f"calls); this report, `{cmd}`.", "",
-             f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores (2-core AMD EPYC, AVX2, no bf16 "
-             f"instructions, shared with other jobs while it ran), Python {platform.python_version()}; "
+             f"Machine: {cpu_description()}, {os.cpu_count()} CPU cores (shared with other jobs while it ran), Python {platform.python_version()}; "
              f"{len(walls)} training runs, {sum(walls) / 60:.0f} min of training wall time in all.", "",
              "Protocol, fixed before the runs: "
              f"{TRAJECTORIES} trajectories and 2 optimizer steps (mini-batches of {MINI_BATCH}) per RL step for every "

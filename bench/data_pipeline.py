@@ -11,9 +11,9 @@ import platform
 import tempfile
 import time
 
-from stepsearch.data.build import EvalSetConfig, MusiConfig, build_musi, build_test_set
+from stepsearch.data.conversions import EvalSetConfig, MusiConfig, build_musi, build_test_set
 from stepsearch.data.check import run_check
-from stepsearch.data.corpus import build_corpus
+from stepsearch.data.training_corpus import build_corpus
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(REPO, "data", "samples", "musique_ans_train_100.json")

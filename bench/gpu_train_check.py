@@ -164,14 +164,14 @@ class Meter:
 
 
 def _actor_config_fields() -> set[str]:
-    from verl.workers.config import ActorConfig
+    from verl.workers.worker_config import ActorConfig
     return {f.name for f in dataclasses.fields(ActorConfig)}
 
 
 def make_actor(module, optimizer, shape: Shape, packed: bool | None, checkpointing: bool):
     """The real Actor; ``packed`` None leaves use_remove_padding out (a tree without that key)."""
     from verl.workers.actor import Actor
-    from verl.workers.config import ActorConfig
+    from verl.workers.worker_config import ActorConfig
 
     kw = dict(ppo_mini_batch_size=shape.rows, ppo_micro_batch_size_per_device=shape.micro_batch,
               forward_micro_batch_size_per_device=shape.micro_batch, world_size=1, entropy_coeff=0.0,
@@ -255,7 +255,7 @@ def _peak_flops(device, override: float | None) -> tuple[float | None, str]:
 def run(out_dir: str, device_name: str, tiny: bool, packing: str, peak_tflops: float | None, repeats: int) -> dict:
     import torch
 
-    from verl.utils.config import FSDPConfig
+    from verl.utils.hydra_to_dataclass import FSDPConfig
     from verl.workers.fsdp_workers import _shard, resolve_device
 
     started = time.perf_counter()

@@ -54,6 +54,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from stepsearch.data.io import write_text_atomic  # noqa: E402
+from tests.real_model_fixture import real_model_path  # noqa: E402
 from tests.verl.helpers import build_batch  # noqa: E402
 from verl.protocol import DataProto  # noqa: E402
 from verl.utils.packing import pack_rows  # noqa: E402
@@ -61,7 +62,6 @@ from verl.utils.tiny_model import build_tiny_causal_lm, build_tokenizer  # noqa:
 from verl.workers.actor import Actor, micro_batches  # noqa: E402
 
 MUSIQUE_SAMPLE = REPO / "data" / "samples" / "musique_ans_train_100.json"
-REAL_MODEL_DIR = REPO / "models" / "smollm2-135m-instruct"
 REAL_OBS_LENGTH = 800  # configs/ppo_trainer.yaml agent.max_obs_length
 REAL_TOPK = 3  # configs/ppo_trainer.yaml agent.topk
 
@@ -306,8 +306,9 @@ def bench_attention(model, rows, pad_id: int, P: int, T: int, reps: int) -> dict
 
 
 def machine_line(load) -> str:
-    return (f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores (2-core AMD EPYC, AVX2, no bf16 instructions, "
-            f"shared with other jobs), Python {platform.python_version()}, torch {torch.__version__}, no GPU; "
+    from bench.machine import cpu_description
+
+    return (f"Machine: {cpu_description()}, {os.cpu_count()} CPU cores (shared with other jobs), Python {platform.python_version()}, torch {torch.__version__}, no GPU; "
             f"load average at the end "
             f"{load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} (1/5/15 min)")
 
@@ -383,8 +384,9 @@ def main() -> None:
     ap.add_argument("--max_width", type=int, default=0,
                     help="cap the widths P and T (0: the configs' widths; rows are cut to fit); for a quick check")
     ap.add_argument("--model", default="tiny", help="comma list of tiny and real (SmolLM2-135M-Instruct)")
-    ap.add_argument("--real_model_dir", default=os.environ.get("STEPSEARCH_REAL_MODEL", str(REAL_MODEL_DIR)),
-                    help="the converted real model (make real-model); its tokenizer is also used by section c")
+    ap.add_argument("--real_model_dir", default=str(real_model_path()),
+                    help="the converted real model (make real-model; default $STEPSEARCH_REAL_MODEL or "
+                         "models/smollm2-135m-instruct); its tokenizer is also used by section c")
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--heads", type=int, default=4)

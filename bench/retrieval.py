@@ -328,8 +328,11 @@ def serving_sections(args) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="bench_retrieval_"))
     index_dir = build_sample_index(tmp)
     ids, _ = read_passages([WIKI_SAMPLE])
-    thread_env = {"OMP_NUM_THREADS": str(args.ours_threads), "MKL_NUM_THREADS": str(args.ours_threads)}
-    ours_args = ["--encoder_mode", args.ours_mode, "--log_level", "warning"]
+    # 0 (default): no thread variables, so our server picks its own thread count, as users run it
+    thread_env = {"OMP_NUM_THREADS": str(args.ours_threads), "MKL_NUM_THREADS": str(args.ours_threads)} \
+        if args.ours_threads > 0 else {}
+    ours_args = ["--encoder_mode", args.ours_mode, "--log_level", "warning", "--torch_threads",
+                 str(max(args.ours_threads, 0))]  # 0: the server's own default (start_retrieval_server's is 1)
     redis = start_redis()
     servers = {}
     try:
@@ -345,6 +348,21 @@ def serving_sections(args) -> dict:
         redis.stop()
 
 
+def set_ours_threads(args) -> None:
+    """In-process runs: --ours_threads torch threads when > 0, else torch's default (every core), as the server's
+    auto setting gives outside the guarded pipeline."""
+    import torch
+
+    if args.ours_threads > 0:
+        torch.set_num_threads(args.ours_threads)
+
+
+def threads_label(args) -> str:
+    if args.ours_threads > 0:
+        return f"{args.ours_threads} torch thread(s) per thread (OMP_NUM_THREADS)"
+    return "the server's default threads (--torch_threads 0: every core, 1 per thread in the guarded pipeline)"
+
+
 def run_phases(args, questions: list[str], ids: list[str], index_dir: str, urls: dict) -> dict:
     import torch
 
@@ -355,7 +373,7 @@ def run_phases(args, questions: list[str], ids: list[str], index_dir: str, urls:
     for rep in range(args.reps):
         batch = questions[pos:pos + 512]
         pos += 512
-        torch.set_num_threads(args.ours_threads)
+        set_ours_threads(args)
         exact = in_process(index_dir, ids, batch, "exact", 64)
         fast = in_process(index_dir, ids, batch, args.ours_mode, 64)
         res["inproc_fast_mode"] = fast["mode"]
@@ -468,7 +486,7 @@ def calibrate_section(args) -> dict:
     from stepsearch.search.encoders import (GUARD_MAX_DISAGREE, GUARD_QUANTILE, GUARD_SAFETY, Encoder,
                                             calibrate_guard_eps, guard_fails)
 
-    torch.set_num_threads(args.ours_threads)
+    set_ours_threads(args)
     questions = load_questions()
     cal_q, eval_q = questions[-args.calibrate_queries:], questions[:args.agreement_queries]
     tmp = Path(tempfile.mkdtemp(prefix="bench_retrieval_cal_"))
@@ -521,7 +539,9 @@ def calibrate_markdown(res: dict, cmd: str) -> str:
 # ---------------------------------------------------------------- report
 def machine_line() -> str:
     load = os.getloadavg()
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, Python "
+    from bench.machine import cpu_description
+
+    return (f"{cpu_description()}, {os.cpu_count()} CPU cores, Python "
             f"{platform.python_version()}, load average at the end {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} "
             f"(1/5/15 min; other engineers share the machine)")
 
@@ -553,8 +573,8 @@ def serving_markdown(res: dict, args, cmd: str, load_start: tuple) -> str:
         f"`stepsearch.search.server --encoder_mode {args.ours_mode}` (resolved to `{res.get('inproc_fast_mode')}`: "
         f"bf16 encode + top-4 search, fp32 re-encode of the queries whose 3rd-4th bf16 score gap is below "
         f"guard_eps; the bf16 pass on 2 worker threads in chunks of 64, the fp32 fallback on its own thread), "
-        f"micro-batcher on, Redis + LRU cache, fast lane, {args.ours_threads} torch thread(s) per thread "
-        f"(OMP_NUM_THREADS). Naive: fp32, torch default threads, one request at a time, no coalescing, no cache "
+        f"micro-batcher on, Redis + LRU cache, fast lane, "
+        f"{threads_label(args)}. Naive: fp32, torch default threads, one request at a time, no coalescing, no cache "
         f"(a FastAPI app in the Search-R1 mould). Load: one thread per client with a keep-alive stdlib "
         f"`http.client` connection, the same for every server.", "",
         "### Issue 8: naive Search-R1-style server vs ours", "",
@@ -628,7 +648,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=2, help="interleaved repetitions of the serving phases")
     p.add_argument("--single_per_client", type=int, default=8, help="requests per single-query client")
     p.add_argument("--hit_repeats", type=int, default=300)
-    p.add_argument("--ours_threads", type=int, default=1, help="torch threads of our server and in-process runs")
+    p.add_argument("--ours_threads", type=int, default=0,
+                   help="torch threads of our server (as OMP_NUM_THREADS) and in-process runs; 0 (default): the "
+                        "server's own default (--torch_threads 0: every core, 1 for the guarded pipeline)")
     p.add_argument("--ours_mode", default="fast", help="--encoder_mode of our server (and in-process fast runs)")
     p.add_argument("--agreement_queries", type=int, default=2000, help="extra real questions for agreement")
     p.add_argument("--calibrate_queries", type=int, default=3000, help="real questions for guard_eps calibration")

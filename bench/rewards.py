@@ -32,7 +32,7 @@ from stepsearch.rewards import RewardConfig, compute_token_rewards, format_docs,
 from stepsearch.rewards.info_gain import GoldTfidf, clear_term_cache, info_gain_from_similarities  # noqa: E402
 from stepsearch.rewards.qa import clear_answer_cache  # noqa: E402
 from stepsearch.rewards.reference import reference_info_gain, reference_token_scores  # noqa: E402
-from stepsearch.rewards.scoring import gold_texts, round_doc_texts  # noqa: E402
+from stepsearch.rewards.trajectory_score import gold_texts, round_doc_texts  # noqa: E402
 from stepsearch.search.corpus import iter_passages  # noqa: E402
 from verl.protocol import DataProto  # noqa: E402
 

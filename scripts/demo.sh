@@ -82,7 +82,7 @@ fi
 
 if [ $REUSE = 0 ]; then
 stage "1/8 world (seed $SEED)"
-"$PY" -m stepsearch.envs.build --out "$OUT/world" --seed "$SEED" --num_train "${DEMO_NUM_TRAIN:-800}" \
+"$PY" -m stepsearch.envs.make_world --out "$OUT/world" --seed "$SEED" --num_train "${DEMO_NUM_TRAIN:-800}" \
   --num_test "${DEMO_NUM_TEST:-100}" --hop_weights "${DEMO_HOPS:-2:1}" --num_entities "${DEMO_NUM_ENTITIES:-240}"
 
 stage "2/8 MiniLM index over the world's passages" "$OUT/logs/build_index.log"

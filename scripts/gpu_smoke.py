@@ -114,7 +114,7 @@ def smoke_config(model_dir: str, parquet: str, out_dir: str, device: str, steps:
         "critic": {"ppo_mini_batch_size": 8, "ppo_micro_batch_size_per_device": 4,
                    "forward_micro_batch_size_per_device": 8, "optim": {"lr": 1e-3, "warmup_ratio": 0.0}},
         "reward": {"step_rewards_on_format_fail": True},
-        "agent": {"max_turns": 2, "topk": 2, "max_obs_length": 192, "max_prompt_length": 2048,
+        "agent": {"max_turns": 2, "topk": 2, "max_obs_length": 192, "max_context_length": 2048,
                   "max_response_length": 512, "logprobs": True},
         "retriever": {"url": "in-process"},
         "trainer": {"experiment_name": "gpu_smoke", "logger": ["console", "jsonl"], "default_local_dir": out_dir,
@@ -158,7 +158,7 @@ def main(argv=None) -> int:
     global _RETRIEVER
     shutil.rmtree(args.out, ignore_errors=True)
     t0 = time.perf_counter()
-    from stepsearch.data.build import MusiConfig, build_musi
+    from stepsearch.data.conversions import MusiConfig, build_musi
     parquet, _ = build_musi(MusiConfig(local_dir=os.path.join(args.out, "data"), input=str(MUSIQUE_SAMPLE)))
     model_dir = build_warm_policy(os.path.join(args.out, "model"), parquet, steps=args.warm_steps,
                                   hidden_size=args.hidden, num_layers=args.layers)

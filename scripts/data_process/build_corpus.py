@@ -8,7 +8,7 @@ Inputs may be original MuSiQue JSON/JSONL, the released StepSearch JSONL, or dat
 import argparse
 import sys
 
-from stepsearch.data.corpus import build_corpus
+from stepsearch.data.training_corpus import build_corpus
 from stepsearch.data.io import DataError
 
 

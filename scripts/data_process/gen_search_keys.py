@@ -15,8 +15,8 @@ import json
 import logging
 import sys
 
-from stepsearch.data.build import write_examples
-from stepsearch.data.corpus import load_corpus_pairs
+from stepsearch.data.conversions import write_examples
+from stepsearch.data.training_corpus import load_corpus_pairs
 from stepsearch.data.formats import read_rows_parquet, write_rows_parquet
 from stepsearch.data.io import DataError, iter_records
 from stepsearch.data.musique import convert_musique

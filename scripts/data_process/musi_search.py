@@ -12,7 +12,7 @@ import argparse
 import logging
 import sys
 
-from stepsearch.data.build import DEFAULT_SAVE_NAME, MusiConfig, build_musi
+from stepsearch.data.conversions import DEFAULT_SAVE_NAME, MusiConfig, build_musi
 from stepsearch.data.io import DataError
 from stepsearch.data.prompts import TEMPLATES
 

@@ -15,7 +15,7 @@ import argparse
 import logging
 import sys
 
-from stepsearch.data.build import EvalSetConfig, build_test_set
+from stepsearch.data.conversions import EvalSetConfig, build_test_set
 from stepsearch.data.io import DataError
 from stepsearch.data.qa_sets import DATASETS, FieldMap, guess_dataset
 

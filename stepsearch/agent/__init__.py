@@ -4,6 +4,6 @@
 Light on import: `TAG_TOKENS` is importable without torch, and so is the record module (the rewards read it);
 import the loops from their modules.
 """
-from stepsearch.agent.prompts import TAG_TOKENS
+from stepsearch.agent.tags import TAG_TOKENS
 
 __all__ = ["TAG_TOKENS"]

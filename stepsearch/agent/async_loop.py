@@ -12,8 +12,9 @@ retriever's own batcher coalesces the single-query requests that arrive together
 
 Masks, `search_end_positions`, observation caps, the final warning and the forced final turn are the sync loop's,
 through the same per-trajectory steps (`trajectory.py`). Turn s of row i samples with seed
-`cfg.seed + i·(max_turns+1) + s`, so with an engine that seeds each request (AsyncVLLMEngine) the batch is the same
-whatever order the trajectories finish in. A failed retrieval gives that trajectory the sync loop's error
+`trajectory.request_seed` = `cfg.seed + i·(max_turns+1) + s` (the sync loop's too), so with an engine that seeds each
+request (AsyncVLLMEngine, vLLM) the batch is the same whatever order the trajectories finish in, and the same as
+the sync loop's. A failed retrieval gives that trajectory the sync loop's error
 observation after the client's own retries; the others are not held up.
 
     out = run_rollout_async(batch, engine, client, tokenizer, AgentConfig(mode="async", seed=0))
@@ -30,35 +31,32 @@ from verl.workers.rollout.async_engine import AsyncRolloutEngine, BatchingEngine
 from verl.workers.rollout.base import RolloutBackend
 
 from stepsearch.agent.compose import RolloutTimings, compose_output, prompt_ids_of, row_targets
-from stepsearch.agent.config import AgentConfig
+from stepsearch.agent.agent_config import AgentConfig
 from stepsearch.agent.observations import ObservationEncoder
 from stepsearch.agent.record import TrajectoryRecord
-from stepsearch.agent.retrieval_session import RetrievalSession
+from stepsearch.agent.retrieval_session import RetrievalSession, open_retrieval_session
 from stepsearch.agent.trajectory import (RolloutAborted, SearchRequest, Trajectory, check_retrieval_error,
                                          finish_record, observe_information, observe_retrieval_error,
-                                         plan_observation, record_turn, sampling_config)
+                                         plan_observation, record_turn, request_seed, sampling_config)
 from stepsearch.search.client import RetrievalClient, RetrievalError
 
 __all__ = ["run_rollout_async", "arun_rollout", "as_async_engine", "request_seed", "RolloutAborted"]
 
 
 def as_async_engine(engine) -> AsyncRolloutEngine:
-    """An AsyncRolloutEngine from an engine, a batch RolloutBackend (wrapped in BatchingEngine) or a list of
+    """An AsyncRolloutEngine from an engine, a batch RolloutBackend (wrapped in BatchingEngine; one per replica
+    in an EnginePool when `backend.replicas()` has several, e.g. the trainer's data-parallel ranks) or a list of
     either (an EnginePool: each request to the least-busy one)."""
     if isinstance(engine, AsyncRolloutEngine):
         return engine
     if isinstance(engine, RolloutBackend):
-        return BatchingEngine(engine)
+        replicas = engine.replicas()
+        return BatchingEngine(engine) if len(replicas) <= 1 else EnginePool([BatchingEngine(r) for r in replicas])
     if isinstance(engine, (list, tuple)):
         engines = [as_async_engine(e) for e in engine]
         return engines[0] if len(engines) == 1 else EnginePool(engines)
     raise TypeError(f"[agent] the async rollout needs an AsyncRolloutEngine, a RolloutBackend or a list of them, "
                     f"got {type(engine).__name__}")
-
-
-def request_seed(cfg: AgentConfig, row: int, turn: int) -> int | None:
-    """The sampling seed of turn `turn` of row `row`: its own, independent of what else is in flight."""
-    return None if cfg.seed is None else cfg.seed + row * (cfg.max_turns + 1) + turn
 
 
 def _union_s(intervals: Sequence[tuple[float, float]]) -> float:
@@ -109,7 +107,7 @@ async def _run_trajectory(row: int, traj: Trajectory, targets: list[str] | None,
         forced = turn == cfg.max_turns  # the forced final turn: no retrieval after it
         params = sampling_config(cfg, min(cfg.max_new_tokens, traj.room(cfg)), request_seed(cfg, row, turn))
         start = time.perf_counter()
-        out = await ctx.engine.agenerate(traj.context(cfg.max_prompt_length), params)
+        out = await ctx.engine.agenerate(traj.context(cfg.max_context_length), params)
         end = time.perf_counter()
         ctx.generating.append((start, end))
         traj.timing["generate_s"] += end - start
@@ -132,7 +130,7 @@ async def arun_rollout(batch: DataProto, engine, client: RetrievalClient, tokeni
     trajs = [Trajectory(prompt=p) for p in prompt_ids_of(batch)]
     targets = row_targets(batch)
     slots = asyncio.Semaphore(cfg.max_concurrent_trajectories)
-    async with RetrievalSession(client, max_connections=cfg.max_concurrent_trajectories) as retriever:
+    async with open_retrieval_session(client, max_connections=cfg.max_concurrent_trajectories) as retriever:
         ctx = _Shared(as_async_engine(engine), retriever, tokenizer, ObservationEncoder(tokenizer), cfg,
                       time.perf_counter())
 
@@ -159,8 +157,9 @@ async def arun_rollout(batch: DataProto, engine, client: RetrievalClient, tokeni
 def run_rollout_async(batch: DataProto, engine, client: RetrievalClient, tokenizer, cfg: AgentConfig) -> DataProto:
     """Run the search agent with one concurrent turn loop per trajectory; same output as `loop.run_rollout`.
 
-    engine: an AsyncRolloutEngine (e.g. AsyncVLLMEngine), a batch RolloutBackend (run through BatchingEngine) or a
-    list of them (data-parallel replicas, least-busy placement). Runs on the shared rollout event loop.
+    engine: an AsyncRolloutEngine (e.g. AsyncVLLMEngine), a batch RolloutBackend (run through BatchingEngine; a
+    backend with several `replicas()`, such as the trainer's worker group, gets least-busy placement over them) or
+    a list of them (data-parallel replicas, least-busy placement). Runs on the shared rollout event loop.
     meta_info["rollout_metrics"] adds rollout/engine_busy_fraction; timing_s/rollout_generate and _retrieve are the
     wall time during which the engine, resp. the retriever, had work (they overlap).
     """

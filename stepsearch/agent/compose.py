@@ -8,10 +8,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from verl.hooks import FAILED_SAMPLES_KEY
 from verl.protocol import DataProto, to_object_array
-from verl.trainer.ppo.ray_trainer import FAILED_SAMPLES_KEY
 
-from stepsearch.agent.config import AgentConfig
+from stepsearch.agent.agent_config import AgentConfig
 from stepsearch.agent.record import TrajectoryRecord
 from stepsearch.agent.trajectory import Trajectory, finish_record, targets_of
 
@@ -123,7 +123,7 @@ def _metrics(records: list[TrajectoryRecord], response_mask: torch.Tensor, timin
         # failed retrievals (after the client's retries), and the trajectories that saw at least one
         "search/retrieval_errors": float(sum(len(e) for e in errors)),
         "search/retrieval_failed_trajectories": float(sum(1 for e in errors if e)),
-        # turns whose context lost its oldest tokens (possibly the question) to max_prompt_length
+        # turns whose context lost its oldest tokens (possibly the question) to max_context_length
         "search/truncated_contexts": float(sum(r.truncated_contexts for r in records)),
         "search/response_length/mean": float(lengths.mean()),
         "search/obs_token_ratio": float(1.0 - model_tokens / max(lengths.sum(), 1.0)),

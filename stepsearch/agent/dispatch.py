@@ -5,7 +5,7 @@ from __future__ import annotations
 from verl.protocol import DataProto
 from verl.workers.rollout.base import RolloutBackend
 
-from stepsearch.agent.config import AgentConfig
+from stepsearch.agent.agent_config import AgentConfig
 from stepsearch.search.client import RetrievalClient
 
 __all__ = ["run_agent"]

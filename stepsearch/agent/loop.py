@@ -1,7 +1,7 @@
 """The synchronous multi-turn search rollout (agent.mode: sync): turn by turn for the whole batch.
 
 Per turn (docs/method.md §2.3), for every still-active sample:
-  1. feed the rolling context (prompt + response so far, left-truncated to `max_prompt_length`) to the engine,
+  1. feed the rolling context (prompt + response so far, left-truncated to `max_context_length`) to the engine,
      which stops after `</search>` or `</answer>` and returns the sampled ids (never decoded and re-tokenized);
   2. append those ids with response_mask 1 and parse the first action from their text;
   3. send every search query of the turn to the retriever in ONE batched call;
@@ -22,23 +22,27 @@ from verl.workers.rollout.base import GenerationOutput, RolloutBackend
 
 from stepsearch.agent.actions import Action
 from stepsearch.agent.compose import RolloutTimings, compose_output, prompt_ids_of
-from stepsearch.agent.config import AgentConfig
+from stepsearch.agent.agent_config import AgentConfig
 from stepsearch.agent.observations import ObservationEncoder
 from stepsearch.agent.trajectory import (RolloutAborted, SearchRequest, Trajectory, check_retrieval_error,
                                          observe_information, observe_retrieval_error, plan_observation, record_turn,
-                                         sampling_config)
+                                         request_seed, sampling_config)
 from stepsearch.search.client import RetrievalClient, RetrievalError
 
 __all__ = ["run_rollout", "AgentConfig", "RolloutAborted"]
 
 
-def _generate(active: list[Trajectory], backend: RolloutBackend, cfg: AgentConfig, turn: int,
+def _generate(active: list[Trajectory], rows: list[int], backend: RolloutBackend, cfg: AgentConfig, turn: int,
               timings: RolloutTimings) -> list[GenerationOutput]:
-    """One engine call for the active samples; the per-call token limit respects every sample's budget."""
+    """One engine call for the active samples (batch rows `rows`); the per-call token limit respects every sample's
+    budget. Each row samples from its own `request_seed` (the async loop's); an engine with one RNG per call (HF)
+    uses the call seed cfg.seed + turn."""
     room = max(t.room(cfg) for t in active)
-    params = sampling_config(cfg, min(cfg.max_new_tokens, room), None if cfg.seed is None else cfg.seed + turn)
+    row_seeds = None if cfg.seed is None else tuple(request_seed(cfg, row, turn) for row in rows)
+    params = sampling_config(cfg, min(cfg.max_new_tokens, room), None if cfg.seed is None else cfg.seed + turn,
+                             row_seeds)
     start = time.perf_counter()
-    outputs = backend.generate([t.context(cfg.max_prompt_length) for t in active], params)
+    outputs = backend.generate([t.context(cfg.max_context_length) for t in active], params)
     elapsed = time.perf_counter() - start
     timings.generate += elapsed
     for t in active:
@@ -104,10 +108,11 @@ def run_rollout(batch: DataProto, backend: RolloutBackend, client: RetrievalClie
     timings = RolloutTimings()
     for turn in range(cfg.max_turns + 1):
         forced = turn == cfg.max_turns  # the forced final turn: no retrieval after it
-        active = [t for t in trajs if not t.done]
-        if not active:
+        rows = [i for i, t in enumerate(trajs) if not t.done]
+        if not rows:
             break
-        outputs = _generate(active, backend, cfg, turn, timings)
+        active = [trajs[i] for i in rows]
+        outputs = _generate(active, rows, backend, cfg, turn, timings)
         actions = [record_turn(t, out, tokenizer, cfg, forced) for t, out in zip(active, outputs)]
         if not forced:
             _step_environment(active, actions, client, encoder, cfg, turn, timings)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from stepsearch.agent.prompts import (FINAL_TURN_WARNING, INFORMATION_CLOSE, INFORMATION_OPEN, INVALID_ACTION_WARNING,
+from stepsearch.agent.tags import (FINAL_TURN_WARNING, INFORMATION_CLOSE, INFORMATION_OPEN, INVALID_ACTION_WARNING,
                                       RETRIEVAL_ERROR_OBSERVATION)
 from stepsearch.rewards.docs import doc_title_text, format_docs, format_docs_with_spans
 

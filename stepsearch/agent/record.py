@@ -159,7 +159,7 @@ class TrajectoryRecord:
     answer_f1: float | None = None
     """EM and 4-decimal F1 of ``prediction`` against the row's targets; None when the rollout had no targets."""
     truncated_contexts: int = 0
-    """Turns whose rolling context lost its oldest tokens to ``max_prompt_length``."""
+    """Turns whose rolling context lost its oldest tokens to ``max_context_length``."""
 
     # ---- derived views ----------------------------------------------------------------------------------------
     def information_turns(self) -> list[TurnRecord]:

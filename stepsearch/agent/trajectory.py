@@ -17,15 +17,15 @@ from typing import Sequence
 from verl.workers.rollout.base import GenerationOutput, SamplingConfig
 
 from stepsearch.agent.actions import Action, parse_action
-from stepsearch.agent.config import AgentConfig
+from stepsearch.agent.agent_config import AgentConfig
 from stepsearch.agent.observations import Observation, ObservationEncoder, hits_to_round
 from stepsearch.agent.record import ObservationRecord, PassageRecord, TrajectoryRecord, TurnRecord
 from stepsearch.rewards.qa import answer_prediction, answer_scores, as_str_list, extract_answer
 from stepsearch.search.client import RetrievalError
 
-__all__ = ["RolloutAborted", "Trajectory", "SearchRequest", "sampling_config", "record_turn", "plan_observation",
-           "observe_information", "observe_retrieval_error", "check_retrieval_error", "finish_record",
-           "targets_of"]
+__all__ = ["RolloutAborted", "Trajectory", "SearchRequest", "request_seed", "sampling_config", "record_turn",
+           "plan_observation", "observe_information", "observe_retrieval_error", "check_retrieval_error",
+           "finish_record", "targets_of"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,9 +78,18 @@ class SearchRequest:
     final_warning: bool
 
 
-def sampling_config(cfg: AgentConfig, max_new_tokens: int, seed: int | None) -> SamplingConfig:
+def request_seed(cfg: AgentConfig, row: int, turn: int) -> int | None:
+    """The sampling seed of turn `turn` of row `row` (both loops): cfg.seed + row·(max_turns + 1) + turn, distinct
+    for every (row, turn) of a batch and independent of the other rows. None when cfg.seed is None."""
+    return None if cfg.seed is None else cfg.seed + row * (cfg.max_turns + 1) + turn
+
+
+def sampling_config(cfg: AgentConfig, max_new_tokens: int, seed: int | None,
+                    row_seeds: tuple[int, ...] | None = None) -> SamplingConfig:
+    """One engine call's settings; seed: the call's seed, row_seeds: one per prompt (SamplingConfig.row_seeds)."""
     return SamplingConfig(max_new_tokens=max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                          top_k=cfg.top_k, stop=cfg.stop, greedy=cfg.greedy, logprobs=cfg.logprobs, seed=seed)
+                          top_k=cfg.top_k, stop=cfg.stop, greedy=cfg.greedy, logprobs=cfg.logprobs, seed=seed,
+                          row_seeds=row_seeds)
 
 
 def record_turn(traj: Trajectory, out: GenerationOutput, tokenizer, cfg: AgentConfig, forced: bool) -> Action:

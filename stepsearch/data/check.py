@@ -17,7 +17,7 @@ import sys
 from collections import Counter
 from dataclasses import dataclass, field
 
-from stepsearch.data.corpus import load_corpus_pairs
+from stepsearch.data.training_corpus import load_corpus_pairs
 from stepsearch.data.formats import read_rows_parquet, support_doc_fields
 from stepsearch.data.io import DataError, write_json_atomic
 

@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from tqdm import tqdm
 
-from verl.utils.fs import current_umask, new_file_mode  # noqa: F401 (re-exported for the data tools)
+from verl.utils.fs import atomic_path, current_umask, new_file_mode  # noqa: F401 (re-exported for the data tools)
 
 
 class DataError(ValueError):
@@ -135,28 +133,6 @@ def check_unique_ids(items: list[tuple[str, str]]) -> None:
             raise DataError(f"{where}: duplicate id {rid!r} (first seen at {seen[rid]}); ids must be unique "
                             "(fix the input, or let musi_search.py number the rows with --renumber_ids)")
         seen[rid] = where
-
-
-@contextmanager
-def atomic_path(final_path: str | os.PathLike, suffix: str = "") -> Iterator[str]:
-    """Yield a temp path in the target's folder; on success it gets `new_file_mode()` (mkstemp creates 0600)
-    and is renamed onto final_path, else it is removed.
-
-    Readers never see a partial file: os.replace is atomic on one filesystem.
-    """
-    final_path = str(final_path)
-    folder = os.path.dirname(os.path.abspath(final_path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(final_path) + ".", suffix=suffix + ".tmp")
-    os.close(fd)
-    try:
-        yield tmp
-        os.chmod(tmp, new_file_mode())  # after the writer ran: some writers replace the temp file
-        os.replace(tmp, final_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def write_jsonl_atomic(path: str | os.PathLike, rows, show_progress: bool = False) -> int:

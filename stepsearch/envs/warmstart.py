@@ -99,7 +99,7 @@ def sft_stop_reason(history: list[dict], cfg: SFTConfig) -> str | None:
 
 def build_demo_model(texts: list[str], cfg: TinyModelConfig = TinyModelConfig()):
     """(tokenizer, model) for the world; the tag tokens are single, non-special ids (CONTRACTS.md)."""
-    from stepsearch.agent.prompts import TAG_TOKENS
+    from stepsearch.agent.tags import TAG_TOKENS
 
     tokenizer = build_tokenizer(texts, vocab_size=cfg.vocab_size, extra_tokens=list(TAG_TOKENS))
     model = build_tiny_causal_lm(tokenizer, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
@@ -243,12 +243,13 @@ def collect_scripted_rollouts(train_parquet: str, tokenizer, retriever_url: str,
                               max_samples: int = -1) -> DataProto:
     """Run the scripted policy over the training questions through the real rollout loop and retriever."""
     from stepsearch.agent.loop import run_rollout
+    from stepsearch.data.row_fields import search_row_fields
     from stepsearch.envs.scripted import ScriptedSearchBackend
     from stepsearch.search.client import RetrievalClient
     from verl.utils.dataset import RLHFDataset
 
     ds = RLHFDataset(train_parquet, tokenizer, max_prompt_length, batch_size, shuffle=False, drop_last=False,
-                     max_samples=max_samples)
+                     max_samples=max_samples, row_adapter=search_row_fields)
     backend = ScriptedSearchBackend(tokenizer, policy_cfg)
     client = RetrievalClient(retriever_url)
     outs = []
@@ -366,11 +367,11 @@ def warm_start(world_dir: str, retriever_url: str, out_dir: str, model_cfg: Tiny
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from stepsearch.agent.config import AgentConfig
+    from stepsearch.agent.agent_config import AgentConfig
     from stepsearch.envs.scripted import ScriptedPolicyConfig
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--world_dir", required=True, help="folder written by python -m stepsearch.envs.build")
+    p.add_argument("--world_dir", required=True, help="folder written by python -m stepsearch.envs.make_world")
     p.add_argument("--retriever_url", required=True)
     p.add_argument("--out", required=True, help="HF model folder to write")
     p.add_argument("--sft_steps", type=int, default=SFTConfig.steps)
@@ -402,7 +403,7 @@ def main(argv: list[str] | None = None) -> dict:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    agent_cfg = AgentConfig(max_turns=5, topk=3, max_prompt_length=1024, max_new_tokens=32, max_response_length=1024,
+    agent_cfg = AgentConfig(max_turns=5, topk=3, max_context_length=1024, max_new_tokens=32, max_response_length=1024,
                             max_obs_length=256, greedy=True)
     report = warm_start(a.world_dir, a.retriever_url, a.out,
                         TinyModelConfig(vocab_size=a.vocab_size, hidden_size=a.hidden_size, num_layers=a.num_layers,

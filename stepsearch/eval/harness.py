@@ -55,7 +55,7 @@ class EvalConfig:
     topk: int = 3
     max_new_tokens: int = 64          # per turn
     max_obs_length: int = 256
-    max_context_length: int = 1024    # rolling context fed to the engine each turn (AgentConfig.max_prompt_length)
+    max_context_length: int = 1024    # rolling context fed to the engine each turn (AgentConfig.max_context_length)
     max_response_length: int = 1024   # total response tokens, model turns + observations
     max_samples: int = -1             # first N rows of each file (-1: all)
     index_dir: str | None = None      # to hash the index manifest; else the server's /health identity is used
@@ -166,6 +166,7 @@ def generate_predictions(cfg: EvalConfig) -> tuple[list[dict], str, bool]:
     """Greedy rollouts over every file; returns (raw predictions in input order, backend name, stopped early).
     Generation stops after the batch that takes the retrieval failures past ``cfg.max_retrieval_failures``."""
     from stepsearch.agent.dispatch import run_agent
+    from stepsearch.data.row_fields import search_row_fields
     from stepsearch.search.client import RetrievalClient
     from verl.utils.dataset import RLHFDataset
     from verl.utils.tokenizer import load_tokenizer
@@ -178,7 +179,7 @@ def generate_predictions(cfg: EvalConfig) -> tuple[list[dict], str, bool]:
     try:
         for path in cfg.data:
             ds = RLHFDataset(path, tokenizer, cfg.max_prompt_length, cfg.batch_size, shuffle=False, drop_last=False,
-                             max_samples=cfg.max_samples)
+                             max_samples=cfg.max_samples, row_adapter=search_row_fields)
             for b, batch in enumerate(ds.iter_epoch()):
                 batch_preds = raw_predictions(run_agent(batch, backend, client, tokenizer, agent_cfg))
                 preds += batch_preds
@@ -197,10 +198,10 @@ def generate_predictions(cfg: EvalConfig) -> tuple[list[dict], str, bool]:
 
 def build_agent_config(cfg: EvalConfig, mode: str = "sync"):
     """The rollout settings of evaluation: greedy decoding, the configured turn and length budgets, the loop."""
-    from stepsearch.agent.config import AgentConfig
+    from stepsearch.agent.agent_config import AgentConfig
 
     return AgentConfig.from_dict({"max_turns": cfg.max_turns, "topk": cfg.topk, "max_obs_length": cfg.max_obs_length,
-                                  "max_new_tokens": cfg.max_new_tokens, "max_prompt_length": cfg.max_context_length,
+                                  "max_new_tokens": cfg.max_new_tokens, "max_context_length": cfg.max_context_length,
                                   "max_response_length": cfg.max_response_length, "greedy": True, "seed": cfg.seed,
                                   "mode": mode, **cfg.extra_agent}, where="eval agent")
 

@@ -3,13 +3,13 @@ redundancy penalty, placed on response tokens. See docs/rewards.md.
 
 The token-level functions need torch and are imported on first use, so the scoring CLI starts without it.
 """
-from .config import ABLATIONS, RewardConfig
+from .reward_config import ABLATIONS, RewardConfig
 from .docs import format_docs, parse_information_blocks, policy_text, rounds_from_response
 from .info_gain import GoldTfidf, info_gain, info_gain_from_similarities
 from .qa import (answer_prediction, answer_scores, check_format, check_format_paper, cover_exact_match, exact_match,
                  extract_answer, extract_eval_prediction, extract_queries, f1_score, normalize_answer)
 from .redundancy import redundancy_penalty
-from .scoring import TrajectoryScore, reward_metrics, score_record, score_trajectory, sparse_token_rewards
+from .trajectory_score import TrajectoryScore, reward_metrics, score_record, score_trajectory, sparse_token_rewards
 from .search_key import search_key_reward
 from .sub_answer import sub_answer_reward
 

@@ -26,13 +26,6 @@ _DOC_HEADER_RE = re.compile(r"(?m)^Doc (\d+)<## Title: (.*?) ##>")
 _INJECTED_RE = re.compile(r"<information>.*?(?:</information>|\Z)|<warning>.*?(?:</warning>|\Z)", re.DOTALL)
 
 
-def _split_contents(contents: str) -> tuple[str, str]:
-    """``"Title"\\ntext`` (wiki-18 ``contents``) -> (title without the surrounding quotes, text without its outer
-    whitespace)."""
-    title, text = split_contents(contents)
-    return title, text.strip()
-
-
 def doc_title_text(doc: Mapping[str, Any], where: str = "doc") -> tuple[str, str]:
     """(title, body text) of a corpus row or a retrieval hit ``{"document": row, "score": s}``.
 
@@ -46,10 +39,11 @@ def doc_title_text(doc: Mapping[str, Any], where: str = "doc") -> tuple[str, str
         if isinstance(doc.get(body_key), str):
             title = doc.get("title")
             if not isinstance(title, str):
-                title = _split_contents(doc["contents"])[0] if isinstance(doc.get("contents"), str) else ""
+                title = split_contents(doc["contents"])[0] if isinstance(doc.get("contents"), str) else ""
             return title, doc[body_key]
     if isinstance(doc.get("contents"), str):
-        return _split_contents(doc["contents"])
+        title, text = split_contents(doc["contents"])
+        return title, text.strip()
     raise KeyError(f"{where} has no 'text', 'content' or 'contents' field (keys: {sorted(doc)}); "
                    f"give each document a body text")
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import torch
 
-from .config import RewardConfig
+from .reward_config import RewardConfig
 from .docs import policy_text
 from .qa import check_format, check_format_paper, exact_match, extract_answer, f1_score, normalize_answer
-from .scoring import gold_texts, round_doc_texts
+from .trajectory_score import gold_texts, round_doc_texts
 from .search_key import search_key_reward
 
 __all__ = ["sklearn_similarities", "reference_info_gain", "reference_redundancy", "reference_token_scores"]

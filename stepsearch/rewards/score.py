@@ -25,8 +25,8 @@ from stepsearch.data.io import DataError, atomic_path, decode_utf8
 
 from stepsearch.agent.record import TrajectoryRecord
 
-from .config import ABLATIONS, FORMAT_CHECKS, FORMAT_GATES, RewardConfig
-from .scoring import TrajectoryScore, reward_metrics, score_record, score_trajectory, sparse_token_rewards
+from .reward_config import ABLATIONS, FORMAT_CHECKS, FORMAT_GATES, RewardConfig
+from .trajectory_score import TrajectoryScore, reward_metrics, score_record, score_trajectory, sparse_token_rewards
 
 __all__ = ["BadRowError", "ScoreSummary", "ScoreInput", "parse_row", "score_row", "score_file", "main"]
 

@@ -10,10 +10,10 @@ from typing import Sequence
 
 import torch
 
-from .config import RewardConfig
+from .reward_config import RewardConfig
 from stepsearch.agent.record import TrajectoryRecord
 
-from .scoring import TrajectoryScore, reward_metrics, score_record, score_trajectory, sparse_token_rewards
+from .trajectory_score import TrajectoryScore, reward_metrics, score_record, score_trajectory, sparse_token_rewards
 
 __all__ = ["place_token_rewards", "compute_token_rewards", "reward_metrics", "trajectory_scalar_rewards",
            "REQUIRED_NON_TENSOR_KEYS", "RECORD_KEY"]

@@ -3,6 +3,8 @@
     client = RetrievalClient("http://127.0.0.1:8000")
     hits = client.retrieve(["who wrote Hamlet"], topk=3)          # sync
     hits = await client.aretrieve(queries, topk=3)                 # async; batches sent concurrently
+    async with client.session(max_connections=256) as session:    # one pooled AsyncClient for many calls
+        hits_one = await session.retrieve_one("who wrote Hamlet", topk=3)
     hits[i] == [{"document": {"id", "title", "text", "contents", ...}, "score": float}, ...]
 
 Connection errors, timeouts and HTTP 5xx are retried (exponential backoff from `backoff_s`, `max_retries` retries
@@ -67,18 +69,17 @@ class RetrievalClient:
         return out
 
     async def aretrieve(self, queries: list[str], topk: int = 3) -> list[list[dict]]:
-        """Async `retrieve`: chunks of `batch_size` queries, up to `max_concurrency` requests in flight."""
+        """Async `retrieve`: chunks of `batch_size` queries, up to `max_concurrency` requests in flight (over a
+        session of its own; for many calls, open one `session` and call its `retrieve`)."""
         queries = self._check(queries, topk)
-        sem = asyncio.Semaphore(self.limits.max_concurrency)
-        limits = httpx.Limits(max_connections=self.limits.max_concurrency)
-        async with httpx.AsyncClient(timeout=self.timeout_s, headers=self.headers, limits=limits) as http:
+        async with self.session(max_connections=self.limits.max_concurrency) as session:
+            return await session.retrieve(queries, topk)
 
-            async def one(chunk: list[str]) -> list[list[dict]]:
-                async with sem:
-                    return await self._with_retries_async(lambda: self._post_async(http, chunk, topk))
-
-            parts = await asyncio.gather(*(one(c) for c in self._chunks(queries)))
-        return [hits for part in parts for hits in part]
+    def session(self, max_connections: int | None = None) -> "RetrievalSession":
+        """An async context manager holding one pooled `httpx.AsyncClient` (keep-alive connections) for many
+        calls; its `retrieve` / `retrieve_one` behave as `aretrieve` (same timeout, retries, RetrievalError).
+        max_connections: connections in the pool (None: `max_concurrency`)."""
+        return RetrievalSession(self, max_connections or self.limits.max_concurrency)
 
     # ---- internals
     @staticmethod
@@ -149,3 +150,54 @@ class RetrievalClient:
     def _give_up(self, exc: RetryError) -> RetrievalError:
         cause = exc.last_attempt.exception()
         return RetrievalError(f"retrieval server {self.url} failed after {self.max_retries + 1} tries: {cause}")
+
+
+class RetrievalSession:
+    """`RetrievalClient.session()`: one `httpx.AsyncClient` for the session's lifetime.
+
+    Building an AsyncClient costs ~55 ms of CPU (its SSL context loads the CA bundle, even for plain http) on the
+    event loop, so a caller sending one query per request (the async agent loop) keeps one session per rollout.
+    Every request goes through the client's own request, retry and error handling.
+    """
+
+    def __init__(self, client: RetrievalClient, max_connections: int):
+        if max_connections < 1:
+            raise ValueError(f"[client] max_connections must be >= 1, got {max_connections}")
+        self.client = client
+        self.max_connections = max_connections
+        self._http: httpx.AsyncClient | None = None
+
+    async def __aenter__(self) -> "RetrievalSession":
+        self._http = httpx.AsyncClient(timeout=self.client.timeout_s, headers=self.client.headers,
+                                       limits=httpx.Limits(max_connections=self.max_connections,
+                                                           max_keepalive_connections=self.max_connections))
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self._http.aclose()
+        self._http = None
+
+    def _open_http(self) -> httpx.AsyncClient:
+        if self._http is None:
+            raise RuntimeError("[client] a RetrievalSession is used outside `async with client.session(...)`")
+        return self._http
+
+    async def retrieve(self, queries: list[str], topk: int = 3) -> list[list[dict]]:
+        """Per query, its hits: chunks of `batch_size` queries, up to `max_concurrency` requests in flight."""
+        queries = self.client._check(queries, topk)
+        http = self._open_http()
+        sem = asyncio.Semaphore(self.client.limits.max_concurrency)
+
+        async def one(chunk: list[str]) -> list[list[dict]]:
+            async with sem:
+                return await self.client._with_retries_async(lambda: self.client._post_async(http, chunk, topk))
+
+        parts = await asyncio.gather(*(one(c) for c in self.client._chunks(queries)))
+        return [hits for part in parts for hits in part]
+
+    async def retrieve_one(self, query: str, topk: int = 3) -> list[dict]:
+        """The hits of one query, in a request of its own (a server batcher coalesces concurrent ones)."""
+        if not isinstance(query, str):
+            raise TypeError(f"[client] retrieve_one takes one query string, got {type(query).__name__}")
+        [hits] = await self.retrieve([query], topk)
+        return hits

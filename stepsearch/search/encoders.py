@@ -199,9 +199,24 @@ def pad_batch(ids: list[list[int]], pad_id: int, with_token_type_ids: bool,
     return batch
 
 
+# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) at or above which bf16 matmuls run natively; a lower cap (AVX2, AVX512_CORE,
+# ..._VNNI) makes oneDNN emulate bf16 even on a CPU that has the instructions (how an AVX2-only CPU is emulated)
+_ONEDNN_BF16_ISAS = ("AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX512_CORE_AMX_FP16", "AVX10_1_512",
+                     "AVX10_1_512_AMX", "AVX10_1_512_AMX_FP16", "AVX10_2_512", "AVX10_2_512_AMX_2", "ALL", "DEFAULT")
+
+
+def onednn_allows_bf16(max_cpu_isa: str | None) -> bool:
+    """Whether the oneDNN ISA cap `max_cpu_isa` (the value of $ONEDNN_MAX_CPU_ISA, None/"" when unset) leaves
+    native bf16 kernels usable."""
+    return not max_cpu_isa or max_cpu_isa.strip().upper() in _ONEDNN_BF16_ISAS
+
+
 def cpu_has_fast_bf16() -> bool:
-    """True when this CPU runs bf16 matmuls natively (AMX or AVX512-BF16, e.g. Sapphire Rapids); elsewhere torch
-    emulates bf16 on CPU and `guarded` would be slower than fp32."""
+    """True when this CPU runs bf16 matmuls natively (AMX or AVX512-BF16, e.g. Sapphire Rapids) and
+    $ONEDNN_MAX_CPU_ISA does not cap oneDNN below them; elsewhere torch emulates bf16 on CPU and `guarded` would be
+    slower than fp32."""
+    if not onednn_allows_bf16(os.environ.get("ONEDNN_MAX_CPU_ISA")):
+        return False
     checks = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
     return any(check is not None and bool(check()) for check in checks)
 

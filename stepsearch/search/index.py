@@ -45,6 +45,9 @@ PASSAGE_TEXT = "contents-as-is"
 # Encoder settings that define the embedding space; an index must be queried with exactly these. Mirrors
 # encoders.IDENTITY_KEYS (kept here so bm25-only serving never imports torch; a test checks they agree).
 ENCODER_IDENTITY_KEYS = ("model", "pooling", "query_prefix", "passage_prefix", "max_length", "dim", "normalize")
+# Bytes per posix_fadvise(WILLNEED) call of prefetch_exhaustive: Linux's default read-ahead window (128 KiB), the
+# most one call reads where the window is that small
+PREFETCH_CHUNK = 128 << 10
 # Reciprocal-rank fusion constant (Cormack et al. 2009, k = 60).
 RRF_K = 60
 
@@ -152,8 +155,8 @@ class DenseRetriever:
 
     def __init__(self, index_path: Path, encoder, gpu: bool = False, gpu_storage: str = "fp16",
                  nprobe: int = DEFAULT_NPROBE, rerank_vectors: Path | None = None,
-                 rerank_candidates: int = DEFAULT_RERANK_CANDIDATES):
-        self.index = read_faiss(index_path)
+                 rerank_candidates: int = DEFAULT_RERANK_CANDIDATES, index=None):
+        self.index = read_faiss(index_path) if index is None else index  # `index`: read_faiss(index_path) already
         self.encoder = encoder
         if self.index.d != encoder.dim:
             raise IndexLoadError(f"{index_path}: index dim {self.index.d} != encoder dim {encoder.dim}")
@@ -295,6 +298,50 @@ def encoder_from_manifest(manifest: dict, model: str | None = None, mode: str = 
     return encoder
 
 
+def is_exhaustive(index) -> bool:
+    """True for FAISS index types whose every search reads all stored codes (Flat, SQ, PQ without IVF)."""
+    import faiss
+
+    flat_codes = getattr(faiss, "IndexFlatCodes", faiss.IndexFlat)
+    return isinstance(index, faiss.Index) and isinstance(faiss.downcast_index(index), flat_codes)
+
+
+def mem_available_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (bytes), or None where there is none."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def prefetch_exhaustive(index, path: Path) -> threading.Thread | None:
+    """For an exhaustive (memory-mapped) index, whose first query reads the whole file anyway, ask the kernel on a
+    daemon thread to read the file into the page cache now (posix_fadvise WILLNEED, chunk by chunk; asynchronous
+    reads at the disk's sequential rate, where the first search's page faults would read it in small pieces), so a
+    cold start overlaps the disk read with the encoder load. Skipped (None) for other index types, where Linux has
+    no posix_fadvise, or when the file is larger than MemAvailable (it could not stay cached)."""
+    path = Path(os.path.realpath(path))
+    available = mem_available_bytes()
+    if not hasattr(os, "posix_fadvise") or available is None or path.stat().st_size > available \
+            or not is_exhaustive(index):
+        return None
+
+    def advise() -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:  # one call per chunk: Linux reads at most one read-ahead window per call (pages cached: ~no cost)
+            for offset in range(0, os.fstat(fd).st_size, PREFETCH_CHUNK):
+                os.posix_fadvise(fd, offset, PREFETCH_CHUNK, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
+
+    thread = threading.Thread(target=advise, name="prefetch-index", daemon=True)
+    thread.start()
+    return thread
+
+
 @dataclass(frozen=True)
 class LoadOptions:
     """How to open an index folder for serving."""
@@ -328,7 +375,7 @@ def load_index(index_dir: str | os.PathLike, opts: LoadOptions = LoadOptions()) 
     method = opts.method or ("dense" if "dense" in manifest["methods"] else "bm25")
     check_files(index_dir, manifest, method)
     check_corpus(manifest, opts.corpus)
-    corpus = ArrowCorpus(index_dir / CORPUS_TABLE)
+    corpus = ArrowCorpus(index_dir / CORPUS_TABLE, random_access=True)  # reads only the rows served
     if len(corpus) != manifest["corpus"]["num_passages"]:
         raise IndexLoadError(f"{index_dir}: corpus table has {len(corpus)} rows, manifest says "
                           f"{manifest['corpus']['num_passages']}; rebuild the index")
@@ -341,12 +388,17 @@ def load_index(index_dir: str | os.PathLike, opts: LoadOptions = LoadOptions()) 
                                  "50; use encoder_mode 'fast' (sorted fp32 on CPU for hybrid) or 'sorted'")
         mode = "sorted" if opts.device == "cpu" else "fp16"
     if method in ("dense", "hybrid"):
+        # the FAISS file first (memory-mapped: instant), so an exhaustive index is read from disk in the background
+        # while the encoder loads (seconds of imports) rather than during the first query
+        faiss_index = read_faiss(index_dir / DENSE_INDEX)
+        if not opts.faiss_gpu:
+            prefetch_exhaustive(faiss_index, index_dir / DENSE_INDEX)
         encoder = encoder_from_manifest(manifest, opts.encoder, mode, opts.device,
                                         guard_eps=opts.guard_eps, guard_order=opts.guard_order)
         rerank = manifest.get("rerank")
         dense = DenseRetriever(index_dir / DENSE_INDEX, encoder, gpu=opts.faiss_gpu, gpu_storage=opts.gpu_storage,
                                nprobe=opts.nprobe, rerank_candidates=opts.rerank_candidates,
-                               rerank_vectors=index_dir / rerank["embeddings"] if rerank else None)
+                               rerank_vectors=index_dir / rerank["embeddings"] if rerank else None, index=faiss_index)
         if dense.index.ntotal != len(corpus):
             raise IndexLoadError(f"{index_dir}: FAISS index holds {dense.index.ntotal} vectors for {len(corpus)} "
                               "passages; rebuild the index")

@@ -77,7 +77,7 @@ def create_app(cfg: ServerConfig, backend) -> FastAPI:
             if cfg.warm_up and encoder is not None:  # bf16 kernels for the common shapes (guarded mode), ~2-5 s
                 shapes = await asyncio.to_thread(encoder.warm_up_bf16)
                 logger.info("warmed up %d bf16 batch shapes", shapes)
-            await backend.search(["warm-up query"], 1)  # first encode allocates; keep it off the first request
+            await asyncio.to_thread(backend.warm_up)  # first encode allocates; keep it off the first request
         logger.info("retrieval server ready: %s", backend.health())
         yield
         await backend.aclose()

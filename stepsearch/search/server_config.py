@@ -1,4 +1,5 @@
-"""The retrieval server's settings: `ServerConfig`, validated once at start-up (the CLI in `server.py` fills it).
+"""The retrieval server's settings: `ServerConfig`, validated once at start-up. Each field carries its default and
+the help of its flag; `server.py` builds the command line from them, so no default is written twice.
 
 A server bound beyond loopback without a bearer token is refused unless `allow_unauthenticated` is set: anyone who
 can reach the port could query it (and fill its cache).
@@ -6,9 +7,10 @@ can reach the port could query it (and fill its cache).
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from stepsearch.search.client import DEFAULT_MAX_QUERY_CHARS, TOKEN_ENV
+from stepsearch.search.online import SERPER_KEY_ENV
 from stepsearch.search.rerank import DEFAULT_NPROBE, DEFAULT_RERANK_CANDIDATES
 
 
@@ -22,70 +24,79 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def setting(default, help: str = "", *, choices: tuple | None = None, cli: bool = True):
+    """A ServerConfig field: its default, and the help and choices of its command-line flag (server.py builds the
+    CLI from these, so a default is written once, here). cli=False: no flag (set another way, see the field)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "cli": cli})
+
+
 @dataclass(frozen=True)
 class ServerConfig:
-    """Everything the server needs, validated once at start-up."""
+    """Everything the server needs, validated once at start-up. Each field is one flag of
+    `python -m stepsearch.search.server` (`--name VALUE`; a boolean that defaults to true is `--no_name`)."""
 
-    index_dir: str | None = None
-    online: str | None = None  # None (local index) or "serper"
-    host: str = "127.0.0.1"
-    port: int = 8000
-    method: str | None = None  # dense | bm25 | hybrid; None: dense when built
-    encoder: str | None = None  # must match the manifest's encoder
-    # fast: guarded bf16 + fp32 fallback on CPUs with native bf16 (else sorted fp32), fp16 on GPU; exact: fp32
-    encoder_mode: str = "fast"
-    guard_eps: float | None = None  # guarded: score gap that triggers the fp32 fallback (None: calibrated value)
-    guard_order: bool = False  # guarded: also keep the fp32 top-k order, not only the id set
-    device: str = "cpu"
-    # dense flat index on every visible GPU (Search-R1's --faiss_gpu), vectors stored as gpu_storage (fp16 halves
-    # wiki-18/e5 to 32 GB); see gpu_index.TorchFlatIndex
-    faiss_gpu: bool = False
-    gpu_storage: str = "fp16"
-    corpus: str | None = None  # if given, must match the manifest's corpus sha256
-    redis_url: str | None = None
-    cache_ttl_s: int = 7 * 24 * 3600
-    lru_size: int = 100_000
-    cache_normalization: str = "whitespace"
-    default_topk: int = 3
-    max_topk: int = 100
-    max_queries: int = 4096
-    max_query_chars: int = DEFAULT_MAX_QUERY_CHARS
-    max_batch_queries: int = 256
-    max_wait_ms: float = 2.0
-    coalesce: bool = True
-    # guarded mode: run the bf16 pass and the fp32 fallback pass on two owner threads at once
-    # (batcher.GuardedPipelineBatcher); off: both on one thread, one after the other
-    guard_pipeline: bool = True
-    # guarded pipeline: threads running the bf16 pass (1 torch thread each, plus the fp32 thread); 2 measured best
-    # on the 2-core machine (bench/results/retrieval.md); on a dedicated many-core node give it more
-    guard_workers: int = 2
-    # torch intra-op threads for query encoding. 0 (auto): $OMP_NUM_THREADS when set, else every core this process
-    # may run on (os.sched_getaffinity), except 1 for the guarded pipeline (its parallelism is its worker threads).
-    # Pass 1 when the node's cores are shared with the trainer/rollout: oversubscribed OpenMP threads stall each
-    # other (docs/retrieval.md)
-    torch_threads: int = 0
-    # IVF indexes: inverted lists visited per query (0: the value stored in the index file)
-    nprobe: int = DEFAULT_NPROBE
-    # "+rerank" indexes: candidates from the compressed index re-scored exactly against the fp16 vectors
-    rerank_candidates: int = DEFAULT_RERANK_CANDIDATES
-    # Python GIL switch interval for the server process (default 5 ms; see main)
-    gil_switch_interval_ms: float = 0.5
-    # a /retrieve that takes longer answers 504 (the client retries it)
-    request_timeout_s: float = 120.0
-    # answer well-formed /retrieve requests in a plain ASGI handler in front of FastAPI (see FastLane)
-    fast_lane: bool = True
-    # guarded mode: build the bf16 kernels for the common batch shapes at start-up (Encoder.warm_up_bf16)
-    warm_up: bool = True
-    # request body limits (413 past max_body_bytes; 408 and the connection closed when the whole body has not
-    # arrived within body_timeout_s), checked before any JSON is parsed. 4 MiB holds the client's largest batch
-    # (256 queries of max_query_chars 4096) with room to spare
-    max_body_bytes: int = 4 << 20
-    body_timeout_s: float = 10.0
-    token: str | None = None
-    token_env: str = TOKEN_ENV  # the environment variable the CLI read `token` from (named in errors)
-    allow_unauthenticated: bool = False  # allow a non-loopback host without a token
-    serper_api_key: str | None = None
-    serper_url: str = "https://google.serper.dev/search"
+    index_dir: str | None = setting(None, "index folder written by stepsearch.search.build_index")
+    online: str | None = setting(None, "serve web search results instead of a local index", choices=("serper",))
+    host: str = setting("127.0.0.1", "bind address; another host than loopback needs a token (or "
+                                     "--allow_unauthenticated)")
+    port: int = setting(8000, "port to listen on")
+    method: str | None = setting(None, "default: dense if the index has it", choices=("dense", "bm25", "hybrid"))
+    encoder: str | None = setting(None, "query encoder; must match the index manifest (default: the manifest's)")
+    encoder_mode: str = setting("fast", "query encoder path: fast (guarded bf16 with fp32 fallback on CPUs with "
+                                        "native bf16, else sorted; fp16 on GPU), guarded, sorted, fp16, exact "
+                                        "(Search-R1's fp32 path)")
+    guard_eps: float | None = setting(None, "guarded mode: bf16 score gap below which a query is re-encoded in fp32 "
+                                            "(default: the model's calibrated value)")
+    guard_order: bool = setting(False, "guarded mode: keep fp32's top-k order, not only its set")
+    device: str = setting("cpu", "query encoder device: cpu or cuda[:N]")
+    faiss_gpu: bool = setting(False, "put the dense (flat) index on every visible GPU (Search-R1's --faiss_gpu; "
+                                     "gpu_index.TorchFlatIndex)")
+    gpu_storage: str = setting("fp16", "--faiss_gpu: how the vectors are stored on the GPU (fp16 halves wiki-18/e5 "
+                                       "to 32 GB)", choices=("fp16", "bf16", "fp32"))
+    corpus: str | None = setting(None, "corpus file; refuse to start unless it matches the manifest's sha256")
+    redis_url: str | None = setting(None, "e.g. redis://127.0.0.1:6379/0; omit for the in-process LRU only")
+    cache_ttl_s: int = setting(7 * 24 * 3600, "Redis cache entry lifetime (s)")
+    lru_size: int = setting(100_000, "entries of the in-process LRU cache")
+    cache_normalization: str = setting("whitespace", "how a query is normalised into its cache key",
+                                       choices=("whitespace", "squad"))
+    default_topk: int = setting(3, "hits per query when a request gives no topk")
+    max_topk: int = setting(100, "largest topk a request may ask for")
+    max_queries: int = setting(4096, "most queries in one request")
+    max_query_chars: int = setting(DEFAULT_MAX_QUERY_CHARS, "longest query accepted (characters)")
+    max_batch_queries: int = setting(256, "most queries the batcher encodes at once")
+    max_wait_ms: float = setting(2.0, "how long the batcher waits to fill a batch")
+    coalesce: bool = setting(True, "coalesce concurrent requests into one batch (--no_coalesce: run each request "
+                                   "alone, the benchmark baseline)")
+    guard_pipeline: bool = setting(True, "guarded mode: run the bf16 pass and the fp32 fallback on two owner threads "
+                                         "at once (batcher.GuardedPipelineBatcher); --no_guard_pipeline: one thread, "
+                                         "one after the other")
+    guard_workers: int = setting(2, "guarded mode: threads running the bf16 pass (the fp32 fallback has its own); 2 "
+                                    "measured best on 2 cores (bench/results/retrieval.md)")
+    torch_threads: int = setting(0, "intra-op threads for query encoding; 0 (default) = $OMP_NUM_THREADS if set, else "
+                                    "every core this process may use (1 for the guarded pipeline); pass 1 when the "
+                                    "cores are shared with the trainer (docs/retrieval.md)")
+    nprobe: int = setting(DEFAULT_NPROBE, "IVF indexes: inverted lists visited per query (0: the value stored in the "
+                                          "index file)")
+    rerank_candidates: int = setting(DEFAULT_RERANK_CANDIDATES, "'+rerank' indexes: candidates from the compressed "
+                                                                "index re-scored exactly per query")
+    gil_switch_interval_ms: float = setting(0.5, "Python GIL switch interval of the server process (Python's "
+                                                 "default: 5 ms; see server.main)")
+    request_timeout_s: float = setting(120.0, "a /retrieve that takes longer answers 504 (the client retries it)")
+    fast_lane: bool = setting(True, "answer /retrieve in a plain ASGI handler in front of FastAPI (fast_lane.py); "
+                                    "--no_fast_lane: through FastAPI only (slower, same replies)")
+    warm_up: bool = setting(True, "guarded mode: build the bf16 kernels for the common batch shapes at start-up "
+                                  "(--no_warm_up skips it)")
+    max_body_bytes: int = setting(4 << 20, "largest /retrieve body accepted (413 beyond it, refused before it is "
+                                           "read); 4 MiB holds the client's largest batch with room to spare")
+    body_timeout_s: float = setting(10.0, "the whole /retrieve body must arrive within this time (else 408, "
+                                          "connection closed)")
+    token: str | None = setting(None, "bearer token; never a flag (it would show in ps): the CLI reads it from "
+                                      "$token_env", cli=False)
+    token_env: str = setting(TOKEN_ENV, "env var holding an optional bearer token")
+    allow_unauthenticated: bool = setting(False, "allow a --host beyond loopback without a token (anyone who reaches "
+                                                 "the port can query)")
+    serper_api_key: str | None = setting(None, f"Serper key (default: ${SERPER_KEY_ENV})")
+    serper_url: str = setting("https://google.serper.dev/search", "Serper endpoint")
 
     def __post_init__(self):
         if (self.index_dir is None) == (self.online is None):

@@ -11,9 +11,11 @@ spliced into the reply from their stored JSON (no decoding, no thread hop when t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
+import sys
 import time
 from collections import deque
 
@@ -73,6 +75,23 @@ class LocalBackend:
     async def search(self, queries: list[str], topk: int) -> list[list[dict]]:
         ids, scores = await self.batcher.submit(queries, topk)
         return self.hits(ids, scores)
+
+    def warm_up(self) -> None:
+        """Run once before serving, so the first request does not pay first-call costs: the encoder's first forward
+        (allocations, kernel set-up), a corpus lookup, and a search wherever one is cheap. An exhaustive (Flat-type)
+        index is not searched: that would read every stored vector (seconds per GB) and delay the first answer by
+        as much; its first search has no set-up cost of its own to take off the first request."""
+        from stepsearch.search.index import is_exhaustive
+
+        retriever = self.loaded.retriever
+        dense = retriever if isinstance(retriever, DenseRetriever) else getattr(retriever, "dense", None)
+        if dense is not None and is_exhaustive(dense.index):
+            dense.encoder.encode_queries(["warm-up query"])
+            if retriever is not dense:  # hybrid: its BM25 half
+                retriever.bm25.search(["warm-up query"], 1)
+        else:
+            retriever.search(["warm-up query"], 1)
+        self.loaded.corpus.rows([0])
 
     def search_sync(self, queries: list[str], topk: int) -> list[list[dict]]:
         """The same encode+search+lookup, in-process, without HTTP or the batcher (benchmark baseline)."""
@@ -152,18 +171,40 @@ def open_backend(cfg: ServerConfig):
     """Load the index (or online client) for cfg; IndexLoadError/ValueError explain what is wrong."""
     if cfg.online == "serper":
         return OnlineBackend(SerperBackend(SerperConfig.from_args(cfg.serper_api_key, url=cfg.serper_url)))
-    loaded = load_index(cfg.index_dir, LoadOptions(method=cfg.method, encoder=cfg.encoder,
-                                                   encoder_mode=cfg.encoder_mode, device=cfg.device,
-                                                   corpus=cfg.corpus, guard_eps=cfg.guard_eps,
-                                                   guard_order=cfg.guard_order, faiss_gpu=cfg.faiss_gpu,
-                                                   gpu_storage=cfg.gpu_storage, nprobe=cfg.nprobe,
-                                                   rerank_candidates=cfg.rerank_candidates))
+    with module_hidden("sklearn"):
+        loaded = open_index(cfg)
     if loaded.method != "bm25":
         import torch
 
         torch.set_num_threads(torch_threads(cfg, retriever_encoder(loaded.retriever).config.mode))
     return LocalBackend(loaded, BatcherConfig(cfg.max_batch_queries, cfg.max_wait_ms, cfg.coalesce),
                         guard_pipeline=cfg.guard_pipeline, guard_workers=cfg.guard_workers)
+
+
+@contextlib.contextmanager
+def module_hidden(name: str):
+    """While open, `importlib.util.find_spec(name)` says the module is not installed (sys.modules[name] = None),
+    unless it is imported already. The server opens the index under `module_hidden("sklearn")`: transformers'
+    generation code imports scikit-learn when it is installed (for assisted decoding, which a retrieval server never
+    runs), ~2 s of the encoder's load on 2 cores; hidden, the encoder loads and encodes exactly the same."""
+    if name in sys.modules:
+        yield
+        return
+    sys.modules[name] = None
+    try:
+        yield
+    finally:
+        if sys.modules.get(name, 0) is None:
+            del sys.modules[name]
+
+
+def open_index(cfg: ServerConfig) -> LoadedIndex:
+    return load_index(cfg.index_dir, LoadOptions(method=cfg.method, encoder=cfg.encoder,
+                                                   encoder_mode=cfg.encoder_mode, device=cfg.device,
+                                                   corpus=cfg.corpus, guard_eps=cfg.guard_eps,
+                                                   guard_order=cfg.guard_order, faiss_gpu=cfg.faiss_gpu,
+                                                   gpu_storage=cfg.gpu_storage, nprobe=cfg.nprobe,
+                                                   rerank_candidates=cfg.rerank_candidates))
 
 
 def torch_threads(cfg: ServerConfig, encoder_mode: str) -> int:

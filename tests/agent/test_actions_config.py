@@ -2,9 +2,9 @@
 import pytest
 
 from stepsearch.agent.actions import Action, parse_action
-from stepsearch.agent.config import AgentConfig
+from stepsearch.agent.agent_config import AgentConfig
 from stepsearch.agent.observations import ObservationEncoder, hits_to_round
-from stepsearch.agent.prompts import FINAL_TURN_WARNING, INFORMATION_CLOSE, INFORMATION_OPEN, INVALID_ACTION_WARNING
+from stepsearch.agent.tags import FINAL_TURN_WARNING, INFORMATION_CLOSE, INFORMATION_OPEN, INVALID_ACTION_WARNING
 from tests.rollout.models import tag_tokenizer
 
 pytestmark = pytest.mark.timeout(60)

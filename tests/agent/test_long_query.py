@@ -28,7 +28,7 @@ def test_one_overlong_query_does_not_fail_the_turn(retrieval_url):
     client = RetrievalClient(retrieval_url, timeout_s=60)
     with pytest.raises(RetrievalError, match="422"):  # what the loop used to send: the server refuses the batch
         client.retrieve(["Genentech lobbying", LONG], topk=3)
-    cfg = AgentConfig(max_turns=2, topk=3, max_new_tokens=8000, max_prompt_length=16000,
+    cfg = AgentConfig(max_turns=2, topk=3, max_new_tokens=8000, max_context_length=16000,
                       max_response_length=12000, max_obs_length=400)
     assert cfg.max_query_chars == 4096
     out = run_rollout(make_batch(tok, ["alpha", "beta"]), ScriptedBackend(tok, respond), client, tok, cfg)

@@ -10,7 +10,7 @@ import torch
 
 from stepsearch.agent.actions import parse_action
 from stepsearch.agent.loop import AgentConfig, run_rollout
-from stepsearch.agent.prompts import FINAL_TURN_WARNING, INVALID_ACTION_WARNING
+from stepsearch.agent.tags import FINAL_TURN_WARNING, INVALID_ACTION_WARNING
 from stepsearch.rewards.docs import format_docs
 from stepsearch.search.client import RetrievalClient
 from tests.rollout.models import (chain_transitions, chat_prompt_ids, left_padded, programmed_lm, random_lm,

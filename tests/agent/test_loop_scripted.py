@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from stepsearch.agent.loop import AgentConfig, run_rollout
-from stepsearch.agent.prompts import FINAL_TURN_WARNING, INVALID_ACTION_WARNING
+from stepsearch.agent.tags import FINAL_TURN_WARNING, INVALID_ACTION_WARNING
 from stepsearch.rewards.docs import format_docs
 from stepsearch.search.client import RetrievalClient
 from tests.agent.scripted import ScriptedBackend
@@ -182,7 +182,7 @@ def test_forced_final_turn_context_and_calls(tok, rollout):
 
 def test_left_truncated_context_and_budgets(tok, retrieval_url):
     backend = ScriptedBackend(tok, respond)
-    cfg = AgentConfig(max_turns=2, topk=3, max_prompt_length=64, max_obs_length=40, max_response_length=150,
+    cfg = AgentConfig(max_turns=2, topk=3, max_context_length=64, max_obs_length=40, max_response_length=150,
                       max_new_tokens=200)
     batch = make_batch(tok, ["gamma"])
     out = run_rollout(batch, backend, RetrievalClient(retrieval_url, timeout_s=60), tok, cfg)

@@ -37,7 +37,7 @@ def tok():
 
 
 def test_record_views_match_the_tensors_and_survive_json(tok, retrieval_url):
-    from stepsearch.agent.config import AgentConfig
+    from stepsearch.agent.agent_config import AgentConfig
 
     cfg = AgentConfig(max_turns=MAX_TURNS, topk=3, max_obs_length=2000, max_response_length=3000, max_new_tokens=200)
     out = run_rollout(make_batch(tok, ["alpha", "beta", "gamma"]), ScriptedBackend(tok, respond),
@@ -65,7 +65,7 @@ def test_record_views_match_the_tensors_and_survive_json(tok, retrieval_url):
 
 def test_hedged_answer_is_the_last_span(tok):
     """"<answer> A </think><answer> B </answer>" answers B (qa.extract_answer's rule), not both names."""
-    from stepsearch.agent.config import AgentConfig
+    from stepsearch.agent.agent_config import AgentConfig
 
     backend = ScriptedBackend(tok, lambda ctx: "<answer> Bivix </think><answer> Zorai </answer>")
     out = run_rollout(make_batch(tok, ["beta"]), backend, RetrievalClient("http://127.0.0.1:9"), tok,
@@ -114,9 +114,10 @@ def _dense(pairs, width: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_score_cli_reproduces_the_trainers_token_rewards(tok, retrieval_url, tmp_path, mode):
+    from stepsearch.data.row_fields import search_row_fields
     from stepsearch.train import build_reward_fn, build_rollout_fn
     from verl.trainer.ppo.ray_trainer import RayPPOTrainer, TrainerSpec
-    from verl.utils.config import AlgorithmConfig, TrainerConfig
+    from verl.utils.hydra_to_dataclass import AlgorithmConfig, TrainerConfig
     from verl.utils.dataset import RLHFDataset
 
     client = RetrievalClient(retrieval_url, timeout_s=60)
@@ -133,7 +134,8 @@ def test_score_cli_reproduces_the_trainers_token_rewards(tok, retrieval_url, tmp
               "retriever": {"url": retrieval_url, "timeout_s": 60}, "reward": {"step_rewards_on_format_fail": True}}
     spec = TrainerSpec(trainer=TrainerConfig(default_local_dir=str(tmp_path / "run"), total_training_steps=1),
                        algorithm=AlgorithmConfig(adv_estimator="grpo"))
-    trainer = RayPPOTrainer(spec, tok, None, RLHFDataset(str(val), tok, 64, 3, shuffle=False, drop_last=False),
+    trainer = RayPPOTrainer(spec, tok, None, RLHFDataset(str(val), tok, 64, 3, shuffle=False, drop_last=False,
+                                                             row_adapter=search_row_fields),
                             LocalWorkerGroup(ScriptedRolloutWorker, "actor"), None, build_rollout_fn(config, tok),
                             build_reward_fn(config, tok), tracker=None)
     metrics = trainer.validate()

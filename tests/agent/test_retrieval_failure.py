@@ -5,7 +5,7 @@ import time
 import pytest
 
 from stepsearch.agent.loop import AgentConfig, RolloutAborted, run_rollout
-from stepsearch.agent.prompts import RETRIEVAL_ERROR_OBSERVATION
+from stepsearch.agent.tags import RETRIEVAL_ERROR_OBSERVATION
 from stepsearch.search.client import RetrievalClient
 from stepsearch.search.testing import free_port, start_retrieval_server
 from verl.trainer.ppo.ray_trainer import FAILED_SAMPLES_KEY

@@ -3,10 +3,10 @@ import json
 
 import pytest
 
-from stepsearch.data.build import MusiConfig, build_musi
+from stepsearch.data.conversions import MusiConfig, build_musi
 from stepsearch.data.check import (EXACT, MISSING, NORMALIZED, CorpusIndex, degenerate_key_problems, main as check_main,
                                    normalize, run_check)
-from stepsearch.data.corpus import build_corpus, load_corpus_pairs, passage_id
+from stepsearch.data.training_corpus import build_corpus, load_corpus_pairs, passage_id
 from stepsearch.data.formats import read_rows_parquet, write_rows_parquet
 from stepsearch.data.io import iter_records
 
@@ -118,7 +118,7 @@ def test_normalize_follows_spec_1_3():
 
 
 def test_corpus_from_hotpot_and_2wiki_records_holds_their_support_docs(tmp_path):
-    from stepsearch.data.build import EvalSetConfig, build_test_set
+    from stepsearch.data.conversions import EvalSetConfig, build_test_set
 
     for name, ds in (("hotpot_dev_distractor_50.jsonl", "hotpotqa"), ("2wiki_dev_50.jsonl", "2wikimultihopqa")):
         data, _ = build_test_set(EvalSetConfig(input=str(SAMPLES / name), dataset=ds, local_dir=str(tmp_path),

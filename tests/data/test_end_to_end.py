@@ -2,9 +2,9 @@
 then the served passage for a sub-question is byte-for-byte the row's support doc."""
 import pytest
 
-from stepsearch.data.build import MusiConfig, build_musi
+from stepsearch.data.conversions import MusiConfig, build_musi
 from stepsearch.data.check import main as check_main
-from stepsearch.data.corpus import build_corpus
+from stepsearch.data.training_corpus import build_corpus
 from stepsearch.data.formats import read_rows_parquet
 
 from .conftest import SAMPLES

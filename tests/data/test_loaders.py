@@ -3,7 +3,7 @@ import datasets
 import numpy as np
 import torch
 
-from stepsearch.data.build import MusiConfig, EvalSetConfig, build_musi, build_test_set
+from stepsearch.data.conversions import MusiConfig, EvalSetConfig, build_musi, build_test_set
 from stepsearch.data.formats import read_rows_parquet
 
 from .conftest import SAMPLES
@@ -24,6 +24,7 @@ def test_parquet_loads_with_datasets(tmp_path):
 
 
 def test_parquet_loads_with_the_trainer_dataset(tmp_path):
+    from stepsearch.data.row_fields import search_row_fields
     from verl.utils.dataset import RLHFDataset
     from verl.utils.tiny_model import build_tokenizer
 
@@ -32,7 +33,7 @@ def test_parquet_loads_with_the_trainer_dataset(tmp_path):
                                    sample_num=8, seed=0))
     rows = read_rows_parquet(out)
     tok = build_tokenizer()
-    ds = RLHFDataset(out, tok, max_prompt_length=2048, batch_size=4, shuffle=False)
+    ds = RLHFDataset(out, tok, max_prompt_length=2048, batch_size=4, shuffle=False, row_adapter=search_row_fields)
     assert len(ds) == 8
     item = ds[1]
     assert item["input_ids"].shape == (2048,) and item["attention_mask"].sum() > 100  # left-padded prompt

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from stepsearch.data.build import MusiConfig, build_musi
+from stepsearch.data.conversions import MusiConfig, build_musi
 from stepsearch.data.formats import read_rows_parquet
 from stepsearch.data.io import DataError, iter_records
 from stepsearch.data.musique import convert_musique

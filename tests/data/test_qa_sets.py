@@ -3,7 +3,7 @@ import hashlib
 
 import pytest
 
-from stepsearch.data.build import EvalSetConfig, build_test_set
+from stepsearch.data.conversions import EvalSetConfig, build_test_set
 from stepsearch.data.formats import read_rows_parquet
 from stepsearch.data.io import DataError
 from stepsearch.data.qa_sets import convert_qa_file, join_sentences, sentence_separator

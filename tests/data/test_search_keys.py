@@ -7,7 +7,7 @@ import sys
 import httpx
 import pytest
 
-from stepsearch.data.corpus import build_corpus, load_corpus_pairs
+from stepsearch.data.training_corpus import build_corpus, load_corpus_pairs
 from stepsearch.data.formats import SupportDoc, read_rows_parquet
 from stepsearch.data.io import iter_records
 from stepsearch.data.musique import convert_musique

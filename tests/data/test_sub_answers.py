@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from stepsearch.data.build import MusiConfig, build_musi
+from stepsearch.data.conversions import MusiConfig, build_musi
 from stepsearch.data.formats import read_rows_parquet, to_row, validate_row
 from stepsearch.data.io import DataError, iter_records
 from stepsearch.data.musique import convert_musique
@@ -45,6 +45,7 @@ R_SUB, OVERALL = 0.9, 1.0 + 0.618 * 0.9
 
 
 def test_musique_row_scored_with_ow_sub_answer(tmp_path):
+    from stepsearch.data.row_fields import search_row_fields
     from verl.utils.dataset import RLHFDataset
     from verl.utils.tiny_model import build_tokenizer
 
@@ -54,7 +55,8 @@ def test_musique_row_scored_with_ow_sub_answer(tmp_path):
     row = read_rows_parquet(out)[0]
     assert row["reward_model"]["ground_truth"]["sub_answers"] == GOLD_HOPS
     # the trainer's reader hands ground_truth (sub_answers included) to the reward
-    item = RLHFDataset(out, build_tokenizer(), max_prompt_length=1024, batch_size=1, shuffle=False)[0]
+    item = RLHFDataset(out, build_tokenizer(), max_prompt_length=1024, batch_size=1, shuffle=False,
+                       row_adapter=search_row_fields)[0]
     assert item["ground_truth"]["sub_answers"] == GOLD_HOPS
     data = DataProto.from_dict(tensors={"response_mask": torch.ones(1, 6, dtype=torch.long)}, non_tensors={
         "response_text": [RESPONSE], "rounds": to_object_array([[]]), "search_end_positions": to_object_array([[]]),
@@ -70,6 +72,7 @@ def test_musique_row_scored_with_ow_sub_answer(tmp_path):
 
 
 def test_rows_without_the_field_read_as_no_sub_answers(tmp_path):
+    from stepsearch.data.row_fields import search_row_fields
     from verl.utils.dataset import RLHFDataset
     from verl.utils.tiny_model import build_tokenizer
 
@@ -83,7 +86,8 @@ def test_rows_without_the_field_read_as_no_sub_answers(tmp_path):
     del rows[0]["reward_model"]["ground_truth"]["sub_answers"]
     pq.write_table(pa.Table.from_pylist(rows), out)
     validate_row(read_rows_parquet(out)[0], "old")
-    item = RLHFDataset(out, build_tokenizer(), max_prompt_length=1024, batch_size=1, shuffle=False)[0]
+    item = RLHFDataset(out, build_tokenizer(), max_prompt_length=1024, batch_size=1, shuffle=False,
+                       row_adapter=search_row_fields)[0]
     assert item["ground_truth"]["sub_answers"] == []
 
 

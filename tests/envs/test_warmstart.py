@@ -154,13 +154,13 @@ def test_sft_config_rejects_bad_values():
 def test_scripted_trajectories_and_sft_through_the_real_loop(world_stack):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from stepsearch.agent.config import AgentConfig
+    from stepsearch.agent.agent_config import AgentConfig
     from stepsearch.envs.scripted import ScriptedPolicyConfig
     from stepsearch.envs.warmstart import collect_scripted_rollouts
     from stepsearch.search.client import RetrievalClient
 
     tok = AutoTokenizer.from_pretrained(world_stack.model_dir)
-    agent = AgentConfig(max_turns=5, topk=3, max_prompt_length=1024, max_new_tokens=32, max_response_length=512,
+    agent = AgentConfig(max_turns=5, topk=3, max_context_length=1024, max_new_tokens=32, max_response_length=512,
                         max_obs_length=256, greedy=True)
     data = collect_scripted_rollouts(f"{world_stack.world_dir}/train.parquet", tok, world_stack.url, agent,
                                      ScriptedPolicyConfig(copy_correct_prob=1.0), 96, batch_size=16, max_samples=16)

@@ -6,7 +6,7 @@ import re
 import pandas as pd
 import pytest
 
-from stepsearch.envs.build import write_world
+from stepsearch.envs.make_world import write_world
 from stepsearch.envs.world import WorldConfig, generate_world, question_text, world_fingerprint, world_rows
 
 SMALL = WorldConfig(seed=3, num_entities=30, num_relations=3, num_train=60, num_test=15)
@@ -75,6 +75,7 @@ def test_bad_config_names_the_field():
 
 
 def test_files_load_with_the_trainer_dataset(tmp_path, world):
+    from stepsearch.data.row_fields import search_row_fields
     from verl.utils.dataset import RLHFDataset
     from verl.utils.tiny_model import build_tokenizer
 
@@ -84,7 +85,8 @@ def test_files_load_with_the_trainer_dataset(tmp_path, world):
     df = pd.read_parquet(paths["test.parquet"])
     assert list(df.columns) == ["id", "data_source", "prompt", "ability", "reward_model", "extra_info"]
     tok = build_tokenizer(["Who is the mother of Zorbak?"], vocab_size=300)
-    ds = RLHFDataset(paths["test.parquet"], tok, max_prompt_length=512, batch_size=4, shuffle=False)
+    ds = RLHFDataset(paths["test.parquet"], tok, max_prompt_length=512, batch_size=4, shuffle=False,
+                     row_adapter=search_row_fields)
     item = ds[0]
     assert item["ground_truth"]["target"] == [world.test[0].answer]
     assert [d["text"] for d in item["support_docs"]] == [world.lookup(s, r).passage["text"] for s, r in
@@ -101,7 +103,7 @@ def test_relation_mixing_option(world):
 
 
 def test_build_cli_hop_weights(tmp_path):
-    from stepsearch.envs.build import main, parse_hop_weights
+    from stepsearch.envs.make_world import main, parse_hop_weights
 
     assert parse_hop_weights("2:0.5,3:0.3,4:0.2") == ((2, 0.5), (3, 0.3), (4, 0.2))
     with pytest.raises(ValueError, match="hop_weights"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from stepsearch.envs.build import write_world
+from stepsearch.envs.make_world import write_world
 from stepsearch.envs.warmstart import TinyModelConfig, build_demo_model, save_model_dir, world_texts
 from stepsearch.envs.world import World, WorldConfig, generate_world
 from stepsearch.search.testing import build_test_index, start_retrieval_server

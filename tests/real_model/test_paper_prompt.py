@@ -8,8 +8,9 @@ must be realistic for the configs' `data.max_prompt_length`.
 import pytest
 from transformers import AutoTokenizer
 
-from stepsearch.agent.prompts import STOP_STRINGS, TAG_TOKENS
+from stepsearch.agent.tags import STOP_STRINGS, TAG_TOKENS
 from stepsearch.data.formats import QAExample, to_row, write_rows_parquet
+from stepsearch.data.row_fields import search_row_fields
 from verl.utils.dataset import RLHFDataset
 
 QUESTION = "Who founded the company that makes the iPhone"
@@ -34,7 +35,7 @@ def paper_row(tmp_path):
 def test_paper_prompt_renders_with_the_real_chat_template(tokenizer, paper_row):
     row, path = paper_row
     item = RLHFDataset(str(path), tokenizer, max_prompt_length=1024, batch_size=1, shuffle=False,
-                       drop_last=False)[0]
+                       drop_last=False, row_adapter=search_row_fields)[0]
     ids = item["input_ids"][item["attention_mask"].bool()].tolist()
     text = tokenizer.decode(ids)
     assert text == tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False)

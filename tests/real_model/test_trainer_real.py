@@ -1,10 +1,13 @@
 """One StePPO step of the Ray trainer on the real pretrained model, then its HF export (docs/real_model.md).
 
-``python -m verl.trainer.main_ppo --config-name cpu_test model.path=<SmolLM2>``: 2 data-parallel FSDP ranks on Ray,
-the HF rollout, the real retrieval server over the bundled MuSiQue sample's supporting paragraphs
+``python -m verl.trainer.main_ppo --config-name cpu_test model.path=<SmolLM2>``: one FSDP rank on Ray, the HF
+rollout, the real retrieval server over the bundled MuSiQue sample's supporting paragraphs
 (tests/trainer/resume_runs.py ``musi_server``), and a parquet from scripts/data_process/musi_search.py with the
-paper prompt, which the trainer renders with the model's own tokenizer and chat template. One step with small
-lengths, saved and exported at step 1. The export must reload with plain ``AutoModelForCausalLM.from_pretrained``
+paper prompt, which the trainer renders with the model's own tokenizer and chat template. One step on 2 rows with
+small lengths (2 turns of 16 tokens), saved and exported at step 1; the sharded 2-rank checkpoint and export are
+tested on the tiny model (tests/trainer/test_e2e_cpu.py), so one rank keeps this test to what only a real model shows
+(Llama architecture, tied embeddings, a 49k vocabulary, a real chat template) at a fraction of the cost. The
+export must reload with plain ``AutoModelForCausalLM.from_pretrained``
 (no missing or unexpected keys), hold exactly the actor weights of the step-1 checkpoint (read back from its
 torch.distributed.checkpoint files, not from the export code path), differ from the initial weights (the step
 updated the policy), carry the real tokenizer and chat template, and still answer a question.
@@ -26,9 +29,12 @@ from tests.trainer.resume_runs import musi_server, read_jsonl, trainer_env  # no
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 MUSIQUE_SAMPLE = REPO_ROOT / "data" / "samples" / "musique_ans_train_100.json"
-ROWS = 4  # data.train_batch_size of cpu_test: 2 per rank
-SMALL_LENGTHS = ("actor_rollout_ref.rollout.max_new_tokens=24", "agent.max_turns=2", "agent.max_obs_length=128",
-                 "agent.max_response_length=384")
+ROWS = 2  # data.train_batch_size: one mini-batch of 2 rows on the one rank
+ONE_RANK = ("trainer.dp_size=1", f"data.train_batch_size={ROWS}", f"actor_rollout_ref.actor.ppo_mini_batch_size={ROWS}",
+            f"critic.ppo_mini_batch_size={ROWS}")
+SMALL_LENGTHS = ("actor_rollout_ref.rollout.max_new_tokens=16", "agent.max_turns=1", "agent.max_obs_length=128",
+                 "agent.max_response_length=256")
+"""max_turns 1: one turn and the forced final turn, 2 x 16 generated tokens and at most one observation per row."""
 ACTOR_LR = "actor_rollout_ref.optim.lr=1.0e-6"
 """The paper's order of magnitude (docs/method.md: actor lr 7e-7). With cpu_test's 1e-4, one AdamW step moves every
 weight by ~1e-4, and this model then answers the check question in French instead of naming Paris."""
@@ -65,7 +71,7 @@ def test_one_step_on_the_real_model_and_hf_export(tmp_path, real_model_dir, real
     cmd = [sys.executable, "-m", "verl.trainer.main_ppo", "--config-name", "cpu_test",
            f"model.path={real_model_dir}", f"data.train_files=[{paper_parquet}]", f"retriever.url={musi_server}",
            f"trainer.default_local_dir={out_dir}", "trainer.total_training_steps=1", "trainer.save_freq=1",
-           *SMALL_LENGTHS, ACTOR_LR]
+           *ONE_RANK, *SMALL_LENGTHS, ACTOR_LR]
     env = {**trainer_env(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     t0 = time.perf_counter()
     done = subprocess.run(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -30,7 +30,7 @@ from tests.real_model_fixture import REPO_ROOT  # noqa: E402
 from tests.verl.helpers import build_batch  # noqa: E402
 from verl.protocol import DataProto  # noqa: E402
 from verl.workers.actor import Actor  # noqa: E402
-from verl.workers.config import ActorConfig  # noqa: E402
+from verl.workers.worker_config import ActorConfig  # noqa: E402
 from verl.workers.rollout.base import SamplingConfig  # noqa: E402
 from verl.workers.rollout.vllm import VLLMRolloutBackend  # noqa: E402
 

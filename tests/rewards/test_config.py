@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from stepsearch.rewards.config import ABLATIONS, RewardConfig
+from stepsearch.rewards.reward_config import ABLATIONS, RewardConfig
 
 pytestmark = pytest.mark.timeout(30)
 

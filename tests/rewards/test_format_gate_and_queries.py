@@ -3,7 +3,7 @@ search rounds only, and the "ow sub-answer" reward. Every expected number is wor
 import pytest
 import torch
 
-from stepsearch.agent.prompts import FINAL_TURN_WARNING, INVALID_ACTION_WARNING
+from stepsearch.agent.tags import FINAL_TURN_WARNING, INVALID_ACTION_WARNING
 from stepsearch.rewards import RewardConfig, compute_token_rewards, score_trajectory
 from stepsearch.rewards.qa import check_format, check_format_paper
 from stepsearch.rewards.docs import policy_text

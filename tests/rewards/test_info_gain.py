@@ -7,7 +7,7 @@ import pytest
 from stepsearch.rewards.info_gain import GoldTfidf, info_gain, info_gain_from_similarities
 from stepsearch.rewards.reference import reference_info_gain, sklearn_similarities
 
-from .corpus import random_case, random_doc_text, wiki_passages
+from .reward_cases import random_case, random_doc_text, wiki_passages
 
 pytestmark = pytest.mark.timeout(120)
 

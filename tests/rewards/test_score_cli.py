@@ -10,7 +10,7 @@ import pytest
 from stepsearch.rewards import RewardConfig, format_docs
 from stepsearch.rewards.score import BadRowError, score_file
 
-from .corpus import wiki_passages
+from .reward_cases import wiki_passages
 
 pytestmark = pytest.mark.timeout(120)
 REPO = Path(__file__).resolve().parents[2]

@@ -10,11 +10,11 @@ from stepsearch.rewards import RewardConfig, compute_token_rewards, format_docs,
 from stepsearch.rewards.info_gain import info_gain
 from stepsearch.rewards.redundancy import redundancy_penalty
 from stepsearch.rewards.reference import reference_token_scores
-from stepsearch.rewards.scoring import combine_step_rewards
+from stepsearch.rewards.trajectory_score import combine_step_rewards
 from stepsearch.rewards.token_rewards import place_token_rewards, trajectory_scalar_rewards
 from verl.protocol import DataProto
 
-from .corpus import random_case, wiki_passages
+from .reward_cases import random_case, wiki_passages
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -85,7 +85,7 @@ def test_agent_rollout_identical_to_hf(tok, engine, retrieval_url):
     newline = tok("\n", add_special_tokens=False)["input_ids"]
     model = programmed_lm(tok, chain_transitions(tok, newline, QUERY_TEXT))
     engine.load_weights(model.state_dict())
-    cfg = AgentConfig(max_turns=2, topk=3, max_prompt_length=1000, max_new_tokens=16, max_response_length=3000,
+    cfg = AgentConfig(max_turns=2, topk=3, max_context_length=1000, max_new_tokens=16, max_response_length=3000,
                       max_obs_length=1500, greedy=True)
     client = RetrievalClient(retrieval_url, timeout_s=60)
     batch = make_batch(tok, ["Who was Evan Morris?", "Where did he work?"])

@@ -35,8 +35,8 @@ def _lm(tok, seed):
 
 def test_worker_sync_with_small_buckets_matches_hf(tmp_path):
     from verl.single_controller.base import LocalWorkerGroup
-    from verl.utils.config import RolloutConfig
-    from verl.workers.config import ActorConfig
+    from verl.utils.hydra_to_dataclass import RolloutConfig
+    from verl.workers.worker_config import ActorConfig
     from verl.workers.fsdp_workers import ActorRolloutRefWorker, WorkerConfig
 
     tok = tag_tokenizer()

@@ -87,3 +87,51 @@ def test_empty_corpus_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="no passages"):
         build_arrow_corpus(tmp_path / "e.jsonl", tmp_path / "e.arrow")
     assert not (tmp_path / "e.arrow").exists()
+
+
+def page_cache_fraction(path) -> float:
+    """Share of `path`'s pages in the page cache (mincore over a private mapping, which shares the cached pages)."""
+    import ctypes
+    import mmap
+
+    with open(path, "rb") as fh:
+        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+    pages = -(-len(mm) // mmap.PAGESIZE)
+    vec = (ctypes.c_ubyte * pages)()
+    buf = ctypes.c_char.from_buffer(mm)
+    libc = ctypes.CDLL(None, use_errno=True)
+    rc = libc.mincore(ctypes.c_void_p(ctypes.addressof(buf)), ctypes.c_size_t(len(mm)), vec)
+    del buf
+    mm.close()
+    assert rc == 0, ctypes.get_errno()
+    return sum(v & 1 for v in vec) / pages
+
+
+def drop_from_page_cache(path) -> None:
+    import os
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def test_random_access_open_reads_only_what_it_serves(tmp_path):
+    """Serving opens the table with random_access=True: opening it and looking up a few rows must not read the
+    file from disk (without it, read-ahead pulls in every record batch: the whole corpus at start-up)."""
+    rng = np.random.default_rng(0)
+    rows = [{"id": str(i), "contents": f'"T{i}"\n' + " ".join(rng.choice(["alpha", "beta", "gamma"], size=200))}
+            for i in range(20_000)]  # ~28 MB of Arrow in 1,024-row batches
+    src = write_jsonl(tmp_path / "big.jsonl", rows)
+    build_arrow_corpus(src, tmp_path / "big.arrow", batch_rows=1024)
+    drop_from_page_cache(tmp_path / "big.arrow")
+    if page_cache_fraction(tmp_path / "big.arrow") > 0.05:
+        pytest.skip("this file system keeps the file in the page cache (tmpfs?)")
+    corpus = ArrowCorpus(tmp_path / "big.arrow", random_access=True)
+    picks = [0, 19_999, 7_777, 7_778]
+    docs = corpus.rows(picks)
+    assert [d["contents"] for d in docs] == [rows[i]["contents"] for i in picks]
+    assert page_cache_fraction(tmp_path / "big.arrow") < 0.05  # the footer, the batches' metadata and 4 rows
+    assert corpus.rows(picks) == ArrowCorpus(tmp_path / "big.arrow").rows(picks)

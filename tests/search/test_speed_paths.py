@@ -107,3 +107,14 @@ def test_configure_threads_sets_torch_and_faiss():
     finally:
         torch.set_num_threads(before)
         faiss.omp_set_num_threads(before)
+
+
+def test_onednn_isa_cap_hides_native_bf16(monkeypatch):
+    """ONEDNN_MAX_CPU_ISA=AVX2 (how an AVX2-only CPU is emulated on a bf16 CPU) turns `fast` into `sorted`."""
+    from stepsearch.search.encoders import cpu_has_fast_bf16, onednn_allows_bf16
+
+    assert [onednn_allows_bf16(v) for v in (None, "", "avx2", "AVX512_CORE", "AVX512_CORE_VNNI")] == \
+        [True, True, False, False, False]
+    assert [onednn_allows_bf16(v) for v in ("AVX512_CORE_BF16", "avx512_core_amx", "ALL", "DEFAULT")] == [True] * 4
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert cpu_has_fast_bf16() is False

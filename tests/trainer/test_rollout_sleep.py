@@ -91,9 +91,8 @@ def files(tmp_path_factory):
 
 def _fit(cfg: dict) -> dict:
     """run_ppo with the recording worker classes (in-process workers)."""
-    from verl.trainer.main_ppo import _build_datasets, _worker_configs, build_run_config, seed_everything
+    from verl.trainer.main_ppo import _build_datasets, _worker_configs, build_run_config, load_hooks, seed_everything
     from verl.trainer.ppo.ray_trainer import RayPPOTrainer, TrainerSpec
-    from verl.utils.config import load_object
     from verl.utils.tokenizer import load_tokenizer
     from verl.utils.tracking import Tracking
 
@@ -101,7 +100,8 @@ def _fit(cfg: dict) -> dict:
     run = build_run_config(cfg)
     seed_everything(run.trainer.seed)
     tokenizer = load_tokenizer(run.model.path)
-    train, val = _build_datasets(run, tokenizer)
+    row_adapter, rollout_fn, reward_fn = load_hooks(run, cfg, tokenizer)
+    train, val = _build_datasets(run, tokenizer, row_adapter)
     actor_cfg, critic_cfg = _worker_configs(run, run.trainer.total_steps(train))
     critic = LocalWorkerGroup(RecordingCriticWorker, "critic", config=critic_cfg)
     actor = LocalWorkerGroup(RecordingActorWorker, "actor_rollout_ref", config=actor_cfg)
@@ -110,9 +110,7 @@ def _fit(cfg: dict) -> dict:
     spec = TrainerSpec(trainer=run.trainer, algorithm=run.algorithm, rollout_n=run.rollout.n,
                        rollout_sleep=run.rollout.enable_sleep_mode)
     tracker = Tracking("t", "t", run.trainer.logger, run.trainer.default_local_dir)
-    trainer = RayPPOTrainer(spec, tokenizer, train, val, actor, critic,
-                            load_object(run.trainer.rollout_fn, "rollout_fn")(cfg, tokenizer),
-                            load_object(run.trainer.reward_fn, "reward_fn")(cfg, tokenizer), tracker)
+    trainer = RayPPOTrainer(spec, tokenizer, train, val, actor, critic, rollout_fn, reward_fn, tracker)
     try:
         return trainer.fit()
     finally:

@@ -5,7 +5,7 @@ import pytest
 
 from tests.trainer.test_config import _compose
 from verl.trainer.main_ppo import build_run_config
-from verl.utils.config import FSDPConfig, RolloutConfig
+from verl.utils.hydra_to_dataclass import FSDPConfig, RolloutConfig
 
 
 def test_defaults_agree_with_the_dataclasses():

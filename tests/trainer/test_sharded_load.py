@@ -17,7 +17,7 @@ def _rank_main(rank: int, world: int, port: int, model_dir: str, config_only_dir
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
-    from verl.utils.config import FSDPConfig
+    from verl.utils.hydra_to_dataclass import FSDPConfig
     from verl.workers.fsdp_workers import _full_state_items, load_sharded_causal_lm
 
     torch.set_num_threads(1)

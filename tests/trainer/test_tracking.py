@@ -4,7 +4,7 @@ import logging
 
 import pytest
 
-from verl.utils.tracking import Tracking, format_console
+from verl.utils.tracking import ENGINE_CONSOLE_KEYS, Tracking, format_console
 
 
 def test_console_jsonl_tensorboard(tmp_path, caplog):
@@ -27,6 +27,20 @@ def test_console_jsonl_tensorboard(tmp_path, caplog):
 def test_format_console_orders_headline_keys():
     line = format_console({"perf/throughput": 10.0, "timing_s/step": 1.5, "other": 3}, step=7)
     assert line == "step 7 | timing_s/step=1.5 | perf/throughput=10"
+
+
+def test_console_shows_the_task_keys_it_is_given(tmp_path, caplog):
+    """The engine names no task metric; the keys a task's hooks name follow the engine's, then the val/ keys."""
+    metrics = {"search/num_searches/mean": 2.5, "timing_s/step": 1.5, "val/x/em": 0.5}
+    assert format_console(metrics, step=1) == "step 1 | timing_s/step=1.5 | val/x/em=0.5"
+    keys = ENGINE_CONSOLE_KEYS + ("search/num_searches/mean",)
+    assert format_console(metrics, 1, keys) == ("step 1 | timing_s/step=1.5 | search/num_searches/mean=2.5 | "
+                                                "val/x/em=0.5")
+    tracker = Tracking("p", "e", ["console"], str(tmp_path), console_keys=keys)
+    with caplog.at_level(logging.INFO, logger="verl.utils.tracking"):
+        tracker.log(metrics, step=2)
+    tracker.close()
+    assert "step 2 | timing_s/step=1.5 | search/num_searches/mean=2.5 | val/x/em=0.5" in caplog.text
 
 
 @pytest.mark.slow

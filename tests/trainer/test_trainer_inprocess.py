@@ -63,14 +63,17 @@ def build_rollout_fn(config: dict, tokenizer):
 
 
 def build_reward_fn(config: dict, tokenizer):
-    """Score 1 at the last trainable token of rows with an even dataset index; per-sample em = f1 = that score."""
+    """Score 1 at the last trainable token of rows with an even dataset index; per-sample em = f1 = that score, and
+    the row's targets, read from its opaque ``reward_model`` column (the default row adapter keeps it as is)."""
     def reward(batch: DataProto) -> RewardResult:
         mask = batch.batch["response_mask"]
         last = mask.cumsum(-1).argmax(-1)  # (B,) index of the last 1
         even = torch.tensor([int(i) % 2 == 0 for i in batch.non_tensor_batch["index"]], dtype=torch.float32)
         scores = torch.zeros(mask.shape)
         scores[torch.arange(len(batch)), last] = even
-        samples = [{"em": float(e), "f1": float(e), "prediction": "p"} for e in even]
+        targets = [rm["ground_truth"]["target"] for rm in batch.non_tensor_batch["reward_model"]]
+        samples = [{"ground_truth": t, "em": float(e), "f1": float(e), "prediction": "p"}
+                   for t, e in zip(targets, even)]
         return RewardResult(scores, {"reward/overall/mean": float(even.mean())}, samples)
     return reward
 
@@ -88,7 +91,8 @@ def _config(train, val, model, out, **trainer):
         "algorithm": {"adv_estimator": "gae"},
         "trainer": {"logger": ["jsonl"], "default_local_dir": out, "total_training_steps": 2, "save_freq": 2,
                     "test_freq": 2, "n_gpus_per_node": 0, "dp_size": 1, "device": "cpu", "progress_bar": False,
-                    "rollout_fn": f"{__name__}.build_rollout_fn", "reward_fn": f"{__name__}.build_reward_fn",
+                    "row_adapter": "", "rollout_fn": f"{__name__}.build_rollout_fn",
+                    "reward_fn": f"{__name__}.build_reward_fn",
                     **trainer},
         "ray": {"enable": False},
     }

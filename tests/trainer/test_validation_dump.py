@@ -56,7 +56,8 @@ def test_validation_dump_rows_are_eval_and_viz_rows(retrieval_url, tmp_path):
     from stepsearch.train import build_reward_fn, build_rollout_fn
     from stepsearch.viz.report import render_html
     from verl.trainer.ppo.ray_trainer import RayPPOTrainer, TrainerSpec
-    from verl.utils.config import AlgorithmConfig, TrainerConfig
+    from verl.utils.hydra_to_dataclass import AlgorithmConfig, TrainerConfig
+    from stepsearch.data.row_fields import search_row_fields
     from verl.utils.dataset import RLHFDataset
 
     tok = tag_tokenizer()
@@ -69,7 +70,8 @@ def test_validation_dump_rows_are_eval_and_viz_rows(retrieval_url, tmp_path):
               "retriever": {"url": retrieval_url, "timeout_s": 60}, "reward": {}}
     spec = TrainerSpec(trainer=TrainerConfig(default_local_dir=str(tmp_path / "run"), total_training_steps=1),
                        algorithm=AlgorithmConfig(adv_estimator="grpo"), rollout_n=2)
-    trainer = RayPPOTrainer(spec, tok, None, RLHFDataset(str(val), tok, 64, 2, shuffle=False, drop_last=False),
+    trainer = RayPPOTrainer(spec, tok, None, RLHFDataset(str(val), tok, 64, 2, shuffle=False, drop_last=False,
+                                                             row_adapter=search_row_fields),
                             LocalWorkerGroup(ScriptedRolloutWorker, "actor"), None, build_rollout_fn(config, tok),
                             build_reward_fn(config, tok), tracker=None)
     metrics = trainer.validate()

@@ -8,8 +8,8 @@ import torch
 
 from verl.protocol import DataProto
 from verl.utils.fs import current_umask
-from verl.utils.config import FSDPConfig, OptimConfig, RolloutConfig
-from verl.workers.config import ActorConfig, CriticConfig
+from verl.utils.hydra_to_dataclass import FSDPConfig, OptimConfig, RolloutConfig
+from verl.workers.worker_config import ActorConfig, CriticConfig
 from verl.workers.rollout.base import SamplingConfig
 
 P, T = 6, 4

@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_dir
 
 from verl.trainer.main_ppo import build_run_config
 from verl.trainer.ppo import core_algos as ca
-from verl.utils.config import OptimConfig
+from verl.utils.hydra_to_dataclass import OptimConfig
 from verl.workers.fsdp_workers import build_lr_scheduler
 
 CONFIGS = str(Path(__file__).resolve().parents[2] / "configs")

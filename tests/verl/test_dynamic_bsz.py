@@ -13,7 +13,7 @@ from verl.trainer.main_ppo import build_run_config
 from verl.utils.tiny_model import build_tiny_causal_lm, build_tokenizer
 from verl.utils.token_budget import token_budget_groups
 from verl.workers.actor import Actor, weighted_micro_batches
-from verl.workers.config import ActorConfig, CriticConfig
+from verl.workers.worker_config import ActorConfig, CriticConfig
 from verl.workers.critic import Critic
 
 pytestmark = pytest.mark.timeout(120)

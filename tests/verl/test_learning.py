@@ -17,7 +17,7 @@ from verl.protocol import DataProto
 from verl.trainer.ppo import core_algos
 from verl.utils.tiny_model import build_tiny_causal_lm, build_tokenizer
 from verl.workers.actor import Actor
-from verl.workers.config import ActorConfig, CriticConfig
+from verl.workers.worker_config import ActorConfig, CriticConfig
 from verl.workers.critic import Critic
 
 BATCH, SEGMENT, OBSERVATION = 32, 4, [10, 11]

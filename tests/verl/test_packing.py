@@ -17,7 +17,7 @@ from verl.protocol import DataProto
 from verl.trainer.main_ppo import build_run_config
 from verl.utils.packing import VARLEN_SDPA, pack_rows, scatter_to_grid
 from verl.workers.actor import Actor
-from verl.workers.config import ActorConfig, CriticConfig
+from verl.workers.worker_config import ActorConfig, CriticConfig
 from verl.workers.critic import Critic
 
 pytestmark = pytest.mark.timeout(120)

@@ -9,7 +9,7 @@ from verl.models.value_model import CausalLMWithValueHead
 from verl.protocol import DataProto
 from verl.utils.tiny_model import build_tiny_causal_lm, build_tokenizer
 from verl.workers.actor import Actor
-from verl.workers.config import ActorConfig, CriticConfig, config_from_mapping
+from verl.workers.worker_config import ActorConfig, CriticConfig, config_from_mapping
 from verl.workers.critic import Critic
 
 pytestmark = pytest.mark.timeout(120)
@@ -95,7 +95,7 @@ def test_update_policy_micro_batches_equal_one_full_batch(model, batch, mode):
     assert m_full["actor/pg_loss"] == pytest.approx(m_micro["actor/pg_loss"], abs=1e-5)
     assert m_full["actor/grad_norm"] == pytest.approx(m_micro["actor/grad_norm"], rel=1e-4)
     assert 0 < m_full["actor/pg_clipfrac"] < 1
-    for key in ("actor/pg_loss", "actor/pg_clipfrac", "actor/ppo_kl", "actor/grad_norm", "actor/entropy",
+    for key in ("actor/pg_loss", "actor/pg_clipfrac", "actor/ppo_kl", "actor/grad_norm", "actor/entropy_loss",
                 "actor/lr", "actor/skipped_steps"):
         assert key in m_full
 

@@ -1,19 +1,18 @@
 """The critic: a causal-LM backbone (no LM head) with a scalar value head.
 
 values[b, i] = w · h_i + c, where h_i is the last hidden state at position i. The critic's value of the
-state before response token j is read at position L − T − 1 + j (see torch_functional.response_slice_logits).
+state before response token j is read at position L − T − 1 + j (see torch_functional.response_positions).
 """
 from __future__ import annotations
 
 import os
-import tempfile
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from verl.utils.fs import follow_umask
+from verl.utils.fs import atomic_path, follow_umask
 
 __all__ = ["CausalLMWithValueHead"]
 
@@ -57,10 +56,8 @@ class CausalLMWithValueHead(nn.Module):
         (mkstemp and safetensors' writer both create files 0600)."""
         os.makedirs(out_dir, exist_ok=True)
         self.backbone.save_pretrained(out_dir, safe_serialization=True)
-        fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".tmp")
-        os.close(fd)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()}, tmp)
-        os.replace(tmp, os.path.join(out_dir, VALUE_HEAD_FILE))
+        with atomic_path(os.path.join(out_dir, VALUE_HEAD_FILE)) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()}, tmp)
         follow_umask(out_dir)
 
     def gradient_checkpointing_enable(self, **kwargs) -> None:

@@ -100,10 +100,33 @@ class WorkerGroup:
     def _execute(self, method: str, per_rank_args: list[tuple], per_rank_kwargs: list[dict]) -> list:
         raise NotImplementedError(f"{type(self).__name__} must implement _execute (run a method on every rank)")
 
+    def _execute_rank(self, rank: int, method: str, args: tuple, kwargs: dict) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} must implement _execute_rank (run a method on one rank)")
+
     def call(self, method: str, *args, **kwargs) -> Any:
         mode = get_dispatch_mode(self.worker_cls, method)
         per_args, per_kwargs, pad = split_args(mode, self.world_size, args, kwargs)
         return merge_outputs(mode, self._execute(method, per_args, per_kwargs), pad)
+
+    def call_per_rank(self, method: str, per_rank_args: Sequence[tuple],
+                      per_rank_kwargs: Sequence[dict] | None = None) -> list:
+        """Run a registered method on every rank at once, rank r with per_rank_args[r] as given (no dispatch
+        split or merge); returns the per-rank results in rank order."""
+        get_dispatch_mode(self.worker_cls, method)
+        per_rank_kwargs = list(per_rank_kwargs) if per_rank_kwargs is not None else [{}] * self.world_size
+        if len(per_rank_args) != self.world_size or len(per_rank_kwargs) != self.world_size:
+            raise ValueError(f"{self.name}.{method}: call_per_rank needs {self.world_size} argument tuples, got "
+                             f"{len(per_rank_args)} (and {len(per_rank_kwargs)} kwargs)")
+        return self._execute(method, [tuple(a) for a in per_rank_args], per_rank_kwargs)
+
+    def call_rank(self, rank: int, method: str, *args, **kwargs) -> Any:
+        """Run a registered method on rank `rank` alone with these arguments as given (no dispatch split or
+        merge); only for methods that need no other rank (no collective inside), e.g. one rank's own rollout
+        engine. Calls on different ranks may run at the same time (from different threads)."""
+        get_dispatch_mode(self.worker_cls, method)
+        if not isinstance(rank, int) or not 0 <= rank < self.world_size:
+            raise ValueError(f"{self.name}.{method}: rank must be in [0, {self.world_size}), got {rank!r}")
+        return self._execute_rank(rank, method, args, kwargs)
 
     def __getattr__(self, method: str) -> Callable:
         if method.startswith("_"):
@@ -126,3 +149,6 @@ class LocalWorkerGroup(WorkerGroup):
 
     def _execute(self, method, per_rank_args, per_rank_kwargs):
         return [getattr(w, method)(*a, **k) for w, a, k in zip(self.workers, per_rank_args, per_rank_kwargs)]
+
+    def _execute_rank(self, rank, method, args, kwargs):
+        return getattr(self.workers[rank], method)(*args, **kwargs)

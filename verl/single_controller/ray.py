@@ -104,6 +104,10 @@ class RayWorkerGroup(WorkerGroup):
                 for actor, a, k in zip(self.actors, per_rank_args, per_rank_kwargs)]
         return ray_get(refs, self.timeout_s, f"{self.name}.{method} on {self.world_size} rank(s)")
 
+    def _execute_rank(self, rank, method, args, kwargs):
+        ref = getattr(self.actors[rank], method).remote(*args, **kwargs)
+        return ray_get(ref, self.timeout_s, f"{self.name}.{method} on rank {rank}")
+
     def shutdown(self) -> None:
         for actor in self.actors:
             ray.kill(actor)

@@ -1,10 +1,11 @@
 """Hydra entry point of the PPO trainer.
 
-    python -m verl.trainer.main_ppo --config-name stepsearch_qwen2.5_3b trainer.total_training_steps=2
+    python -m verl.trainer.main_ppo --config-name ppo_trainer trainer.total_training_steps=2
 
 The Hydra tree is converted once into frozen dataclasses (``build_run_config``); below that boundary nothing sees
-a DictConfig. The rollout and reward hooks are loaded by dotted path (``trainer.rollout_fn``/``reward_fn``); each
-is a factory ``f(config: dict, tokenizer) -> callable``.
+a DictConfig. The task's hooks (``verl.hooks``) are loaded by dotted path (``trainer.row_adapter``/``rollout_fn``/
+``reward_fn``); each is a factory ``f(config: dict, tokenizer) -> hook``; an empty ``row_adapter`` means
+``verl.hooks.passthrough_row_fields``.
 """
 from __future__ import annotations
 
@@ -18,12 +19,13 @@ import numpy as np
 import torch
 
 from verl.trainer.ppo.core_algos import ADVANTAGE_ESTIMATORS
-from verl.utils.config import (AlgorithmConfig, DataConfig, FSDPConfig, ModelConfig, OptimConfig, RayConfig,
-                               RolloutConfig, TrainerConfig, load_object, to_container, to_dataclass)
+from verl.utils.hydra_to_dataclass import (ActorRolloutRefConfig, AlgorithmConfig, DataConfig, FSDPConfig, ModelConfig,
+                               OptimConfig, RayConfig, RolloutConfig, TrainerConfig, config_section, load_object,
+                               to_container, to_dataclass, to_dataclass_at)
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RunConfig", "build_run_config", "run_ppo", "main"]
+__all__ = ["RunConfig", "build_run_config", "load_hooks", "run_ppo", "main"]
 
 
 @dataclass(frozen=True)
@@ -38,60 +40,53 @@ class RunConfig:
     fsdp: FSDPConfig
     actor_optim: OptimConfig
     critic_optim: OptimConfig
-    actor: Any   # verl.workers.config.ActorConfig
-    critic: Any  # verl.workers.config.CriticConfig
+    actor: Any   # verl.workers.worker_config.ActorConfig
+    critic: Any  # verl.workers.worker_config.CriticConfig
     weight_bucket_mb: int
 
 
-def _section(cfg: dict, path: str) -> dict:
-    node = cfg
-    for key in path.split("."):
-        if not isinstance(node, dict) or key not in node:
-            raise KeyError(f"[config] missing section '{path}' (at '{key}'); start from configs/ppo_trainer.yaml")
-        node = node[key]
-    return dict(node)
-
-
-def _role_config(cls, section: dict, where: str, world_size: int, rollout_n: int, use_remove_padding: bool):
-    """ActorConfig/CriticConfig with the derived fields world_size, rollout_n and use_remove_padding set here."""
+def _role_config(cls, tree: dict, path: str, world_size: int, rollout_n: int, use_remove_padding: bool,
+                 subsections: tuple[str, ...] = ()):
+    """ActorConfig/CriticConfig with the derived fields world_size, rollout_n and use_remove_padding set here;
+    ``subsections`` (the critic's optim) are built elsewhere."""
+    section = {k: v for k, v in config_section(tree, path).items() if k not in subsections}
     derived = {"world_size": world_size, "rollout_n": rollout_n, "use_remove_padding": use_remove_padding}
     for key in derived:
         if key in section:
-            raise KeyError(f"[{where}] '{key}' is derived from trainer/rollout/actor_rollout_ref.model settings; "
+            raise KeyError(f"[{path}] '{key}' is derived from trainer/rollout/actor_rollout_ref.model settings; "
                            f"remove it from the YAML")
-    return to_dataclass(cls, {**section, **derived}, where)
+    return to_dataclass(cls, {**section, **derived}, path)
+
+
+_ARR_SECTIONS = ("actor", "model", "optim", "fsdp", "rollout")
 
 
 def build_run_config(cfg: Any) -> RunConfig:
-    """Validate the tree and build every frozen config (errors name the key)."""
-    from verl.workers.config import ActorConfig, ActorRefModelConfig, CriticConfig
+    """Validate the tree and build every frozen config (errors name the key). An absent key or section takes its
+    default from configs/ppo_trainer.yaml, the one source (docs/configuration.md)."""
+    from verl.workers.worker_config import ActorConfig, ActorRefModelConfig, CriticConfig
 
     cfg = to_container(cfg)
-    arr = _section(cfg, "actor_rollout_ref")
-    critic = _section(cfg, "critic")
-    critic_optim = critic.pop("optim", {})
-    trainer = to_dataclass(TrainerConfig, cfg["trainer"], "trainer")
-    rollout = to_dataclass(RolloutConfig, arr.get("rollout", {}), "actor_rollout_ref.rollout")
-    algorithm = to_dataclass(AlgorithmConfig, cfg["algorithm"], "algorithm")
+    trainer = to_dataclass_at(TrainerConfig, cfg, "trainer")
+    rollout = to_dataclass_at(RolloutConfig, cfg, "actor_rollout_ref.rollout")
+    algorithm = to_dataclass_at(AlgorithmConfig, cfg, "algorithm")
     if ADVANTAGE_ESTIMATORS[algorithm.adv_estimator].uses_groups and rollout.n < 2:
         raise ValueError(f"[algorithm] adv_estimator={algorithm.adv_estimator} needs actor_rollout_ref.rollout.n >= 2 "
                          f"(group size)")
-    unknown = sorted(set(arr) - {"actor", "model", "optim", "fsdp", "rollout", "weight_bucket_mb"})
-    if unknown:
-        raise KeyError(f"[actor_rollout_ref] unknown key(s) {unknown}; valid: actor, model, optim, fsdp, rollout, "
-                       f"weight_bucket_mb")
+    arr = config_section(cfg, "actor_rollout_ref")
+    arr_top = to_dataclass(ActorRolloutRefConfig, {k: v for k, v in arr.items() if k not in _ARR_SECTIONS},
+                           "actor_rollout_ref")
     world = trainer.world_size
-    # a missing section (hand-built configs) means ActorRefModelConfig's defaults, as for optim/fsdp/rollout
-    packing = to_dataclass(ActorRefModelConfig, arr.get("model", {}), "actor_rollout_ref.model").use_remove_padding
+    packing = to_dataclass_at(ActorRefModelConfig, cfg, "actor_rollout_ref.model").use_remove_padding
     run = RunConfig(
-        data=to_dataclass(DataConfig, cfg["data"], "data"), model=to_dataclass(ModelConfig, cfg["model"], "model"),
-        trainer=trainer, algorithm=algorithm, ray=to_dataclass(RayConfig, cfg.get("ray", {}), "ray"),
-        rollout=rollout, fsdp=to_dataclass(FSDPConfig, arr.get("fsdp", {}), "actor_rollout_ref.fsdp"),
-        actor_optim=to_dataclass(OptimConfig, arr.get("optim", {}), "actor_rollout_ref.optim"),
-        critic_optim=to_dataclass(OptimConfig, critic_optim, "critic.optim"),
-        actor=_role_config(ActorConfig, arr["actor"], "actor_rollout_ref.actor", world, rollout.n, packing),
-        critic=_role_config(CriticConfig, critic, "critic", world, rollout.n, packing),
-        weight_bucket_mb=int(arr.get("weight_bucket_mb", 512)))
+        data=to_dataclass_at(DataConfig, cfg, "data"), model=to_dataclass_at(ModelConfig, cfg, "model"),
+        trainer=trainer, algorithm=algorithm, ray=to_dataclass_at(RayConfig, cfg, "ray"),
+        rollout=rollout, fsdp=to_dataclass_at(FSDPConfig, cfg, "actor_rollout_ref.fsdp"),
+        actor_optim=to_dataclass_at(OptimConfig, cfg, "actor_rollout_ref.optim"),
+        critic_optim=to_dataclass_at(OptimConfig, cfg, "critic.optim"),
+        actor=_role_config(ActorConfig, cfg, "actor_rollout_ref.actor", world, rollout.n, packing),
+        critic=_role_config(CriticConfig, cfg, "critic", world, rollout.n, packing, subsections=("optim",)),
+        weight_bucket_mb=arr_top.weight_bucket_mb)
     _validate_sizes(run)
     _validate_value_targets(run)
     return run
@@ -131,18 +126,31 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _build_datasets(run: RunConfig, tokenizer):
+def _build_datasets(run: RunConfig, tokenizer, row_adapter):
     from verl.utils.dataset import RLHFDataset
 
     d = run.data
     train = RLHFDataset(d.train_files, tokenizer, d.max_prompt_length, d.train_batch_size, shuffle=d.shuffle,
-                        seed=d.seed, drop_last=True, prompt_key=d.prompt_key, truncation=d.truncation)
+                        seed=d.seed, drop_last=True, prompt_key=d.prompt_key, truncation=d.truncation,
+                        row_adapter=row_adapter)
     val = None
     if d.val_files:
         val = RLHFDataset(d.val_files, tokenizer, d.max_prompt_length, d.val_batch_size, shuffle=False,
                           seed=d.seed, drop_last=False, prompt_key=d.prompt_key, truncation=d.truncation,
-                          max_samples=d.val_max_samples)
+                          max_samples=d.val_max_samples, row_adapter=row_adapter)
     return train, val
+
+
+def load_hooks(run: RunConfig, cfg_dict: dict, tokenizer):
+    """(row adapter, rollout fn, reward fn): the task's hook factories named in ``trainer``, called once."""
+    from verl.hooks import passthrough_row_fields
+
+    t = run.trainer
+    row_adapter = (load_object(t.row_adapter, "trainer.row_adapter")(cfg_dict, tokenizer) if t.row_adapter
+                   else passthrough_row_fields)
+    rollout_fn = load_object(t.rollout_fn, "trainer.rollout_fn")(cfg_dict, tokenizer)
+    reward_fn = load_object(t.reward_fn, "trainer.reward_fn")(cfg_dict, tokenizer)
+    return row_adapter, rollout_fn, reward_fn
 
 
 def _worker_configs(run: RunConfig, total_steps: int):
@@ -218,19 +226,21 @@ def run_ppo(cfg: Any) -> dict:
     """Build everything from the config tree and train; returns the last step's metrics."""
     from verl.trainer.ppo.ray_trainer import RayPPOTrainer, TrainerSpec
     from verl.utils.tokenizer import load_tokenizer
-    from verl.utils.tracking import Tracking
+    from verl.utils.tracking import ENGINE_CONSOLE_KEYS, Tracking
 
     cfg_dict = to_container(cfg)
     run = build_run_config(cfg_dict)
     seed_everything(run.trainer.seed)
     tokenizer = load_tokenizer(run.model.tokenizer_path or run.model.path)
-    train_ds, val_ds = _build_datasets(run, tokenizer)
-    rollout_fn = load_object(run.trainer.rollout_fn, "trainer.rollout_fn")(cfg_dict, tokenizer)
-    reward_fn = load_object(run.trainer.reward_fn, "trainer.reward_fn")(cfg_dict, tokenizer)
+    row_adapter, rollout_fn, reward_fn = load_hooks(run, cfg_dict, tokenizer)
+    train_ds, val_ds = _build_datasets(run, tokenizer, row_adapter)
     total_steps = run.trainer.total_steps(train_ds)
     actor_wg, critic_wg, release = build_worker_groups(run, total_steps)
+    # a hook's optional console_metrics (verl.hooks): the task's headline keys, after the engine's
+    task_keys = tuple(getattr(rollout_fn, "console_metrics", ())) + tuple(getattr(reward_fn, "console_metrics", ()))
     tracker = Tracking(run.trainer.project_name, run.trainer.experiment_name, run.trainer.logger,
-                       run.trainer.default_local_dir, config=cfg_dict, wandb_mode=run.trainer.wandb_mode)
+                       run.trainer.default_local_dir, config=cfg_dict, wandb_mode=run.trainer.wandb_mode,
+                       console_keys=ENGINE_CONSOLE_KEYS + task_keys)
     spec = TrainerSpec(trainer=run.trainer, algorithm=run.algorithm, rollout_n=run.rollout.n,
                        use_kl_loss=run.actor.use_kl_loss,
                        mask_observations_in_gae=run.algorithm.mask_observations_in_gae,

@@ -31,21 +31,19 @@ import os
 import random
 import re
 import shutil
-import tempfile
 import zlib
 from typing import Any, Iterator
 
 import numpy as np
 import torch
 
-from verl.utils.fs import fsync_dir, new_file_mode
+from verl.utils.fs import TMP_PREFIX, atomic_path, fsync_dir
 
 logger = logging.getLogger(__name__)
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 COMPLETE_FILE = "COMPLETE"
 CHECKSUM_ALGORITHM = "crc32"
-_TMP_PREFIX = ".tmp_"
 _STEP_RE = re.compile(r"^global_step_(\d+)$")
 _CHUNK_BYTES = 1 << 22
 
@@ -69,23 +67,10 @@ def step_of(path: str) -> int:
 
 
 def _atomic_write(path: str, write) -> None:
-    """``write(binary file)`` into a temp file beside ``path``; fsync, chmod to 0o666 & ~umask, os.replace, fsync
-    the folder. A failure removes the temp file and leaves ``path`` as it was."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=_TMP_PREFIX + os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, new_file_mode())  # mkstemp creates 0600
-        os.replace(tmp, path)
-        fsync_dir(directory)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """``write(binary file)`` into a temp file beside ``path``, then `verl.utils.fs.atomic_path` (durable): fsync,
+    mode 0o666 & ~umask, os.replace, fsync the folder. A failure leaves ``path`` as it was."""
+    with atomic_path(path, durable=True) as tmp, open(tmp, "wb") as f:
+        write(f)
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -115,7 +100,7 @@ def _checkpoint_files(directory: str) -> Iterator[str]:
         dirs.sort()
         for name in files:
             rel = os.path.relpath(os.path.join(folder, name), directory).replace(os.sep, "/")
-            if rel != COMPLETE_FILE and not name.startswith(_TMP_PREFIX):
+            if rel != COMPLETE_FILE and not name.startswith(TMP_PREFIX):
                 found.append(rel)
     return iter(sorted(found))
 

@@ -1,8 +1,10 @@
-"""RLHFDataset: parquet rows (the seed format of docs/CONTRACTS.md "Dataset rows") -> DataProto batches.
+"""RLHFDataset: parquet rows (docs/CONTRACTS.md "Dataset rows") -> DataProto batches.
 
 Each row becomes tensors ``input_ids``/``attention_mask`` (P,) left-padded to ``max_prompt_length`` (the chat
-template is applied when the tokenizer has one, docs/method.md §2.2) and non-tensors ``data_source``, ``ground_truth``,
-``support_docs``, ``index`` (the GRPO uid), ``id`` and ``question``.
+template is applied when the tokenizer has one, docs/method.md §2.2), the engine's non-tensors
+``verl.hooks.ENGINE_ROW_KEYS`` (``data_source``, ``index``: the GRPO uid, ``id``) and the task's non-tensors, which
+the task's row adapter (``verl.hooks.RowAdapter``, ``trainer.row_adapter``) derives from the other columns; the
+default adapter keeps every other column as an opaque object.
 
 Batches are drawn in a deterministic order: epoch ``e`` visits the rows in ``permutation(seed + e)``. The
 position (epoch, offset) is the whole iteration state, so ``state_dict``/``load_state_dict`` resume exactly.
@@ -15,11 +17,12 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
+from verl.hooks import ENGINE_ROW_KEYS, RowAdapter, passthrough_row_fields
 from verl.protocol import DataProto, to_object_array
 
-__all__ = ["RLHFDataset", "collate_rows", "NON_TENSOR_KEYS"]
+__all__ = ["RLHFDataset", "collate_rows"]
 
-NON_TENSOR_KEYS = ("data_source", "ground_truth", "support_docs", "index", "id", "question")
+TENSOR_KEYS = ("input_ids", "attention_mask")
 
 
 def _read_parquet_rows(files: Sequence[str]) -> tuple[list[dict], list[str]]:
@@ -29,8 +32,7 @@ def _read_parquet_rows(files: Sequence[str]) -> tuple[list[dict], list[str]]:
     rows, where = [], []
     for path in files:
         if not os.path.exists(path):
-            raise FileNotFoundError(f"[data] parquet file not found: {path}; build it with "
-                                    f"scripts/data_process/musi_search.py or fix data.train_files/val_files")
+            raise FileNotFoundError(f"[data] parquet file not found: {path}; fix data.train_files/val_files")
         table = pq.read_table(path)
         for i, row in enumerate(table.to_pylist()):
             rows.append(row)
@@ -50,7 +52,8 @@ class RLHFDataset:
 
     def __init__(self, files: Sequence[str] | str, tokenizer, max_prompt_length: int, batch_size: int,
                  shuffle: bool = True, seed: int = 1, drop_last: bool = True, prompt_key: str = "prompt",
-                 truncation: str = "error", max_samples: int = -1):
+                 truncation: str = "error", max_samples: int = -1,
+                 row_adapter: RowAdapter = passthrough_row_fields):
         files = [files] if isinstance(files, str) else list(files)
         if not files:
             raise ValueError("[data] no parquet files given (data.train_files / data.val_files is empty)")
@@ -67,6 +70,7 @@ class RLHFDataset:
         self.drop_last = drop_last
         self.prompt_key = prompt_key
         self.truncation = truncation
+        self.row_adapter = row_adapter
         if drop_last and len(self.rows) < batch_size:
             raise ValueError(f"[data] batch_size ({batch_size}) is larger than the dataset ({len(self.rows)} rows "
                              f"in {files}); lower data.train_batch_size")
@@ -77,19 +81,18 @@ class RLHFDataset:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def _prompt_text(self, row: dict, where: str) -> tuple[str, str]:
-        """(text fed to the tokenizer, raw question text)."""
+    def _prompt_text(self, row: dict, where: str) -> tuple[str, list[dict]]:
+        """(text fed to the tokenizer, the prompt as {role, content} messages)."""
         messages = _require(row, self.prompt_key, where)
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
         if not isinstance(messages, list) or not all(isinstance(m, dict) and "content" in m for m in messages):
             raise ValueError(f"[data] {where}: '{self.prompt_key}' must be a list of {{role, content}} messages")
-        question = messages[-1]["content"]
         if getattr(self.tokenizer, "chat_template", None):
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         else:
             text = "\n".join(m["content"] for m in messages)
-        return text, question
+        return text, messages
 
     def _tokenize(self, text: str, where: str) -> list[int]:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -101,27 +104,25 @@ class RLHFDataset:
         return ids
 
     def __getitem__(self, i: int) -> dict:
-        """One row: ``input_ids``/``attention_mask`` (P,) long tensors and the non-tensor fields."""
+        """One row: ``input_ids``/``attention_mask`` (P,) long tensors, the engine's and the task's non-tensors."""
         row, where = self.rows[i], self.where[i]
-        text, question = self._prompt_text(row, where)
+        text, messages = self._prompt_text(row, where)
         ids = self._tokenize(text, where)
         pad = self.max_prompt_length - len(ids)
         pad_id = self.tokenizer.pad_token_id
         input_ids = torch.tensor([pad_id] * pad + ids, dtype=torch.long)
         attention_mask = torch.tensor([0] * pad + [1] * len(ids), dtype=torch.long)
-        reward_model = _require(row, "reward_model", where)
-        extra = row.get("extra_info") or {}
-        ground_truth = dict(_require(reward_model, "ground_truth", where + " reward_model"))
-        ground_truth.setdefault("search_keys", [])
-        if ground_truth.get("sub_answers") is None:  # rows written before the field existed: no gold sub-answers
-            ground_truth["sub_answers"] = []
-        index = extra.get("index", i)
-        return {
-            "input_ids": input_ids, "attention_mask": attention_mask,
-            "data_source": _require(row, "data_source", where), "ground_truth": ground_truth,
-            "support_docs": list(extra.get("support_docs") or []), "index": int(index),
-            "id": str(row.get("id") or f"{row['data_source']}_{index}"), "question": question,
-        }
+        data_source = _require(row, "data_source", where)
+        index = (row.get("extra_info") or {}).get("index", i)
+        columns = {k: v for k, v in row.items() if k != self.prompt_key}
+        fields = self.row_adapter(columns, messages, where)
+        clash = sorted(set(fields) & {*TENSOR_KEYS, *ENGINE_ROW_KEYS})
+        if clash:
+            name = getattr(self.row_adapter, "__qualname__", repr(self.row_adapter))
+            raise ValueError(f"[data] {where}: the row adapter {name} returned {clash}, which the dataset sets "
+                             f"itself ({TENSOR_KEYS + ENGINE_ROW_KEYS})")
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "data_source": data_source,
+                "index": int(index), "id": str(row.get("id") or f"{data_source}_{index}"), **fields}
 
     # ---- batches ----------------------------------------------------------------------------------------------
     def _order(self, epoch: int) -> np.ndarray:
@@ -163,9 +164,15 @@ class RLHFDataset:
 
 
 def collate_rows(rows: Sequence[dict]) -> DataProto:
-    """Stack per-row dicts into a DataProto: tensors (B, P), non-tensors as object arrays of length B."""
+    """Stack per-row dicts into a DataProto: tensors (B, P), every other key as an object array of length B (all
+    rows must have the same keys)."""
     if not rows:
         raise ValueError("collate_rows: empty list of rows")
-    tensors = {k: torch.stack([r[k] for r in rows]) for k in ("input_ids", "attention_mask")}
-    non_tensors = {k: to_object_array([r[k] for r in rows]) for k in NON_TENSOR_KEYS}
+    keys = list(rows[0])
+    for i, r in enumerate(rows):
+        if set(r) != set(keys):
+            raise ValueError(f"collate_rows: row {i} has keys {sorted(r)}, row 0 has {sorted(keys)}; the row "
+                             f"adapter must return the same fields for every row")
+    tensors = {k: torch.stack([r[k] for r in rows]) for k in TENSOR_KEYS}
+    non_tensors = {k: to_object_array([r[k] for r in rows]) for k in keys if k not in TENSOR_KEYS}
     return DataProto.from_dict(tensors=tensors, non_tensors=non_tensors)

@@ -6,6 +6,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+TMP_PREFIX = ".tmp_"
+"""Name prefix of the temp files `atomic_path` writes beside their target (checkpoint listings skip them)."""
 
 
 def current_umask() -> int:
@@ -56,3 +62,30 @@ def file_sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
         while chunk := fh.read(chunk_bytes):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+@contextmanager
+def atomic_path(final_path: str | os.PathLike, suffix: str = "", durable: bool = False) -> Iterator[str]:
+    """The one atomic writer: yield a temp path in the target's folder; when the block succeeds the temp file gets
+    `new_file_mode()` (mkstemp creates 0600; the umask is respected) and replaces `final_path` with os.replace (readers
+    never see a partial file); on an error it is removed and `final_path` is left as it was. durable: also fsync the
+    file and the folder, so the new file survives a power cut (checkpoints)."""
+    final_path = str(final_path)
+    folder = os.path.dirname(os.path.abspath(final_path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=TMP_PREFIX + os.path.basename(final_path) + ".",
+                               suffix=suffix + ".tmp")
+    os.close(fd)
+    try:
+        yield tmp
+        os.chmod(tmp, new_file_mode())  # after the writer ran: some writers replace the temp file
+        if durable:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, final_path)
+        if durable:
+            fsync_dir(folder)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

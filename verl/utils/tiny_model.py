@@ -35,7 +35,7 @@ def build_tokenizer(texts: Iterable[str] | None = None, vocab_size: int = 1024,
     """Train a byte-level BPE tokenizer on `texts` (about 0.05 s for a few hundred KB).
 
     `extra_tokens` are added as ordinary (non-special) tokens: they stay single ids and survive
-    `decode(skip_special_tokens=True)`, which tag strings such as `<search>` need.
+    `decode(skip_special_tokens=True)`, which a task's action tags (e.g. `<tool>`) need.
     """
     texts = list(texts) if texts is not None else list(_DEFAULT_TEXTS)
     tok = Tokenizer(models.BPE())

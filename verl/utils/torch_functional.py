@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 __all__ = ["masked_sum", "masked_mean", "masked_var", "masked_whiten", "logprobs_from_logits",
-           "entropy_from_logits", "response_slice_logits"]
+           "entropy_from_logits", "response_positions"]
 
 
 def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -77,7 +77,7 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(dim=-1)
 
 
-def response_slice_logits(output_per_position: torch.Tensor, response_length: int) -> torch.Tensor:
+def response_positions(output_per_position: torch.Tensor, response_length: int) -> torch.Tensor:
     """The outputs that predict the response tokens: positions [L−T−1, L−1) of (B, L, ...) -> (B, T, ...).
 
     The output at position i is the prediction for token i+1, so response token j (at L−T+j) is

@@ -20,8 +20,8 @@ from verl.trainer.ppo.core_algos import (agg_denominator, compute_entropy_loss, 
                                          compute_policy_loss)
 from verl.utils.packing import PackedRows, enable_packed_attention, pack_rows, packed_attention_kwargs, scatter_to_grid
 from verl.utils.token_budget import token_budget_groups
-from verl.utils.torch_functional import entropy_from_logits, logprobs_from_logits, response_slice_logits
-from verl.workers.config import ActorConfig
+from verl.utils.torch_functional import entropy_from_logits, logprobs_from_logits, response_positions
+from verl.workers.worker_config import ActorConfig
 
 __all__ = ["Actor", "model_inputs", "iter_mini_batches", "micro_batches", "restore_row_order", "weighted_micro_batches",
            "update_token_budget", "forward_token_budget", "clip_grad_and_step", "enable_gradient_checkpointing",
@@ -68,7 +68,7 @@ def response_token_positions(packed: PackedRows, response_length: int) -> tuple[
     """The packed tokens whose outputs predict a response token, and where those outputs go in the (B, T) grid.
 
     Grid column i predicts column i + 1, so response token j is predicted at column L − T − 1 + j (as
-    response_slice_logits). Returns (keep (K,) positions in the packed row, dest (K,) flat indices b·T + j).
+    response_positions). Returns (keep (K,) positions in the packed row, dest (K,) flat indices b·T + j).
     """
     L, T = packed.width, response_length
     if T >= L:
@@ -229,7 +229,7 @@ class Actor:
         if not self.config.use_remove_padding:
             with autocast(device, self.config.use_bf16_autocast):
                 logits = self.module(**inputs, use_cache=False, logits_to_keep=T + 1).logits  # (b, T + 1, V)
-            return response_slice_logits(logits, T).float() / temperature, responses, lambda x: x
+            return response_positions(logits, T).float() / temperature, responses, lambda x: x
         packed = pack_rows(inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"])
         keep, dest = response_token_positions(packed, T)
         with autocast(device, self.config.use_bf16_autocast):
@@ -285,7 +285,7 @@ class Actor:
             clip_ratio_c=cfg.clip_ratio_c, loss_agg_mode=cfg.loss_agg_mode)
         entropy_loss = compute_entropy_loss(entropy, mask, cfg.loss_agg_mode)
         loss = pg_loss - cfg.entropy_coeff * entropy_loss
-        metrics.update({"actor/pg_loss": float(pg_loss.detach()), "actor/entropy": float(entropy_loss.detach())})
+        metrics.update({"actor/pg_loss": float(pg_loss.detach()), "actor/entropy_loss": float(entropy_loss.detach())})
         if cfg.use_kl_loss:
             kl_loss = compute_kl_loss(log_probs, micro.batch["ref_log_probs"].to(device).float(), mask,
                                       cfg.kl_loss_type, cfg.loss_agg_mode)

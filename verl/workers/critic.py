@@ -12,10 +12,10 @@ import torch
 from verl.protocol import DataProto
 from verl.trainer.ppo.core_algos import compute_value_loss
 from verl.utils.packing import enable_packed_attention, pack_rows, packed_attention_kwargs, scatter_to_grid
-from verl.utils.torch_functional import masked_mean, response_slice_logits
+from verl.utils.torch_functional import masked_mean, response_positions
 from verl.workers.actor import (autocast, enable_gradient_checkpointing, forward_token_budget, micro_batches,
                                 model_inputs, module_device, require_keys, restore_row_order, run_ppo_updates)
-from verl.workers.config import CriticConfig
+from verl.workers.worker_config import CriticConfig
 
 __all__ = ["Critic", "value_mask"]
 
@@ -65,7 +65,7 @@ class Critic:
                                          packed.rows * packed.width).view(packed.rows, packed.width)  # (b, L)
             else:
                 values = self.module(**inputs)  # (b, L)
-        values = response_slice_logits(values.float(), response_length)  # (b, T)
+        values = response_positions(values.float(), response_length)  # (b, T)
         return values * micro.batch[_VALUE_MASK].to(device)
 
     def _with_value_mask(self, data: DataProto) -> DataProto:

@@ -31,7 +31,7 @@ from verl.single_controller.base import Dispatch, register
 from verl.single_controller.worker import Worker
 from verl.utils.checkpoint import (atomic_torch_save, capture_rng_state, restore_rng_state,
                                    rng_fingerprint)
-from verl.utils.config import FSDPConfig, OptimConfig, RolloutConfig
+from verl.utils.hydra_to_dataclass import FSDPConfig, OptimConfig, RolloutConfig, yaml_default, yaml_section_default
 from verl.utils.fs import follow_umask
 
 logger = logging.getLogger(__name__)
@@ -49,15 +49,15 @@ class WorkerConfig:
     model_path: str
     tokenizer_path: str
     role_config: Any
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    optim: OptimConfig = yaml_section_default(OptimConfig, "actor_rollout_ref.optim")
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     use_ref: bool = True
-    device: str = "auto"
-    attn_implementation: str = "sdpa"
+    device: str = yaml_default("trainer.device")
+    attn_implementation: str = yaml_default("model.attn_implementation")
     total_steps: int = 1
-    seed: int = 1
-    weight_bucket_mb: int = 512
+    seed: int = yaml_default("trainer.seed")
+    weight_bucket_mb: int = yaml_default("actor_rollout_ref.weight_bucket_mb")
 
 
 def resolve_device(device: str) -> torch.device:

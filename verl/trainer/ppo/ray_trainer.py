@@ -1,12 +1,12 @@
-"""The single-controller PPO loop (StePPO with the StepSearch hooks): one step is a list of named, timed phases.
+"""The single-controller PPO loop with a task's hooks: one step is a list of named, timed phases.
 
     gen -> old_log_prob -> ref -> values -> reward -> kl -> adv -> update_critic -> update_actor -> sync_weights
 
 (veRL's phase order; docs/method.md §1.10-1.11.) With ``rollout.enable_sleep_mode`` the rollout engine sleeps
 (weights and KV cache released) from the start of ``old_log_prob`` to the start of ``sync_weights``, where it
-wakes to receive the new weights; generation then finds it awake. The rollout and reward functions are hooks
-loaded by dotted path from the config (``trainer.rollout_fn`` / ``trainer.reward_fn``): ``verl`` never imports
-``stepsearch``.
+wakes to receive the new weights; generation then finds it awake. The rollout and reward functions are the task's
+hooks (``verl.hooks``), loaded by dotted path from the config (``trainer.rollout_fn`` / ``trainer.reward_fn``): the
+engine never imports a task.
 Advantages are computed on the driver on CPU tensors; everything heavy runs in the worker groups.
 """
 from __future__ import annotations
@@ -18,26 +18,22 @@ import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Protocol
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
+from verl.hooks import FAILED_SAMPLES_KEY, RewardFn, RewardResult, RolloutFn
 from verl.protocol import DataProto
 from verl.trainer.ppo import core_algos
 from verl.utils import checkpoint as ckpt
-from verl.utils.config import AlgorithmConfig, TrainerConfig
+from verl.utils.hydra_to_dataclass import AlgorithmConfig, TrainerConfig
 from verl.workers.rollout.base import RolloutBackend
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["RayPPOTrainer", "RewardResult", "RolloutFn", "RewardFn", "WorkerGroupRolloutBackend", "TrainerSpec",
-           "FAILED_SAMPLES_KEY", "StepAborted"]
-
-FAILED_SAMPLES_KEY = "failed_samples"
-"""meta_info key of a rollout hook's output: how many of its rows met an environment failure (for StepSearch: a
-retrieval that failed after the client's retries). The trainer logs it as ``rollout/failed_samples`` and aborts
-the step when the share exceeds ``trainer.max_failed_rollout_share``; a hook that never fails may omit it."""
+           "FAILED_SAMPLES_KEY", "StepAborted"]  # the hook types are verl.hooks' (re-exported here)
 
 
 class StepAborted(RuntimeError):
@@ -49,49 +45,49 @@ class StepAborted(RuntimeError):
         self.metrics = metrics
 
 
-@dataclass
-class RewardResult:
-    """What a reward hook returns for a rollout batch of B trajectories."""
-    token_level_scores: torch.Tensor
-    """(B, T) float32: step rewards and the outcome reward on response tokens."""
-    metrics: dict
-    """Batch-level reward metrics (``reward/...`` keys)."""
-    per_sample: list
-    """B dicts; validation averages the numeric keys ``em`` and ``f1`` per data_source and dumps the rest."""
-
-
-class RolloutFn(Protocol):
-    def __call__(self, batch: DataProto, backend: Any, validate: bool) -> DataProto: ...
-
-
-class RewardFn(Protocol):
-    """``reward(batch) -> RewardResult``. Optionally the callable carries an attribute
-    ``prediction_records(batch, result) -> list[dict]`` (one dict per row): validation merges those fields into
-    the ``predictions/step_N.jsonl`` rows (the trainer's own fields win), so a tool can dump rows in its own
-    evaluation format. It is called on validation batches only."""
-    def __call__(self, batch: DataProto) -> RewardResult: ...
-
-
 class WorkerGroupRolloutBackend(RolloutBackend):
     """A RolloutBackend (docs/CONTRACTS.md) on the driver that sends ``generate`` to the actor-rollout worker
-    group, splitting the prompts over the data-parallel ranks; it counts time and tokens for the metrics."""
+    group, splitting the prompts over the data-parallel ranks; it counts time and tokens for the metrics.
 
-    def __init__(self, worker_group):
+    ``replicas()``: one backend per rank, each calling that rank's engine alone, so that the async agent loop
+    places every request on the least-busy rank instead of splitting the batch up front. The workers' rollout
+    engines are separate unsharded copies (vLLM or HF), so one rank's ``generate`` needs no other rank;
+    ``independent_ranks=False`` (a worker group whose ``generate`` is a collective) keeps the equal split.
+    """
+
+    def __init__(self, worker_group, independent_ranks: bool = True):
+        from verl.workers.rollout.worker_group import GenerateClock, RankRolloutBackend
+
         self.wg = worker_group
-        self.reset_counters()
+        self.independent_ranks = independent_ranks
+        self.clock = GenerateClock()
+        ranks = range(worker_group.world_size)
+        self._replicas = ([RankRolloutBackend(worker_group, rank, self.clock) for rank in ranks]
+                          if independent_ranks and len(ranks) > 1 else [self])
 
     def reset_counters(self) -> None:
-        self.generate_s = 0.0
-        self.generated_tokens = 0
-        self.calls = 0
+        self.clock.reset()
+
+    @property
+    def generate_s(self) -> float:
+        """Wall seconds with at least one generate call running (on any rank)."""
+        return self.clock.generate_s
+
+    @property
+    def generated_tokens(self) -> int:
+        return self.clock.generated_tokens
+
+    @property
+    def calls(self) -> int:
+        return self.clock.calls
 
     def generate(self, prompt_ids: list[list[int]], params) -> list:
-        start = time.perf_counter()
-        outputs = self.wg.generate(prompt_ids, params)
-        self.generate_s += time.perf_counter() - start
-        self.generated_tokens += sum(len(o.token_ids) for o in outputs)
-        self.calls += 1
-        return outputs
+        from verl.workers.rollout.worker_group import split_generate
+
+        return self.clock.timed(lambda: split_generate(self.wg, prompt_ids, params))
+
+    def replicas(self) -> list[RolloutBackend]:
+        return list(self._replicas)
 
     def load_weights(self, state_dict) -> None:
         raise RuntimeError("WorkerGroupRolloutBackend: weights are pushed inside the workers "
@@ -129,8 +125,8 @@ def _stats(prefix: str, values: np.ndarray | torch.Tensor) -> dict:
 
 
 def _merge_rollout(batch: DataProto, gen: DataProto, metrics: dict) -> DataProto:
-    """The rollout output plus any dataset non-tensor it did not carry over; its ``rollout_metrics`` (search/*,
-    timing_s/rollout_*) move from meta_info into ``metrics``."""
+    """The rollout output plus any dataset non-tensor it did not carry over; its ``rollout_metrics`` (the task's
+    statistics) move from meta_info into ``metrics``."""
     meta = dict(gen.meta_info)
     metrics.update(meta.pop("rollout_metrics", {}))
     extra = {k: v for k, v in batch.non_tensor_batch.items() if k not in gen.non_tensor_batch}
@@ -155,6 +151,29 @@ def _mean_dicts(dicts: list[dict]) -> dict:
     """Average per-rank metric dicts key by key."""
     keys = sorted({k for d in dicts for k in d})
     return {k: float(np.mean([d[k] for d in dicts if k in d])) for k in keys}
+
+
+def _is_score(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
+def _per_source_means(sources: list[str], samples: list[dict], keys: tuple[str, ...] | None) -> dict:
+    """``val/{source}/{key}`` and ``val/all/{key}``: the real mean over that source's samples of each score key,
+    plus ``val/{source}/n``. sources: the samples' data_source; samples: the reward hook's per-sample dicts; keys:
+    ``RewardResult.score_keys`` (None: every key whose values are all ints or floats, bools excluded). (The
+    released code logged the last sample's score, docs/method.md §6.2 item 5.)"""
+    if keys is None:
+        names = {k for sample in samples for k in sample}
+        keys = tuple(sorted(k for k in names if all(_is_score(s[k]) for s in samples if k in s)))
+    metrics = {}
+    for source in sorted(set(sources)) + ["all"]:
+        rows = [sample for s, sample in zip(sources, samples) if source == "all" or s == source]
+        for key in keys:
+            values = [float(r[key]) for r in rows if key in r]
+            if values:
+                metrics[f"val/{source}/{key}"] = float(np.mean(values))
+        metrics[f"val/{source}/n"] = float(len(rows))
+    return metrics
 
 
 class RayPPOTrainer:
@@ -217,7 +236,7 @@ class RayPPOTrainer:
     def _check_failures(self, gen: DataProto, metrics: dict, prefix: str, where: str) -> None:
         """Add the hook's failed-row count to ``{prefix}/failed_samples`` (and the batch's share to
         ``{prefix}/failed_share``, the largest over batches); raise StepAborted when failed / B >
-        ``trainer.max_failed_rollout_share``: a retriever outage must not be trained on (or validated) silently."""
+        ``trainer.max_failed_rollout_share``: an environment outage must not be trained on (or validated) silently."""
         failed = int(gen.meta_info.get(FAILED_SAMPLES_KEY, 0))
         share = failed / max(len(gen), 1)
         metrics[f"{prefix}/failed_samples"] = metrics.get(f"{prefix}/failed_samples", 0.0) + float(failed)
@@ -227,7 +246,8 @@ class RayPPOTrainer:
             raise StepAborted(
                 f"[trainer] {where} aborted: {failed} of {len(gen)} rollouts had an environment failure (share "
                 f"{share:.3f} > trainer.max_failed_rollout_share={limit}); this step is not saved and the "
-                f"last checkpoint is kept. Check the retrieval server, then rerun to resume.", metrics)
+                f"last checkpoint is kept. Check the rollout's environment (the services it calls), then rerun to "
+                f"resume.", metrics)
 
     def _phase_old_log_prob(self, batch: DataProto, metrics: dict) -> DataProto:
         self._sleep_engine(metrics)
@@ -349,7 +369,7 @@ class RayPPOTrainer:
         response_len = b["responses"].shape[1]
         out.update(_stats("response_length_with_obs", b["attention_mask"][:, -response_len:].sum(-1)))
         out["response_length/clip_ratio"] = float((b["attention_mask"][:, -1] == 1).float().mean())
-        # Tool-specific statistics (search/*) come from the rollout hook's meta_info["rollout_metrics"] only.
+        # Task-specific statistics come from the rollout hook's meta_info["rollout_metrics"] only.
         return out
 
     def _perf_metrics(self, batch: DataProto, metrics: dict, elapsed_s: float) -> dict:
@@ -365,30 +385,35 @@ class RayPPOTrainer:
 
     # ---- validation --------------------------------------------------------------------------------------------
     def validate(self) -> dict:
-        """Greedy rollouts over the validation set; the mean EM/F1 per data_source, and a predictions dump."""
+        """Greedy rollouts over the validation set: per data_source the mean of the reward hook's per-sample scores
+        (``RewardResult.score_keys``), and a predictions dump."""
         if self.val_dataset is None:
             return {}
         self._wake_engine({})
-        records, failures = [], {}
+        records, sources, samples, failures = [], [], [], {}
+        score_keys: tuple[str, ...] | None = None
         for batch in self.val_dataset.iter_epoch():
             gen = _merge_rollout(batch, self.rollout_fn(batch, self.backend, validate=True), {})
             self._check_failures(gen, failures, "val_rollout", f"validation at step {self.global_step}")
             result = self.reward_fn(gen)
             records += self._prediction_records(gen, result)
-        metrics = {**self._per_source_means(records), **failures}
+            sources += [str(s) for s in gen.non_tensor_batch["data_source"]]
+            samples += result.per_sample
+            score_keys = result.score_keys
+        metrics = {**_per_source_means(sources, samples, score_keys), **failures}
         if self.cfg.save_predictions:
             self._dump_predictions(records)
         return metrics
 
     def _prediction_records(self, gen: DataProto, result: RewardResult) -> list[dict]:
+        """One row per sample: the trainer's ``id`` and ``data_source``, then the hook's per-sample dict, merged
+        over the hook's ``prediction_records`` rows when it has that attribute (``verl.hooks.RewardFn``)."""
         nt = gen.non_tensor_batch
-        records = []
-        for i, sample in enumerate(result.per_sample):
-            gt = nt["ground_truth"][i]
-            records.append({"id": str(nt["id"][i]), "data_source": str(nt["data_source"][i]),
-                            "question": str(nt["question"][i]), "response": str(nt["response_text"][i]),
-                            "ground_truth": list(gt.get("target", [])) if isinstance(gt, dict) else gt,
-                            **sample})
+        if len(result.per_sample) != len(gen):
+            raise ValueError(f"[trainer] reward_fn returned {len(result.per_sample)} per_sample dicts for "
+                             f"{len(gen)} validation samples")
+        records = [{"id": str(nt["id"][i]), "data_source": str(nt["data_source"][i]), **sample}
+                   for i, sample in enumerate(result.per_sample)]
         hook = getattr(self.reward_fn, "prediction_records", None)
         if hook is not None:
             extra = list(hook(gen, result))
@@ -397,21 +422,6 @@ class RayPPOTrainer:
                                  f"{len(records)} validation samples")
             records = [{**e, **r} for e, r in zip(extra, records)]
         return records
-
-    @staticmethod
-    def _per_source_means(records: list[dict]) -> dict:
-        """``val/{data_source}/{em,f1}``: the real mean over that source's samples (the released code logged the
-        last sample's score, docs/method.md §6.2 item 5)."""
-        metrics = {}
-        sources = sorted({r["data_source"] for r in records})
-        for source in sources + ["all"]:
-            rows = [r for r in records if source == "all" or r["data_source"] == source]
-            for key in ("em", "f1"):
-                values = [float(r[key]) for r in rows if key in r]
-                if values:
-                    metrics[f"val/{source}/{key}"] = float(np.mean(values))
-            metrics[f"val/{source}/n"] = float(len(rows))
-        return metrics
 
     def _dump_predictions(self, records: list[dict]) -> None:
         path = os.path.join(self.root, "predictions", f"step_{self.global_step}.jsonl")

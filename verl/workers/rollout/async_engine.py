@@ -7,8 +7,9 @@ hand single requests to while others are running. This module holds what is engi
   `inflight` (requests submitted and not yet answered) and a `BusyMeter`. `params.seed` is the request's own seed.
 - `BatchingEngine(backend)`: any batch `RolloutBackend` (HF, the trainer's worker group, the scripted engine of
   the tests) behind that interface. Requests that arrive while the backend is busy wait and go together in its
-  next `generate` call, so the backend always runs as large a batch as is ready. A call carries one seed, so
-  per-request seeds are honoured only when the waiting requests share one (greedy decoding is unaffected).
+  next `generate` call, so the backend always runs as large a batch as is ready. The call carries every request's
+  seed (`SamplingConfig.row_seeds`): a per-request engine (vLLM) samples each from its own seed; an engine with one
+  RNG per call (HF) seeds the call only when the requests share one seed (greedy decoding is unaffected).
 - `EnginePool(engines)`: data-parallel placement; each request goes to the engine with the fewest requests in
   flight (the lowest index on a tie).
 - `shared_loop()` / `run_sync(coro)`: one process-wide event loop on a daemon thread. Engines that live on an
@@ -131,7 +132,7 @@ class _Request:
 
 def _group_key(params: SamplingConfig) -> SamplingConfig:
     """Requests whose settings differ only in max_new_tokens and seed can share one backend call."""
-    return replace(params, max_new_tokens=1, seed=None)
+    return replace(params, max_new_tokens=1, seed=None, row_seeds=None)
 
 
 class BatchingEngine(AsyncRolloutEngine):
@@ -179,9 +180,11 @@ class BatchingEngine(AsyncRolloutEngine):
 
     async def _run(self, group: list[_Request]) -> None:
         """One backend call for `group`; each request's future gets its own (cut) output or the call's error."""
-        seeds = {r.params.seed for r in group}
+        seeds = [r.params.seed for r in group]  # each request's own seed
+        distinct = set(seeds)
         params = replace(group[0].params, max_new_tokens=max(r.params.max_new_tokens for r in group),
-                         seed=seeds.pop() if len(seeds) == 1 else None)
+                         seed=distinct.pop() if len(distinct) == 1 else None,
+                         row_seeds=None if None in seeds else tuple(seeds))
         self._running = len(group)
         self.meter.start(len(group))
         outputs: list[GenerationOutput] = []

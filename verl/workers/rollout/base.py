@@ -27,13 +27,20 @@ class SamplingConfig:
     top_p: float = 1.0
     top_k: int = -1
     """-1 disables top-k filtering."""
-    stop: tuple[str, ...] = ("</search>", "</answer>")
-    """Generation of a row ends right after the token that completes the first of these strings."""
+    stop: tuple[str, ...] = ()
+    """Generation of a row ends right after the token that completes the first of these strings (the task passes
+    its own, e.g. the closing tags of its actions); empty: only EOS and ``max_new_tokens`` end it."""
     greedy: bool = False
     """Argmax decoding (validation); temperature/top_p/top_k are then ignored."""
     seed: int | None = None
+    """The call's seed: an engine with one RNG per call (HF) seeds it with this; a per-request engine (vLLM) seeds
+    prompt r with seed + r unless `row_seeds` is given. None: the engine's own RNG."""
     logprobs: bool = False
     """Also return the log-probability of every sampled token under the unmodified model distribution."""
+    row_seeds: tuple[int, ...] | None = None
+    """One seed per prompt of the call (a multi-turn agent: one per (row, turn) of its batch). A per-request
+    engine (vLLM) samples prompt r from row_seeds[r] alone, so a row's tokens do not depend on the other rows of
+    the call; an engine with one RNG per call (HF) ignores them and uses `seed`."""
 
     def __post_init__(self):
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -47,6 +54,20 @@ class SamplingConfig:
             raise ValueError(f"[rollout] top_k must be -1 (off) or >= 1, got {self.top_k}")
         if isinstance(self.stop, str) or any(not isinstance(s, str) or not s for s in self.stop):
             raise TypeError(f"[rollout] stop must be a tuple of non-empty strings, got {self.stop!r}")
+        if self.row_seeds is not None:
+            if isinstance(self.row_seeds, (str, bytes)) or not all(
+                    isinstance(s, int) and not isinstance(s, bool) for s in self.row_seeds):
+                raise TypeError(f"[rollout] row_seeds must be a tuple of ints (one per prompt), got {self.row_seeds!r}")
+            object.__setattr__(self, "row_seeds", tuple(self.row_seeds))
+
+    def seed_of_row(self, row: int, num_rows: int) -> int | None:
+        """The seed of prompt `row` of a call of `num_rows` prompts on a per-request engine: row_seeds[row] when
+        given (their number must be num_rows), else seed + row (None: unseeded)."""
+        if self.row_seeds is not None:
+            if len(self.row_seeds) != num_rows:
+                raise ValueError(f"[rollout] row_seeds has {len(self.row_seeds)} seeds for {num_rows} prompts")
+            return self.row_seeds[row]
+        return None if self.seed is None else self.seed + row
 
 
 @dataclass(frozen=True)
@@ -82,6 +103,12 @@ class RolloutBackend(abc.ABC):
 
     def wake_up(self) -> None:
         """Undo `sleep`; a no-op where unsupported."""
+
+    def replicas(self) -> list["RolloutBackend"]:
+        """Independent engines behind this backend (data-parallel ranks, each with its own engine) that may each be
+        called on their own and at the same time, for a caller that places requests by load (the async agent
+        loop). Default: [self], one engine."""
+        return [self]
 
 
 def check_prompts(prompt_ids: Sequence[Sequence[int]]) -> None:

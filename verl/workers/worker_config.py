@@ -9,11 +9,9 @@ from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
 from verl.trainer.ppo.core_algos import KL_ESTIMATORS, LOSS_AGG_MODES
+from verl.utils.hydra_to_dataclass import yaml_default
 
 __all__ = ["ActorConfig", "CriticConfig", "ActorRefModelConfig", "config_from_mapping"]
-
-# actor_rollout_ref.model.use_remove_padding: one switch for the actor, the reference and the critic.
-DEFAULT_USE_REMOVE_PADDING = True
 
 
 def _positive_int(role: str, name: str, value: Any) -> None:
@@ -46,7 +44,7 @@ def _check_batch_sizes(role: str, cfg) -> None:
 class ActorRefModelConfig:
     """``actor_rollout_ref.model``: how the actor, the reference and the critic run their models."""
     # Forward/backward on packed sequences (verl/utils/packing.py): no compute on pad tokens.
-    use_remove_padding: bool = DEFAULT_USE_REMOVE_PADDING
+    use_remove_padding: bool = yaml_default("actor_rollout_ref.model.use_remove_padding")
 
 
 @dataclass(frozen=True)
@@ -70,34 +68,36 @@ class _BatchSizes:
 
 @dataclass(frozen=True)
 class ActorConfig(_BatchSizes):
-    """Policy update settings. Defaults follow docs/method.md §1.10 / train.sh where they exist."""
-    ppo_mini_batch_size: int = 32                    # global, in prompts
-    ppo_micro_batch_size_per_device: int = 16        # rows per forward/backward
-    forward_micro_batch_size_per_device: int = 16    # rows per no-grad log-prob forward
+    """Policy update settings (``actor_rollout_ref.actor``). Every default is configs/ppo_trainer.yaml's, where each
+    key is documented; ``rollout_n``, ``world_size`` and ``use_remove_padding`` are set by the trainer."""
+    _A = "actor_rollout_ref.actor."
+    ppo_mini_batch_size: int = yaml_default(_A + "ppo_mini_batch_size")                    # global, in prompts
+    ppo_micro_batch_size_per_device: int = yaml_default(_A + "ppo_micro_batch_size_per_device")   # per forward/backward
+    forward_micro_batch_size_per_device: int = yaml_default(_A + "forward_micro_batch_size_per_device")
     rollout_n: int = 1
     world_size: int = 1
-    ppo_epochs: int = 1
-    shuffle: bool = False
-    seed: int = 0                                    # mini-batch shuffling
-    clip_ratio_low: float = 0.2                      # ε_low
-    clip_ratio_high: float = 0.2                     # ε_high (> ε_low: DAPO clip-higher)
-    clip_ratio_c: float | None = None                # dual-clip c (> 1); None (StepSearch) disables it
-    entropy_coeff: float = 0.0                       # released StepSearch: 0.001
-    use_kl_loss: bool = False                        # GRPO-style KL loss against ref_log_probs
-    kl_loss_coef: float = 0.001
-    kl_loss_type: str = "low_var_kl"
-    loss_agg_mode: str = "token-mean"
-    grad_clip: float | None = 1.0
-    temperature: float = 1.0                         # must equal the rollout's sampling temperature
-    use_bf16_autocast: bool = False                  # GPU: bf16 autocast around the forward pass
-    gradient_checkpointing: bool = False
+    ppo_epochs: int = yaml_default(_A + "ppo_epochs")
+    shuffle: bool = yaml_default(_A + "shuffle")
+    seed: int = yaml_default(_A + "seed")                            # mini-batch shuffling
+    clip_ratio_low: float = yaml_default(_A + "clip_ratio_low")      # ε_low
+    clip_ratio_high: float = yaml_default(_A + "clip_ratio_high")    # ε_high (> ε_low: DAPO clip-higher)
+    clip_ratio_c: float | None = yaml_default(_A + "clip_ratio_c")   # dual-clip c (> 1); None disables it
+    entropy_coeff: float = yaml_default(_A + "entropy_coeff")
+    use_kl_loss: bool = yaml_default(_A + "use_kl_loss")             # GRPO-style KL loss against ref_log_probs
+    kl_loss_coef: float = yaml_default(_A + "kl_loss_coef")
+    kl_loss_type: str = yaml_default(_A + "kl_loss_type")
+    loss_agg_mode: str = yaml_default(_A + "loss_agg_mode")
+    grad_clip: float | None = yaml_default(_A + "grad_clip")
+    temperature: float = yaml_default(_A + "temperature")            # must equal the rollout's sampling temperature
+    use_bf16_autocast: bool = yaml_default(_A + "use_bf16_autocast")  # GPU: bf16 autocast around the forward pass
+    gradient_checkpointing: bool = yaml_default(_A + "gradient_checkpointing")
     # Sequence packing (verl/utils/packing.py); the trainer sets it from actor_rollout_ref.model.use_remove_padding.
-    use_remove_padding: bool = DEFAULT_USE_REMOVE_PADDING
+    use_remove_padding: bool = yaml_default("actor_rollout_ref.model.use_remove_padding")
     # Token-budget micro-batches: rows grouped so that each micro-batch holds at most this many real tokens
     # (Σ attention_mask); replaces ppo_micro_batch_size_per_device / forward_micro_batch_size_per_device.
-    use_dynamic_bsz: bool = False
-    ppo_max_token_len_per_gpu: int = 16384           # per forward/backward (update)
-    forward_max_token_len_per_gpu: int = 16384       # per no-grad forward (log-probs, values)
+    use_dynamic_bsz: bool = yaml_default(_A + "use_dynamic_bsz")
+    ppo_max_token_len_per_gpu: int = yaml_default(_A + "ppo_max_token_len_per_gpu")           # update
+    forward_max_token_len_per_gpu: int = yaml_default(_A + "forward_max_token_len_per_gpu")   # log-probs, values
 
     def __post_init__(self):
         _check_batch_sizes("actor", self)
@@ -114,30 +114,31 @@ class ActorConfig(_BatchSizes):
 
 @dataclass(frozen=True)
 class CriticConfig(_BatchSizes):
-    """Value update settings (docs/method.md §1.10 item 5)."""
-    ppo_mini_batch_size: int = 32
-    ppo_micro_batch_size_per_device: int = 16
-    forward_micro_batch_size_per_device: int = 16
+    """Value update settings (``critic``, docs/method.md §1.10 item 5). Every default is configs/ppo_trainer.yaml's;
+    ``rollout_n``, ``world_size`` and ``use_remove_padding`` are set by the trainer."""
+    ppo_mini_batch_size: int = yaml_default("critic.ppo_mini_batch_size")
+    ppo_micro_batch_size_per_device: int = yaml_default("critic.ppo_micro_batch_size_per_device")
+    forward_micro_batch_size_per_device: int = yaml_default("critic.forward_micro_batch_size_per_device")
     rollout_n: int = 1
     world_size: int = 1
-    ppo_epochs: int = 1
-    shuffle: bool = False
-    seed: int = 0
-    cliprange_value: float = 0.5
-    loss_agg_mode: str = "token-mean"
-    grad_clip: float | None = 1.0
+    ppo_epochs: int = yaml_default("critic.ppo_epochs")
+    shuffle: bool = yaml_default("critic.shuffle")
+    seed: int = yaml_default("critic.seed")
+    cliprange_value: float = yaml_default("critic.cliprange_value")
+    loss_agg_mode: str = yaml_default("critic.loss_agg_mode")
+    grad_clip: float | None = yaml_default("critic.grad_clip")
     # False: values and the value loss live on response_mask (generated tokens). True: on the response
     # part of attention_mask, observations included, as the released StepSearch code does.
-    value_loss_on_observations: bool = False
-    use_bf16_autocast: bool = False
-    gradient_checkpointing: bool = False
+    value_loss_on_observations: bool = yaml_default("critic.value_loss_on_observations")
+    use_bf16_autocast: bool = yaml_default("critic.use_bf16_autocast")
+    gradient_checkpointing: bool = yaml_default("critic.gradient_checkpointing")
     # Sequence packing (verl/utils/packing.py); the trainer sets it from actor_rollout_ref.model.use_remove_padding.
-    use_remove_padding: bool = DEFAULT_USE_REMOVE_PADDING
+    use_remove_padding: bool = yaml_default("actor_rollout_ref.model.use_remove_padding")
     # Token-budget micro-batches: rows grouped so that each micro-batch holds at most this many real tokens
     # (Σ attention_mask); replaces ppo_micro_batch_size_per_device / forward_micro_batch_size_per_device.
-    use_dynamic_bsz: bool = False
-    ppo_max_token_len_per_gpu: int = 16384           # per forward/backward (update)
-    forward_max_token_len_per_gpu: int = 16384       # per no-grad forward (log-probs, values)
+    use_dynamic_bsz: bool = yaml_default("critic.use_dynamic_bsz")
+    ppo_max_token_len_per_gpu: int = yaml_default("critic.ppo_max_token_len_per_gpu")           # update
+    forward_max_token_len_per_gpu: int = yaml_default("critic.forward_max_token_len_per_gpu")   # log-probs, values
 
     def __post_init__(self):
         _check_batch_sizes("critic", self)

@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .config import RewardConfig
+from .reward_config import RewardConfig
 from stepsearch.agent.record import TrajectoryRecord
 
 from .docs import doc_title_text, policy_text, rounds_from_response, support_doc_text

@@ -1,7 +1,7 @@
 """Write a synthetic world to disk: `corpus.jsonl` (retriever format), `train.parquet` / `test.parquet` (seed
 format) and `world.json` (config, sizes, fingerprint).
 
-    python -m stepsearch.envs.build --out runs/world --seed 0 [--num_entities 60 --num_train 1000 --num_test 100] \
+    python -m stepsearch.envs.make_world --out runs/world --seed 0 [--num_entities 60 --num_train 1000 --num_test 100] \
         [--hop_weights 2:0.5,3:0.3,4:0.2]
 """
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """RewardConfig: the frozen, validated reward settings (the trainer converts its Hydra ``reward`` node once).
 
 Each choice where the paper and the released StepSearch code differ is one field; configs/ppo_trainer.yaml holds
-the defaults and docs/rewards.md lists which value is the paper's and which the released code's. The rows of the
-paper's Table 3 are one override each: ``ablation=<row>`` (see :data:`ABLATIONS`).
+the defaults (the one source: each field's default is read from its ``reward`` section, docs/configuration.md) and
+docs/rewards.md lists which value is the paper's and which the released code's. The rows of the paper's Table 3 are
+one override each: ``ablation=<row>`` (see :data:`ABLATIONS`).
 """
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping
+
+from verl.utils.hydra_to_dataclass import yaml_default
 
 __all__ = ["RewardConfig", "ABLATIONS", "ANSWER_METRICS", "FORMAT_CHECKS", "FORMAT_GATES"]
 
@@ -22,38 +25,38 @@ _CHOICES = {"answer_metric": ANSWER_METRICS, "key_reward_mode": _KEY_MODES, "for
 
 @dataclass(frozen=True)
 class RewardConfig:
-    ablation: str = "full"
+    ablation: str = yaml_default("reward.ablation")
     """Paper Table 3 row (a key of ABLATIONS); it sets the switches of that row (``from_mapping`` applies it)."""
-    format_check: str = "released"
+    format_check: str = yaml_default("reward.format_check")
     """"released": a closed <answer> block with only whitespace after it; "paper": also exactly one <answer>
     and at least one <think>…</think><search>…</search> round, both counted on the policy's own text."""
-    format_gate: str = "released"
+    format_gate: str = yaml_default("reward.format_gate")
     """What a format failure costs. "released": the whole outcome is format_fail_score (r_key dropped) and the
     step rewards are dropped unless step_rewards_on_format_fail; "paper": only r_answer becomes 0 (γ_key·r_key
     and the step rewards stay)."""
-    format_fail_score: float = -1.0
+    format_fail_score: float = yaml_default("reward.format_fail_score")
     """Outcome reward on a format failure under format_gate="released" (released code: −1)."""
-    answer_metric: str = "f1"
+    answer_metric: str = yaml_default("reward.answer_metric")
     """r_answer: "f1" (max token F1 over gold strings, 4 decimals) or "em"."""
-    use_search_key_reward: bool = True
+    use_search_key_reward: bool = yaml_default("reward.use_search_key_reward")
     """Add γ_key · r_key to the outcome reward (``trainer.search_key_reward``)."""
-    key_reward_mode: str = "max"
+    key_reward_mode: str = yaml_default("reward.key_reward_mode")
     """r_key: "max" (paper formula) or "latest" (released overwrite algorithm, docs/method.md §1.4)."""
-    search_key_coef: float = 0.618
+    search_key_coef: float = yaml_default("reward.search_key_coef")
     """γ_key (released default argument; the paper gives no value)."""
-    use_step_rewards: bool = True
+    use_step_rewards: bool = yaml_default("reward.use_step_rewards")
     """Master switch for the per-round step rewards (``trainer.search_steps_reward``)."""
-    use_info_gain: bool = True
+    use_info_gain: bool = yaml_default("reward.use_info_gain")
     """Include G^t in the step score (``trainer.information_gain``)."""
-    use_redundancy_penalty: bool = True
+    use_redundancy_penalty: bool = yaml_default("reward.use_redundancy_penalty")
     """Subtract P^t in the step score (``trainer.redundancy_penalty``)."""
-    step_reward_scale: float = 0.6
+    step_reward_scale: float = yaml_default("reward.step_reward_scale")
     """Step rewards are scale · (G^t − P^t) (released code; the paper does not mention a scale)."""
-    step_rewards_on_format_fail: bool = False
+    step_rewards_on_format_fail: bool = yaml_default("reward.step_rewards_on_format_fail")
     """format_gate="released" only: keep the step rewards when the format check fails (released: dropped)."""
-    use_sub_answer_reward: bool = False
+    use_sub_answer_reward: bool = yaml_default("reward.use_sub_answer_reward")
     """Add sub_answer_coef · r_sub (the "ow sub-answer" row, with the "sub_answer" prompt template)."""
-    sub_answer_coef: float = 0.618
+    sub_answer_coef: float = yaml_default("reward.sub_answer_coef")
     """Weight of r_sub; the paper gives none, so it takes γ_key's value."""
 
     def __post_init__(self):
@@ -86,12 +89,12 @@ class RewardConfig:
         unknown = sorted(set(values) - set(fields))
         if unknown:
             raise KeyError(f"[reward] unknown keys {unknown}; valid keys: {sorted(fields)}")
-        values = dict(values)
-        row_name = values.get("ablation", fields["ablation"].default)
+        values = {**{name: f.default for name, f in fields.items()}, **values}   # absent keys: their defaults
+        row_name = values["ablation"]
         if row_name not in ABLATIONS:
             raise ValueError(f"[reward] ablation '{row_name}' is unknown; valid: {list(ABLATIONS)}")
         for name, forced in ABLATIONS[row_name].items():
-            given = values.get(name, forced)
+            given = values[name]
             if given != forced and given != fields[name].default:
                 raise ValueError(f"[reward] ablation={row_name} sets {name}={forced}, but {name}={given} was also "
                                  f"given; drop one of the two")

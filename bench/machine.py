@@ -1,0 +1,28 @@
+"""The CPU a benchmark ran on, named from /proc/cpuinfo, for every results file's "Machine:" line."""
+from __future__ import annotations
+
+import os
+
+# instruction sets that decide which encoder and kernels are fast (bf16: AVX512-BF16 or AMX)
+_ISA_FLAGS = (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16"), ("avx512f", "AVX512"), ("avx2", "AVX2"))
+
+
+def cpu_description() -> str:
+    """e.g. "AMD EPYC 7B13 (AVX2; no bf16 instructions)" or "Intel Xeon ... (AMX-BF16, AVX512-BF16, AVX512, AVX2)";
+    adds the oneDNN ISA cap when ONEDNN_MAX_CPU_ISA is set (it hides bf16 instructions from torch)."""
+    model, flags = "unknown CPU", set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and model == "unknown CPU":
+                    model = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    isa = [name for flag, name in _ISA_FLAGS if flag in flags]
+    bf16 = "" if {"amx_bf16", "avx512_bf16"} & flags else "; no bf16 instructions"
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    capped = f"; ONEDNN_MAX_CPU_ISA={cap}" if cap else ""
+    return f"{model} ({', '.join(isa) or 'no AVX2'}{bf16}{capped})"
