@@ -1,7 +1,9 @@
-"""The CPU a benchmark ran on, named from /proc/cpuinfo, for every results file's "Machine:" line."""
+"""The CPU a benchmark ran on, named from /proc/cpuinfo, for every results file's "Machine:" line; and dropping files
+from the page cache for cold-start measurements."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 # instruction sets that decide which encoder and kernels are fast (bf16: AVX512-BF16 or AMX)
 _ISA_FLAGS = (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16"), ("avx512f", "AVX512"), ("avx2", "AVX2"))
@@ -26,3 +28,18 @@ def cpu_description() -> str:
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
     capped = f"; ONEDNN_MAX_CPU_ISA={cap}" if cap else ""
     return f"{model} ({', '.join(isa) or 'no AVX2'}{bf16}{capped})"
+
+
+def drop_from_page_cache(paths: list[Path]) -> None:
+    """posix_fadvise(DONTNEED) each file, recursing into folders (its clean pages leave the page cache; no root
+    needed)."""
+    for path in map(Path, paths):
+        if path.is_dir():
+            drop_from_page_cache([p for p in path.rglob("*") if p.is_file()])
+        elif path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)

@@ -69,6 +69,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from bench.machine import drop_from_page_cache  # noqa: E402
 from bench.retrieval import (TOPK, Conn, load_questions, machine_line, naive_app, run_clients,  # noqa: E402
                              split_clients, top3_agreement, write_section)
 
@@ -308,20 +309,6 @@ def page_cache_bytes(path: Path) -> int | None:
         return int(out.split()[0])
     except (subprocess.SubprocessError, ValueError, IndexError):
         return None
-
-
-def drop_from_page_cache(paths: list[Path]) -> None:
-    """posix_fadvise(DONTNEED) each file (its clean pages leave the page cache; no root needed)."""
-    for path in paths:
-        if path.is_dir():
-            drop_from_page_cache([p for p in path.rglob("*") if p.is_file()])
-        elif path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
 
 
 def proc_status(pid: int) -> dict:

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from bench.machine import drop_from_page_cache
 from stepsearch.search.corpus import ArrowCorpus, build_arrow_corpus, iter_passages, split_contents
 
 ROWS = [
@@ -107,17 +108,6 @@ def page_cache_fraction(path) -> float:
     return sum(v & 1 for v in vec) / pages
 
 
-def drop_from_page_cache(path) -> None:
-    import os
-
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 def test_random_access_open_reads_only_what_it_serves(tmp_path):
     """Serving opens the table with random_access=True: opening it and looking up a few rows must not read the
     file from disk (without it, read-ahead pulls in every record batch: the whole corpus at start-up)."""
@@ -126,7 +116,7 @@ def test_random_access_open_reads_only_what_it_serves(tmp_path):
             for i in range(20_000)]  # ~28 MB of Arrow in 1,024-row batches
     src = write_jsonl(tmp_path / "big.jsonl", rows)
     build_arrow_corpus(src, tmp_path / "big.arrow", batch_rows=1024)
-    drop_from_page_cache(tmp_path / "big.arrow")
+    drop_from_page_cache([tmp_path / "big.arrow"])
     if page_cache_fraction(tmp_path / "big.arrow") > 0.05:
         pytest.skip("this file system keeps the file in the page cache (tmpfs?)")
     corpus = ArrowCorpus(tmp_path / "big.arrow", random_access=True)

@@ -12,13 +12,14 @@ from stepsearch.search.index import DENSE_INDEX, LoadOptions, is_exhaustive, loa
 from stepsearch.search.rerank import read_faiss
 from stepsearch.search.server_config import ServerConfig
 from stepsearch.search.service import module_hidden, open_backend
-from tests.search.test_corpus import drop_from_page_cache, page_cache_fraction
+from bench.machine import drop_from_page_cache
+from tests.search.test_corpus import page_cache_fraction
 
 
 def test_prefetch_reads_an_exhaustive_index_into_the_page_cache(wiki_index_dir, tmp_path):
     path = tmp_path / DENSE_INDEX
     shutil.copyfile(f"{wiki_index_dir}/{DENSE_INDEX}", path)  # a file of our own to drop from the page cache
-    drop_from_page_cache(path)
+    drop_from_page_cache([path])
     before = page_cache_fraction(path)
     index = read_faiss(path)  # memory-mapped: opening reads only the header
     assert is_exhaustive(index)
