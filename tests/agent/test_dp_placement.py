@@ -36,7 +36,7 @@ def worker_group():
     ray = pytest.importorskip("ray")
     from verl.single_controller.ray import RayResourcePool, RayWorkerGroup
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     pool = RayResourcePool(2, num_cpus_per_bundle=0.5, num_gpus_per_bundle=0, timeout_s=60)
     wg = RayWorkerGroup(pool, ScriptedRolloutWorker, "rollout", {"slow_rank": 0, "delay_s": DELAY_S},
                         fraction=1.0, timeout_s=60)

@@ -6,6 +6,7 @@ folder, generates, and takes the worker's bucketed weight sync after the update 
 test_model_families_vllm.py checks that synced weights give HF's outputs)."""
 from __future__ import annotations
 
+import gc
 import importlib.util
 import os
 
@@ -57,6 +58,9 @@ def test_one_step_checkpoint_and_hf_export(family, backend, tmp_path):
     from verl.trainer.main_ppo import run_ppo
     from verl.utils import checkpoint as ckpt
 
+    # finalize the in-process engines earlier tests left behind now, not at a garbage collection during this run:
+    # a vLLM engine finalized late tears down vLLM's process-global parallel state under the engine built here
+    gc.collect()
     tok = family_tokenizer(family)
     model_dir = save_family_model(family_lm(family, tok, seed=3, std=0.05), family, tmp_path / "model")
     train = _rows_parquet(str(tmp_path / "train.parquet"))

@@ -106,7 +106,7 @@ def test_two_gloo_ranks_fsdp2_match_one_rank(tiny_model_dir):
     local = LocalWorkerGroup(ActorRolloutRefWorker, "actor", config=local_cfg)
     local.init_model()
     expected = local.compute_log_prob(data).batch["old_log_probs"]
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         pool = RayResourcePool(2, 1.0, 0, timeout_s=60)
         actor_cfg, _ = _worker_configs(tiny_model_dir, 2)

@@ -178,8 +178,8 @@ def _init_ray(run: RunConfig) -> None:
     kwargs: dict = {"include_dashboard": False, "runtime_env": {"env_vars": env}}
     if run.ray.address:
         ray.init(address=run.ray.address, **kwargs)
-    else:
-        ray.init(num_cpus=run.ray.num_cpus, **kwargs)
+    else:  # a new local cluster, even when another job's cluster runs on this machine (ray.init() would join it)
+        ray.init(address="local", num_cpus=run.ray.num_cpus, **kwargs)
 
 
 def build_worker_groups(run: RunConfig, total_steps: int):
