@@ -179,10 +179,13 @@ def word_stream(vocab: np.ndarray, rng: np.random.Generator) -> tuple[str, np.nd
 
 
 def mem_available() -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no MemAvailable in /proc/meminfo")
+    """MemAvailable in bytes (`stepsearch.search.index.mem_available_bytes`, which the server's prefetch reads too)."""
+    from stepsearch.search.index import mem_available_bytes
+
+    available = mem_available_bytes()
+    if available is None:
+        raise RuntimeError("no MemAvailable in /proc/meminfo")
+    return available
 
 
 def wait_for_memory(need: int, what: str, timeout_s: float = 4 * 3600) -> float:
