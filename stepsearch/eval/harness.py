@@ -62,6 +62,9 @@ class EvalConfig:
     seed: int = 0
     max_retrieval_failures: int = 0   # questions with a failed retrieval the run tolerates; more fails the run
     extra_agent: dict = field(default_factory=dict)
+    # vLLM engine arguments (e.g. {"dtype": "float32", "enforce_eager": true, "kv_cache_memory_bytes": 4294967296});
+    # on CPU the KV cache is 256 MiB unless set here (verl.workers.rollout.vllm.cpu_engine_defaults)
+    engine_kwargs: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if not self.data:
@@ -119,9 +122,9 @@ def make_backend(cfg: EvalConfig, tokenizer):
     if kind == "vllm":
         if agent_mode(cfg, "vllm") == "async":
             from verl.workers.rollout.vllm_async import AsyncVLLMEngine
-            return AsyncVLLMEngine(cfg.model, tokenizer), "vllm"
+            return AsyncVLLMEngine(cfg.model, tokenizer, **cfg.engine_kwargs), "vllm"
         from verl.workers.rollout.vllm import VLLMRolloutBackend
-        return VLLMRolloutBackend(cfg.model, tokenizer), "vllm"
+        return VLLMRolloutBackend(cfg.model, tokenizer, **cfg.engine_kwargs), "vllm"
     import torch
     from transformers import AutoModelForCausalLM
 

@@ -37,6 +37,15 @@ def test_cpu_test_config_needs_paths_and_builds_with_them():
     assert run.trainer.world_size == 2 and run.trainer.device == "cpu" and run.actor.world_size == 2
 
 
+def test_cpu_real_config_builds_with_paths():
+    """configs/cpu_real.yaml (scripts/real_run.sh): one in-process CPU worker, token-budget micro-batches."""
+    cfg = _compose("cpu_real", "model.path=/m", "data.train_files=[/d.parquet]", "data.val_files=[/v.parquet]")
+    run = build_run_config(cfg)
+    assert run.trainer.world_size == 1 and run.trainer.device == "cpu" and run.actor.world_size == 1
+    assert run.actor.use_dynamic_bsz and run.critic.use_dynamic_bsz and run.actor.use_remove_padding
+    assert run.data.train_batch_size == run.actor.ppo_mini_batch_size == 4
+
+
 @pytest.mark.parametrize("override, error, match", [
     ("+actor_rollout_ref.actor.ppo_epoch=2", KeyError, r"\[actor_rollout_ref.actor\] unknown key\(s\) \['ppo_epoch'\]"),
     ("trainer.logger=[console,mlflow]", ValueError, r"unknown logger\(s\) \['mlflow'\]"),
