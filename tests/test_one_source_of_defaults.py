@@ -200,6 +200,8 @@ _CONFIG_NAME = re.compile(r"(^|_|\.)(cfg|config|conf|section|arr)s?($|_|\[|\.)",
 ALLOWED_GETS: dict[tuple[str, str], str] = {
     ("verl/workers/rollout/vllm.py", "engine_kw.setdefault('gpu_memory_utilization', 0.1)"):
         "vLLM's own engine argument on a CPU host (cpu_engine_defaults), under whatever engine_kwargs the YAML gives",
+    ("verl/workers/rollout/vllm.py", "engine_kw.setdefault('kv_cache_memory_bytes', 256 * 1024 ** 2)"):
+        "vLLM's own engine argument on a CPU host (cpu_engine_defaults); configs/cpu_real.yaml sets it in engine_kwargs",
     ("verl/workers/rollout/vllm.py", "engine_kw.setdefault('seed', 0)"):
         "vLLM's engine seed argument (every request carries its own seed), not a config key",
     ("verl/workers/rollout/vllm_async.py", "engine_kw.setdefault('seed', 0)"): "as in vllm.py",
