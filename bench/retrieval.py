@@ -7,8 +7,9 @@
 Serving sections, all on the bundled 1000-passage wiki-18 sample, MiniLM, top-3, real questions from
 ../shared/data/*/qa_pairs (every query is sent once per server, so the cache only helps where it is meant to):
 - naive vs ours (issue 8): (1) a Search-R1-style server written here (fp32, one request at a time under a lock,
-  no coalescing, no cache: a tiny FastAPI app) against (2) the real `stepsearch.search.server` (micro-batcher,
-  Redis + LRU cache, `--encoder_mode fast` = guarded bf16 with fp32 fallback): 8 clients x 64 queries/request,
+  no coalescing, no cache: a tiny FastAPI app; its encoder is built through transformers, as Search-R1's) against
+  (2) the real `stepsearch.search.server` (micro-batcher, Redis + LRU cache, `--encoder_mode fast` = guarded bf16
+  with fp32 fallback, the default `--encoder_backend auto` = native_bert's encoder): 8 clients x 64 queries/request,
   32 single-query clients, repeated-query (cache-hit) latency, and top-3 agreement of ours with exact fp32 (through
   the server, and in-process on 2,000 more real questions).
 - (a) HTTP 8x64 throughput of ours against the same encode+search called in-process (target >= 0.8);
@@ -117,7 +118,7 @@ def make_naive_app(index_dir: str):
     with open(manifest["corpus"]["path"]) as f:
         rows = [json.loads(line) for line in f]
     # Search-R1's retrieval_server encodes each request in batches of 512 (one batch here) at full fp32
-    encoder = Encoder(model=manifest["encoder"]["model"], mode="exact", batch_size=512)
+    encoder = Encoder(model=manifest["encoder"]["model"], mode="exact", batch_size=512, backend="transformers")
     return naive_app(encoder, index, rows.__getitem__)
 
 
@@ -271,14 +272,15 @@ _ENCODERS: dict = {}
 
 def in_process(index_dir: str, ids: list[str], queries: list[str], mode: str, per_request: int) -> dict:
     """Encode + FAISS search in this process, `per_request` queries per call, one call at a time (mode guarded:
-    `guarded_search`, the server's path). Returns q/s, doc ids per query and the fp32 fallback rate."""
+    `guarded_search`, the server's path; the reference mode exact through transformers, every other mode through
+    the server's default encoder backend, auto). Returns q/s, doc ids per query and the fp32 fallback rate."""
     import faiss
 
     from stepsearch.search.encoders import Encoder, guarded_search
 
     index = faiss.read_index(str(Path(index_dir) / "dense.faiss"))
     if mode not in _ENCODERS:
-        _ENCODERS[mode] = Encoder(mode=mode, batch_size=512)
+        _ENCODERS[mode] = Encoder(mode=mode, batch_size=512, backend="transformers" if mode == "exact" else "auto")
     enc = _ENCODERS[mode]
     search = lambda emb, k: index.search(emb, k)[::-1]  # FAISS returns (scores, ids)
     guarded = enc.config.mode == "guarded"

@@ -26,7 +26,10 @@ raw numbers to bench/results/retrieval_scale.json (keyed by N). Scratch data goe
        whole index read into RAM), the MiniLM fp32 encoder, and bench/retrieval.py's naive FastAPI /retrieve
        (`naive_app`); its `datasets` cache is a folder of its own (HF_DATASETS_CACHE), deleted before a cold start;
    (b) ours: `python -m stepsearch.search.build_index --import_faiss flat.index` once (timed, not part of start-up),
-       then `python -m stepsearch.search.server --index_dir ...` (corpus table and FAISS vectors memory-mapped).
+       then `python -m stepsearch.search.server --index_dir ...` (corpus table and FAISS vectors memory-mapped; the
+       query encoder is native_bert's plain-torch BERT, no transformers import);
+       `--ours_variants ours,ours_transformers` also starts it with `--encoder_backend transformers` (the encoder
+       built through transformers, as before issue 16's native encoder), after ours in each round.
    Cold = the index file, corpus.jsonl and our corpus.arrow dropped from the page cache first (posix_fadvise
    DONTNEED, no root needed; `fincore` confirms) and, for (a), its datasets cache deleted; warm = whatever the run
    before left cached. Measured from the Popen to the first /retrieve answer whose top-1 is the planted row (polled
@@ -446,6 +449,8 @@ class Server:
 
 # memory a server may take beyond these files, for wait_for_memory (measured: ~1.2 GiB at 200k passages)
 SERVER_OVERHEAD = 3 * GIB // 2
+# our server variants (--ours_variants) and the flags each adds to `python -m stepsearch.search.server`
+OURS_VARIANTS = {"ours": [], "ours_transformers": ["--encoder_backend", "transformers"]}
 
 
 def start_sr1(art: Path, hf_cache: Path, threads: int, logs: Path) -> Server:
@@ -459,8 +464,9 @@ def start_sr1(art: Path, hf_cache: Path, threads: int, logs: Path) -> Server:
                   logs / f"sr1-{port}.log", port, art)
 
 
-def start_ours(index_dir: Path, threads: int, logs: Path, name: str = "ours") -> Server:
-    """`python -m stepsearch.search.server` over `index_dir`, as a user starts it (plus a long request timeout)."""
+def start_ours(index_dir: Path, threads: int, logs: Path, name: str = "ours", extra: list[str] = ()) -> Server:
+    """`python -m stepsearch.search.server` over `index_dir`, as a user starts it (plus a long request timeout and
+    `extra` flags)."""
     from stepsearch.search.testing import free_port
 
     # it maps the whole index: its pages must fit in RAM beside the server, as the Search-R1-style server's copy must
@@ -470,7 +476,7 @@ def start_ours(index_dir: Path, threads: int, logs: Path, name: str = "ours") ->
     # throughput, not the server's 504 guard (the Search-R1-style server has none)
     args = [sys.executable, "-m", "stepsearch.search.server", "--index_dir", str(index_dir), "--host", "127.0.0.1",
             "--port", str(port), "--log_level", "warning", "--torch_threads", str(threads), "--request_timeout_s",
-            "3600"]
+            "3600", *extra]
     return Server(name, args, server_env(threads), logs / f"{name}-{port}.log", port, index_dir.parent)
 
 
@@ -489,7 +495,7 @@ def serve_sr1(corpus: str, index_path: str, port: int, threads: int) -> None:
         faiss.omp_set_num_threads(threads)
     table = datasets.load_dataset("json", data_files=corpus, split="train")
     index = faiss.read_index(index_path)
-    encoder = Encoder(model="minilm", mode="exact", batch_size=512)
+    encoder = Encoder(model="minilm", mode="exact", batch_size=512, backend="transformers")
     uvicorn.run(naive_app(encoder, index, table.__getitem__), host="127.0.0.1", port=port, log_level="warning")
 
 
@@ -575,7 +581,7 @@ def one_start(which: str, state: str, art: Path, planted: dict, args, logs: Path
     cached = page_cache_bytes(art / FLAT)
     log(f"start {which} ({state}; index file in page cache: {cached})")
     srv = start_sr1(art, hf_cache, args.threads, logs) if which == "search_r1_style" else \
-        start_ours(flat_dir, args.threads, logs)
+        start_ours(flat_dir, args.threads, logs, name=which, extra=OURS_VARIANTS[which])
     base = {"server": which, "state": state, "index_in_page_cache_bytes": cached, "load_avg_1m": os.getloadavg()[0]}
     try:
         t = srv.first_answer(planted["queries"][0], str(planted["rows"][0]), args.start_timeout_s)
@@ -638,7 +644,8 @@ def disk_and_scan(art: Path, threads: int) -> dict:
 
 
 def startup_section(art: Path, planted: dict, args, logs: Path) -> list[dict]:
-    order = {"cold": ("search_r1_style", "ours"), "warm": ("ours", "search_r1_style")}
+    ours = tuple(args.ours_variants)
+    order = {"cold": ("search_r1_style", *ours), "warm": (*ours, "search_r1_style")}
     return [one_start(which, state, art, planted, args, logs) for state in args.starts for which in order[state]]
 
 
@@ -757,6 +764,7 @@ def gib(x: float) -> str:
 # "ours_rows_fix": results stored by an earlier version of this bench, which measured the per-row corpus lookup as a
 # bench-side patch before corpus.ArrowCorpus.rows read record batch by record batch (kept to label those results)
 VARIANT_LABEL = {"search_r1_style": "Search-R1-style", "ours": "ours",
+                 "ours_transformers": "ours, --encoder_backend transformers",
                  "ours_rows_fix": "ours (earlier run, rows fix as a bench-side patch)"}
 
 
@@ -833,7 +841,7 @@ def markdown(res: dict) -> str:
               "Cold: the index file, corpus.jsonl and our corpus.arrow were dropped from the page cache "
               "(posix_fadvise DONTNEED; the 'in page cache' column is `fincore` just before the start) and the "
               "Search-R1-style server's datasets cache was deleted; warm: as the run before left it. Order: cold "
-              "Search-R1-style, ours; then warm ours, Search-R1-style. First answer "
+              "Search-R1-style, then ours; warm ours, then Search-R1-style. First answer "
               "= time from the process start to the first /retrieve answer (polled every 0.5 s); all planted = one "
               "request with every planted query, after it. Peak RSS = VmHWM; anon/file = RssAnon/RssFile at the "
               "end (file-backed pages are the memory-mapped index and corpus, and the shared libraries: the kernel "
@@ -929,6 +937,9 @@ def parse_args(argv: list[str] | None):
                    help="comma list of: startup, rerank; or prepare (generate, import and build the '+rerank' index "
                         "only, e.g. while the machine is busy; nothing is measured or written)")
     p.add_argument("--starts", default="cold,warm", help="startup states, in order: cold, warm")
+    p.add_argument("--ours_variants", default="ours",
+                   help=f"our servers to start, comma list of {', '.join(OURS_VARIANTS)} (ours_transformers: "
+                        "--encoder_backend transformers, the query encoder built through transformers)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch/FAISS threads of each server (0: $OMP_NUM_THREADS if set, else all cores)")
     p.add_argument("--build_threads", type=int, default=0, help="threads of the build_index runs (0: as above)")
@@ -956,6 +967,9 @@ def parse_args(argv: list[str] | None):
     a.stages = [s for s in a.stages.split(",") if s]
     a.starts = [s for s in a.starts.split(",") if s]
     a.nprobe_sweep = [int(x) for x in a.nprobe_sweep.split(",") if x]
+    a.ours_variants = [s for s in a.ours_variants.split(",") if s]
+    if not a.ours_variants or set(a.ours_variants) - set(OURS_VARIANTS):
+        raise SystemExit(f"unknown --ours_variants {a.ours_variants}; choose from {list(OURS_VARIANTS)}")
     if set(a.stages) - {"startup", "rerank", "prepare"} or set(a.starts) - {"cold", "warm"}:
         raise SystemExit(f"unknown --stages {a.stages} or --starts {a.starts}")
     if a.threads == 0 and os.environ.get("OMP_NUM_THREADS"):

@@ -205,6 +205,12 @@ ALLOWED_GETS: dict[tuple[str, str], str] = {
     ("verl/workers/rollout/vllm.py", "engine_kw.setdefault('seed', 0)"):
         "vLLM's engine seed argument (every request carries its own seed), not a config key",
     ("verl/workers/rollout/vllm_async.py", "engine_kw.setdefault('seed', 0)"): "as in vllm.py",
+    ("stepsearch/search/native_bert.py", "tok.get('model') or {}"):
+        "the `model` section of a Hugging Face tokenizer.json, not the config's model section",
+    ("stepsearch/search/native_bert.py", "tok_cfg.get('tokenize_chinese_chars', True)"):
+        "a model folder's tokenizer_config.json field, defaulted as transformers' BertTokenizer does",
+    ("stepsearch/search/native_bert.py", "tok_cfg.get('do_lower_case', True)"): "as tokenize_chinese_chars",
+    ("stepsearch/search/native_bert.py", "tok_cfg.get('pad_token', '[PAD]')"): "as tokenize_chinese_chars",
 }
 
 

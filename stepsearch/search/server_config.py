@@ -48,6 +48,11 @@ class ServerConfig:
     guard_eps: float | None = setting(None, "guarded mode: bf16 score gap below which a query is re-encoded in fp32 "
                                             "(default: the model's calibrated value)")
     guard_order: bool = setting(False, "guarded mode: keep fp32's top-k order, not only its set")
+    encoder_backend: str = setting("auto", "who runs the query encoder: auto (our plain-torch BERT, native_bert.py, "
+                                           "when the model is a BERT encoder it supports: the server never imports "
+                                           "transformers and starts ~5 s sooner; else transformers, with the reason "
+                                           "logged), native (refuse to start when unsupported), transformers",
+                                   choices=("auto", "native", "transformers"))
     device: str = setting("cpu", "query encoder device: cpu or cuda[:N]")
     faiss_gpu: bool = setting(False, "put the dense (flat) index on every visible GPU (Search-R1's --faiss_gpu; "
                                      "gpu_index.TorchFlatIndex)")
@@ -109,6 +114,9 @@ class ServerConfig:
                 raise ValueError(f"[server] --{name} must be positive, got {getattr(self, name)}")
         if self.guard_workers <= 0:
             raise ValueError(f"[server] --guard_workers must be positive, got {self.guard_workers}")
+        if self.encoder_backend not in ("auto", "native", "transformers"):
+            raise ValueError(f"[server] --encoder_backend must be auto, native or transformers, got "
+                             f"{self.encoder_backend!r}")
         if self.gpu_storage not in ("fp16", "bf16", "fp32"):
             raise ValueError(f"[server] --gpu_storage must be fp16, bf16 or fp32, got {self.gpu_storage!r}")
         if self.torch_threads < 0:

@@ -204,7 +204,8 @@ def open_index(cfg: ServerConfig) -> LoadedIndex:
                                                    corpus=cfg.corpus, guard_eps=cfg.guard_eps,
                                                    guard_order=cfg.guard_order, faiss_gpu=cfg.faiss_gpu,
                                                    gpu_storage=cfg.gpu_storage, nprobe=cfg.nprobe,
-                                                   rerank_candidates=cfg.rerank_candidates))
+                                                   rerank_candidates=cfg.rerank_candidates,
+                                                   encoder_backend=cfg.encoder_backend))
 
 
 def torch_threads(cfg: ServerConfig, encoder_mode: str) -> int:
