@@ -21,6 +21,11 @@ with the default true (packed), on the same rows, the same model and the same th
     ``<think>``/``<answer>`` turn and EOS; all tokenized with the SmolLM2 tokenizer (docs/real_model.md). The
     generated turns are gold actions, much shorter than a policy's reasoning; the prompt and the observations are
     what a real rollout sees. Widths and batch settings as (b).
+(d) real run: the rows of (c) at the widths and actor settings of the real-data StePPO run (configs/cpu_real.yaml:
+    P = 512, T = 2048, token-budget micro-batches of 3,072 tokens for the update and 6,144 for log-probs), the
+    first --rows_d questions; a response longer than T is cut to T, as the run's response window cuts it. The
+    size at which SmolLM2's packed/padded ratio is measurable on 2 CPU cores (the 4096+4096 widths of (b) and (c)
+    make its padded side cost tens of minutes a pass).
 
 --model picks the model(s): ``tiny`` (the default: a random tiny Qwen2, --hidden/--layers/--heads) and ``real``
 (SmolLM2-135M-Instruct, 134.5M parameters, from --real_model_dir, made by `make real-model`), or both
@@ -59,7 +64,7 @@ from tests.verl.helpers import build_batch  # noqa: E402
 from verl.protocol import DataProto  # noqa: E402
 from verl.utils.packing import pack_rows  # noqa: E402
 from verl.utils.tiny_model import build_tiny_causal_lm, build_tokenizer  # noqa: E402
-from verl.workers.actor import Actor, micro_batches  # noqa: E402
+from verl.workers.actor import Actor, forward_token_budget, micro_batches, update_token_budget  # noqa: E402
 
 MUSIQUE_SAMPLE = REPO / "data" / "samples" / "musique_ans_train_100.json"
 REAL_OBS_LENGTH = 800  # configs/ppo_trainer.yaml agent.max_obs_length
@@ -162,12 +167,13 @@ def with_ppo_keys(data: DataProto, seed: int) -> DataProto:
     return data.union(DataProto.from_dict(tensors={"old_log_probs": old, "advantages": adv}))
 
 
-def pad_shares(data: DataProto, rows_per_micro: int) -> tuple[float, float]:
-    """(pad share of the full-width tensors, pad share after trimming all-pad columns per micro-batch)."""
+def pad_shares(data: DataProto, rows_per_micro: int, max_tokens: int | None = None) -> tuple[float, float]:
+    """(pad share of the full-width tensors, pad share after trimming all-pad columns per micro-batch); the
+    micro-batches are the update's (fixed rows, or a token budget)."""
     mask = data.batch["attention_mask"].bool()
     real = int(mask.sum())
     trimmed = 0
-    micros, _ = micro_batches(data, rows_per_micro, None)
+    micros, _ = micro_batches(data, rows_per_micro, max_tokens)
     for m in micros:
         cols = m.batch["attention_mask"].bool().any(dim=0).nonzero()
         trimmed += m.batch["attention_mask"].shape[0] * int(cols.max() - cols.min() + 1)
@@ -212,10 +218,12 @@ def distribution_batch(config_name: str, rows, P: int, T: int, pad_id: int) -> t
                                      prompt_length=P, response_length=T), seed=1)
     cfg = actor_config(config_name, len(rows), use_remove_padding=False)
     real = int(data.batch["attention_mask"].sum())
-    full_pad, trimmed_pad = pad_shares(data, cfg.ppo_micro_batch_size_per_device)
+    full_pad, trimmed_pad = pad_shares(data, cfg.ppo_micro_batch_size_per_device, update_token_budget(cfg))
+    micro, fwd_micro = ((f"≤{update_token_budget(cfg)} tok", f"≤{forward_token_budget(cfg)} tok") if cfg.use_dynamic_bsz
+                        else (cfg.ppo_micro_batch_size_per_device, cfg.forward_micro_batch_size_per_device))
     return data, {"config": config_name, "rows": len(rows), "P": P, "T": T, "real_tokens": real,
                   "mean_len": real / len(rows), "max_len": int(data.batch["attention_mask"].sum(-1).max()),
-                  "micro": cfg.ppo_micro_batch_size_per_device, "fwd_micro": cfg.forward_micro_batch_size_per_device,
+                  "micro": micro, "fwd_micro": fwd_micro,
                   "pad_share": full_pad, "pad_share_trimmed": trimmed_pad}
 
 
@@ -320,12 +328,15 @@ def render(results: list[dict], attention: dict | None, cmd: str, model_descs: d
                      f"{100 * r['pad_share']:.1f}% / {100 * r['pad_share_trimmed']:.1f}% | "
                      f"{lp['padded']:.0f} → {lp['packed']:.0f} | **{lp['packed'] / lp['padded']:.2f}x** | "
                      f"{up['padded']:.0f} → {up['packed']:.0f} | **{up['packed'] / up['padded']:.2f}x** | {target} |")
-    lengths = next((r["lengths"] for r in results if "lengths" in r), None)
-    if lengths:
-        (p0, p1, p2), (r0, r1, r2) = lengths["prompt"], lengths["response"]
-        lines += ["", f"(c) rows with the SmolLM2 tokenizer, before any --max_width cut: prompt {p0} / {p1:.0f} / "
-                      f"{p2} tokens (min / mean / max), response {r0} / {r1:.0f} / {r2} tokens, "
-                      f"{100 * lengths['observation_share']:.0f}% of the response tokens are observations."]
+    described = set()
+    for r in results:
+        if "lengths" not in r or r["name"] in described:
+            continue
+        described.add(r["name"])
+        (p0, p1, p2), (r0, r1, r2) = r["lengths"]["prompt"], r["lengths"]["response"]
+        lines += ["", f"{r['name'].split()[0]} rows with the SmolLM2 tokenizer, before any cut to the width: prompt "
+                      f"{p0} / {p1:.0f} / {p2} tokens (min / mean / max), response {r0} / {r1:.0f} / {r2} tokens, "
+                      f"{100 * r['lengths']['observation_share']:.0f}% of the response tokens are observations."]
     for model_name, att in (attention or {}).items():
         lines += ["", _attention_line(model_name, att, many)]
     spread = max(max(ts) / min(ts) for r in results for side in r["raw"].values() for ts in zip(*side))
@@ -343,6 +354,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--rows_b", type=int, default=8, help="Search-R1-like rows (one mini-batch)")
     ap.add_argument("--rows_c", type=int, default=16, help="real-tokenizer MuSiQue rows (one mini-batch)")
+    ap.add_argument("--rows_d", type=int, default=8, help="real-run rows (one mini-batch)")
     ap.add_argument("--max_rows", type=int, default=0,
                     help="cap the rows of every distribution (0: no cap); for a quick check that the script runs")
     ap.add_argument("--max_width", type=int, default=0,
@@ -428,7 +440,7 @@ def measure(args) -> dict:
         return [(p[-P:], r[:T], m[:T]) for p, r, m in rows]
 
     models = build_models(args)
-    real_tok = load_real(args.real_model_dir)[1] if "c" in sections else None
+    real_tok = load_real(args.real_model_dir)[1] if sections & {"c", "d"} else None
     results, attention = [], {}
     for name, (model, vocab, pad_id, _) in models.items():
         if "a" in sections:
@@ -444,6 +456,12 @@ def measure(args) -> dict:
         if "c" in sections:
             rows, lengths = real_tokenizer_rows(real_tok, cap(args.rows_c), vocab, max_response=T)
             result = bench_distribution("(c) real tokenizer", "ppo_trainer", fit(rows, P, T), P, T, model, pad_id,
+                                        args.reps, name)
+            results.append({**result, "lengths": lengths})
+        if "d" in sections:
+            Pd, Td = widths(512, 2048)
+            rows, lengths = real_tokenizer_rows(real_tok, cap(args.rows_d), vocab, max_response=Td)
+            result = bench_distribution("(d) real run", "cpu_real", fit(rows, Pd, Td), Pd, Td, model, pad_id,
                                         args.reps, name)
             results.append({**result, "lengths": lengths})
         if "attention" in sections:

@@ -3,11 +3,14 @@
     .venv/bin/python bench/retrieval.py                  # serving sections, writes bench/results/retrieval.md
     .venv/bin/python bench/retrieval.py --sections index # FAISS index memory/speed/recall table (~14k passages)
     .venv/bin/python bench/retrieval.py --sections calibrate  # guard_eps of the guarded bf16 path (encoders.py)
+    .venv/bin/python bench/retrieval.py --sections workers --out bench/results/retrieval_serve_avx2.md
+                                                         # --encode_workers 1 vs 0, idle cores and one core busy
 
 Serving sections, all on the bundled 1000-passage wiki-18 sample, MiniLM, top-3, real questions from
 ../shared/data/*/qa_pairs (every query is sent once per server, so the cache only helps where it is meant to):
-- naive vs ours (issue 8): (1) a Search-R1-style server written here (fp32, one request at a time under a lock,
-  no coalescing, no cache: a tiny FastAPI app; its encoder is built through transformers, as Search-R1's) against
+- naive vs ours (issue 8): (1) a Search-R1-style server written here (fp32, no coalescing, no cache: a tiny FastAPI
+  app whose sync endpoint FastAPI runs on its thread pool, so concurrent requests encode at once, each with torch's
+  default threads, as Search-R1's `retrieve_endpoint` does; its encoder is built through transformers) against
   (2) the real `stepsearch.search.server` (micro-batcher, Redis + LRU cache, `--encoder_mode fast` = guarded bf16
   with fp32 fallback, the default `--encoder_backend auto` = native_bert's encoder): 8 clients x 64 queries/request,
   32 single-query clients, repeated-query (cache-hit) latency, and top-3 agreement of ours with exact fp32 (through
@@ -108,7 +111,7 @@ class QueryRequest(BaseModel):
 
 
 def make_naive_app(index_dir: str):
-    """fp32 encoder, one request at a time (a lock), no coalescing, no cache; rows from the JSONL in index order."""
+    """fp32 encoder, no coalescing, no cache; rows from the JSONL in index order."""
     import faiss
 
     from stepsearch.search.encoders import Encoder
@@ -127,14 +130,14 @@ def naive_app(encoder, index, row):
     served by bench/retrieval_scale.py over a `datasets` table, as Search-R1 loads its corpus."""
     from fastapi import FastAPI
 
-    lock = threading.Lock()
     app = FastAPI()
 
+    # a sync endpoint, as Search-R1's: FastAPI runs it on its thread pool, so concurrent requests encode and search
+    # at once (no lock, no coalescing), each forward with torch's default intra-op threads
     @app.post("/retrieve")
     def retrieve(req: QueryRequest):
-        with lock:
-            emb = encoder.encode_queries(req.queries)
-            scores, idx = index.search(emb, req.topk)
+        emb = encoder.encode_queries(req.queries)
+        scores, idx = index.search(emb, req.topk)
         result = [[{"document": row(i), "score": float(s)} if req.return_scores else row(i)
                    for i, s in zip(r_idx, r_s)] for r_idx, r_s in zip(idx.tolist(), scores.tolist())]
         return {"result": result}
@@ -359,6 +362,13 @@ def set_ours_threads(args) -> None:
         torch.set_num_threads(args.ours_threads)
 
 
+MODE_LABEL = {
+    "guarded": "bf16 encode + top-4 search, fp32 re-encode of the queries whose 3rd-4th bf16 score gap is below "
+               "guard_eps; the bf16 pass on 2 worker threads in chunks of 64, the fp32 fallback on its own thread",
+    "sorted": "fp32, length-sorted micro-batches of 32 on one owner thread (the default --encode_workers 1)",
+}
+
+
 def threads_label(args) -> str:
     if args.ours_threads > 0:
         return f"{args.ours_threads} torch thread(s) per thread (OMP_NUM_THREADS)"
@@ -573,11 +583,11 @@ def serving_markdown(res: dict, args, cmd: str, load_start: tuple) -> str:
         f"distinct real questions from ../shared/data/*/qa_pairs. Medians over {args.reps} interleaved repetitions; "
         f"ratios are taken per repetition (the two sides ran back to back), then the median. Ours: "
         f"`stepsearch.search.server --encoder_mode {args.ours_mode}` (resolved to `{res.get('inproc_fast_mode')}`: "
-        f"bf16 encode + top-4 search, fp32 re-encode of the queries whose 3rd-4th bf16 score gap is below "
-        f"guard_eps; the bf16 pass on 2 worker threads in chunks of 64, the fp32 fallback on its own thread), "
+        f"{MODE_LABEL.get(res.get('inproc_fast_mode'), '')}), "
         f"micro-batcher on, Redis + LRU cache, fast lane, "
-        f"{threads_label(args)}. Naive: fp32, torch default threads, one request at a time, no coalescing, no cache "
-        f"(a FastAPI app in the Search-R1 mould). Load: one thread per client with a keep-alive stdlib "
+        f"{threads_label(args)}. Naive: fp32, torch default threads, no coalescing, no cache, concurrent requests "
+        f"encoded at once on FastAPI's thread pool (a sync endpoint in the Search-R1 mould). Load: one thread per "
+        f"client with a keep-alive stdlib "
         f"`http.client` connection, the same for every server.", "",
         "### Issue 8: naive Search-R1-style server vs ours", "",
         "| metric | naive | ours | ratio / value | target | met |", "|---|---|---|---|---|---|",
@@ -644,9 +654,64 @@ def write_section(path: Path, name: str, text: str) -> None:
     write_text_atomic(path, new)
 
 
+def workers_section(args) -> dict:
+    """--encode_workers 1 (one owner thread, every core as torch threads) against 0 (one encode thread per core, 1
+    torch thread each), two of our servers on the sample index (in-process LRU only; every query distinct), rounds
+    of 32 single-query clients x 8 and 8 clients x 64 interleaved, first on idle cores and then with one core kept
+    busy by another process (a Python busy loop: the trainer or rollout engine on a shared node)."""
+    questions = load_questions()
+    index_dir = build_sample_index(Path(tempfile.mkdtemp(prefix="bench_workers_")))
+    base = ["--encoder_mode", args.ours_mode, "--log_level", "warning", "--torch_threads", "0"]
+    from stepsearch.search.testing import start_retrieval_server
+
+    servers = {w: start_retrieval_server(index_dir, None, extra_args=base + ["--encode_workers", w]) for w in ("1", "0")}
+    res = {"rounds": args.reps + 1, "runs": []}
+    pos = 0
+    try:
+        for busy in (False, True):
+            hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
+            try:
+                for rnd in range(args.reps + 1):
+                    for w in (("1", "0") if rnd % 2 == 0 else ("0", "1")):
+                        single = run_clients(servers[w].url, split_clients(questions[pos:pos + 256], 32, 1))
+                        batch = run_clients(servers[w].url, split_clients(questions[pos + 256:pos + 768], 8, 64))
+                        pos += 768
+                        res["runs"].append({"busy_core": busy, "encode_workers": w, "round": rnd,
+                                            "single_qps": single["qps"], "batch_qps": batch["qps"],
+                                            "load_1m": os.getloadavg()[0]})
+                        print(f"[workers] {res['runs'][-1]}", flush=True)
+            finally:
+                if hog is not None:
+                    hog.kill()
+                    hog.wait()
+    finally:
+        for srv in servers.values():
+            srv.stop()
+    res["cpu"] = machine_line()
+    return res
+
+
+def workers_markdown(res: dict, cmd: str) -> str:
+    lines = ["## Parallel encode threads in sorted mode (bench/retrieval.py --sections workers)", "",
+             f"Command: `{cmd}`", "", res["cpu"] + ".", "",
+             f"Two of our servers on the 1,000-passage sample (`--encoder_mode fast`, resolved to sorted on a CPU "
+             f"without native bf16; `--torch_threads 0`), `--encode_workers 1` (the default: one owner thread, every "
+             f"core as torch threads) and `--encode_workers 0` (one encode thread per core, 1 torch thread each); "
+             f"{res['rounds']} interleaved rounds of 32 single-query clients x 8 questions and 8 clients x 64 "
+             f"questions, all distinct; first on idle cores, then with one core kept busy by a Python busy loop.", "",
+             "| cores | --encode_workers | 32 x 1, q/s per round | 8 x 64, q/s per round |", "|---|---|---|---|"]
+    for busy in (False, True):
+        for w in ("1", "0"):
+            runs = [r for r in res["runs"] if r["busy_core"] == busy and r["encode_workers"] == w]
+            lines.append(f"| {'one core busy' if busy else 'idle'} | {w} | "
+                         + " / ".join(f"{r['single_qps']:.1f}" for r in runs) + " | "
+                         + " / ".join(f"{r['batch_qps']:.1f}" for r in runs) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--sections", default="serve", help="comma list of: serve, index")
+    p.add_argument("--sections", default="serve", help="comma list of: serve, index, calibrate, workers")
     p.add_argument("--reps", type=int, default=2, help="interleaved repetitions of the serving phases")
     p.add_argument("--single_per_client", type=int, default=8, help="requests per single-query client")
     p.add_argument("--hit_repeats", type=int, default=300)
@@ -675,6 +740,10 @@ def main(argv: list[str] | None = None) -> int:
         print(text)
     if "index" in sections:
         write_section(Path(args.out), "index", index_markdown(index_section(args), args, cmd.strip()))
+    if "workers" in sections:
+        text = workers_markdown(workers_section(args), cmd.strip())
+        write_section(Path(args.out), "workers", text)
+        print(text)
     if "serve" in sections:
         load_start = os.getloadavg()
         res = serving_sections(args)

@@ -31,25 +31,11 @@ SFT_STEPS=${DEMO_SFT_STEPS:-2000}
 # use DEMO_SOLO_THREADS (an SFT step: 365 ms on 2 threads, 630 ms on 1, quiet 2-core AMD EPYC, AVX2).
 THREADS=${DEMO_THREADS:-1}
 SOLO_THREADS=${DEMO_SOLO_THREADS:-2}
-export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false RAY_USAGE_STATS_ENABLED=0 PYTHONUNBUFFERED=1
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+source scripts/run_lib.sh
+offline_env "$THREADS"
 
 START_S=$(date +%s)
-PIDS=()
-cleanup() {
-  local rc=$?
-  for pid in "${PIDS[@]:-}"; do
-    [ -n "$pid" ] && kill "$pid" 2>/dev/null || true
-  done
-  for pid in "${PIDS[@]:-}"; do
-    [ -n "$pid" ] && wait "$pid" 2>/dev/null || true
-  done
-  if [ $rc -ne 0 ]; then echo "demo FAILED (exit $rc); logs in $OUT/logs" >&2; fi
-  exit $rc
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+stop_on_exit demo
 
 # stage NAME [LOG]: print the stage; while it runs, a heartbeat prints the newest line of LOG at least every
 # DEMO_PROGRESS_S seconds, whether or not stdout is a terminal.
@@ -67,7 +53,6 @@ heartbeat() {
     echo "[demo $(( $(date +%s) - START_S ))s]   ... ${name%% (*}${line:+ | $line}"
   done
 }
-source scripts/retriever_up.sh
 
 rm -rf "$OUT/rl" "$OUT/eval_before" "$OUT/eval_after"
 mkdir -p "$OUT/logs"

@@ -19,24 +19,13 @@ STEPS=${REAL_STEPS:-12}
 SEED=${REAL_SEED:-0}
 THREADS=${REAL_THREADS:-2}
 OBS=400  # agent.max_obs_length of configs/cpu_real.yaml: the warm start and the evaluations use the same
-export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false RAY_USAGE_STATS_ENABLED=0 PYTHONUNBUFFERED=1
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+source scripts/run_lib.sh
+offline_env "$THREADS"
 [ -f "$MODEL/config.json" ] || { echo "no model in $MODEL: run \`make real-model\` first" >&2; exit 2; }
 
 START_S=$(date +%s)
-PIDS=()
-cleanup() {
-  local rc=$?
-  for pid in "${PIDS[@]:-}"; do [ -n "$pid" ] && kill "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]:-}"; do [ -n "$pid" ] && wait "$pid" 2>/dev/null || true; done
-  [ $rc -ne 0 ] && echo "real run FAILED (exit $rc); logs in $OUT/logs" >&2
-  exit $rc
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+stop_on_exit "real run"
 stage() { echo "[real $(( $(date +%s) - START_S ))s] $1"; }
-source scripts/retriever_up.sh
 mkdir -p "$OUT/logs" "$OUT/data"
 
 SAMPLES=(--input data/samples/musique_ans_train_100.json --input data/samples/musique_full_train_first100.jsonl)

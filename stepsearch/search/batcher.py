@@ -8,9 +8,12 @@ queued (requests that queued while the previous batch ran are therefore flushed 
 With `coalesce=False` each request is run alone (same thread, same code path): the baseline of bench (c).
 The owner thread is the only one touching the encoder and the index, so neither needs to be thread-safe.
 
-`GuardedPipelineBatcher` (mode="guarded") adds a second owner thread for the fp32 fallback pass, so the bf16 pass
-of one batch and the fp32 re-encode of the previous batch's fallback queries run at once on two cores. The two
-threads share only the FAISS index (read-only search is thread-safe) and the tokenizer (Encoder serialises it).
+`GuardedPipelineBatcher` (mode="guarded") runs the bf16 pass on worker threads and adds an owner thread for the fp32
+fallback pass, so the bf16 pass of one batch and the fp32 re-encode of the previous batch's fallback queries run at
+once on two cores. The threads share only the FAISS index (read-only search is thread-safe) and the tokenizer
+(Encoder serialises it). Without a fallback (`fallback_fn=None`) it is the parallel `sorted` path: fp32 chunks on
+several worker threads with one torch thread each, which keeps both cores of a small CPU busy where one owner
+thread with 2 OpenMP threads loses time in their barriers (docs/retrieval_speed.md).
 """
 from __future__ import annotations
 
@@ -210,9 +213,12 @@ class GuardedPipelineBatcher(MicroBatcher):
     fp32 pass, and with 1 torch thread per worker every core stays busy, also when one request carries the whole
     batch (the owner blocks while all bf16 workers are busy, so requests keep coalescing). Results equal
     `guarded_search` on the same chunks.
+
+    `fallback_fn=None`: `first_fn(chunk, topk) -> (ids, scores)` is final (no guard, no fp32 thread): the chunks of a
+    batch are simply encoded and searched on `first_workers` threads at once.
     """
 
-    def __init__(self, first_fn: Callable, fallback_fn: Callable, config: BatcherConfig = BatcherConfig(),
+    def __init__(self, first_fn: Callable, fallback_fn: Callable | None, config: BatcherConfig = BatcherConfig(),
                  name: str = "retriever-owner", chunk_queries: int = 64, first_workers: int = 2):
         if chunk_queries <= 0 or first_workers <= 0:
             raise ValueError(f"[batcher] chunk_queries and first_workers must be positive, got {chunk_queries}, "
@@ -223,18 +229,22 @@ class GuardedPipelineBatcher(MicroBatcher):
         self.fallback_busy_s = 0.0
         # bf16 chunks run on `first_workers` threads; the owner thread blocks while all of them are busy, so
         # requests keep coalescing meanwhile
-        self._first_pool = ThreadPoolExecutor(first_workers, thread_name_prefix=name + "-bf16")
+        self._first_pool = ThreadPoolExecutor(first_workers, thread_name_prefix=name + ("-bf16" if fallback_fn else
+                                                                                        "-encode"))
         self._free_workers = threading.Semaphore(first_workers)
         self._stats_lock = threading.Lock()
         super().__init__(first_fn, config, name)
-        self._fallback_thread = threading.Thread(target=self._run_fallback, name=name + "-fp32", daemon=True)
-        self._fallback_thread.start()
+        self._fallback_thread = None
+        if fallback_fn is not None:
+            self._fallback_thread = threading.Thread(target=self._run_fallback, name=name + "-fp32", daemon=True)
+            self._fallback_thread.start()
 
     def close(self, timeout_s: float = 10.0) -> None:
         super().close(timeout_s)  # the owner thread has handed out its last chunk
         self._first_pool.shutdown(wait=True)  # every chunk is done, so every redo is queued before _STOP
-        self._redo_queue.put(_STOP)
-        self._fallback_thread.join(timeout_s)
+        if self._fallback_thread is not None:
+            self._redo_queue.put(_STOP)
+            self._fallback_thread.join(timeout_s)
 
     def _wait_for_capacity(self) -> None:
         # close the batch only once a bf16 worker is free to take it: while all are busy, requests keep coalescing
@@ -276,8 +286,12 @@ class GuardedPipelineBatcher(MicroBatcher):
             with self._stats_lock:
                 self.busy_s += time.perf_counter() - t0
                 self.batch_ms.append((time.perf_counter() - t0) * 1000)
-            batch.ids[a:b], batch.scores[a:b] = first.ids, first.scores
-            rows = a + np.flatnonzero(first.fallback)
+            if self.fallback_fn is None:  # (ids, scores), final
+                batch.ids[a:b], batch.scores[a:b] = first
+                rows = np.empty(0, np.int64)
+            else:
+                batch.ids[a:b], batch.scores[a:b] = first.ids, first.scores
+                rows = a + np.flatnonzero(first.fallback)
             if rows.size:
                 with batch.lock:
                     for j in batch.jobs_of(rows):

@@ -7,7 +7,7 @@ can reach the port could query it (and fill its cache).
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from stepsearch.search.client import DEFAULT_MAX_QUERY_CHARS, TOKEN_ENV
 from stepsearch.search.online import SERPER_KEY_ENV
@@ -77,8 +77,14 @@ class ServerConfig:
                                          "one after the other")
     guard_workers: int = setting(2, "guarded mode: threads running the bf16 pass (the fp32 fallback has its own); 2 "
                                     "measured best on 2 cores (bench/results/retrieval.md)")
+    encode_workers: int = setting(1, "sorted mode on CPU: threads encoding chunks of a batch at once, 1 torch thread "
+                                     "each (batcher.GuardedPipelineBatcher without a fallback); 1 (default) = one "
+                                     "owner thread with --torch_threads threads, best on idle cores; 0 = one per core "
+                                     "this process may use, faster when other work shares the cores "
+                                     "(docs/retrieval_speed.md)")
     torch_threads: int = setting(0, "intra-op threads for query encoding; 0 (default) = $OMP_NUM_THREADS if set, else "
-                                    "every core this process may use (1 for the guarded pipeline); pass 1 when the "
+                                    "every core this process may use (1 for the guarded pipeline and for "
+                                    "--encode_workers other than 1); pass 1 when the "
                                     "cores are shared with the trainer (docs/retrieval.md)")
     nprobe: int = setting(DEFAULT_NPROBE, "IVF indexes: inverted lists visited per query (0: the value stored in the "
                                           "index file)")
@@ -106,19 +112,18 @@ class ServerConfig:
     def __post_init__(self):
         if (self.index_dir is None) == (self.online is None):
             raise ValueError("[server] give exactly one of --index_dir DIR or --online serper")
-        if self.online not in (None, "serper"):
-            raise ValueError(f"[server] --online must be 'serper', got {self.online!r}")
+        for f in fields(self):  # every setting with choices (a None default stays allowed)
+            value, choices = getattr(self, f.name), f.metadata["choices"]
+            if choices and value not in choices and not (value is None and f.default is None):
+                raise ValueError(f"[server] --{f.name} must be one of {', '.join(choices)}, got {value!r}")
         for name in ("default_topk", "max_topk", "max_queries", "max_query_chars", "request_timeout_s",
                      "gil_switch_interval_ms", "max_body_bytes", "body_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"[server] --{name} must be positive, got {getattr(self, name)}")
         if self.guard_workers <= 0:
             raise ValueError(f"[server] --guard_workers must be positive, got {self.guard_workers}")
-        if self.encoder_backend not in ("auto", "native", "transformers"):
-            raise ValueError(f"[server] --encoder_backend must be auto, native or transformers, got "
-                             f"{self.encoder_backend!r}")
-        if self.gpu_storage not in ("fp16", "bf16", "fp32"):
-            raise ValueError(f"[server] --gpu_storage must be fp16, bf16 or fp32, got {self.gpu_storage!r}")
+        if self.encode_workers < 0:
+            raise ValueError(f"[server] --encode_workers must be >= 0, got {self.encode_workers}")
         if self.torch_threads < 0:
             raise ValueError(f"[server] --torch_threads must be >= 0, got {self.torch_threads}")
         if self.nprobe < 0:

@@ -41,22 +41,27 @@ class LocalBackend:
     """A local index searched on one owner thread; rows come from the memory-mapped corpus table."""
 
     def __init__(self, loaded: LoadedIndex, batcher_cfg: BatcherConfig, guard_pipeline: bool = True,
-                 guard_workers: int = 2):
+                 guard_workers: int = 2, encode_workers: int = 1):
         self.loaded = loaded
         self.identity = loaded.identity
         self.batcher_cfg = batcher_cfg
         self.guard_pipeline, self.guard_workers = guard_pipeline, guard_workers
+        self.encode_workers = encode_workers  # sorted mode: chunks encoded on this many threads at once
         self.batcher: MicroBatcher | None = None
 
     def start(self) -> None:
         dense = self.loaded.retriever
-        if self.guard_pipeline and isinstance(dense, DenseRetriever) and dense.encoder.config.mode == "guarded":
+        mode = dense.encoder.config.mode if isinstance(dense, DenseRetriever) else None
+        if self.guard_pipeline and mode == "guarded":
             def fallback(queries: list[str], topk: int):
                 res = dense.search_exact(queries, topk)
                 return res.ids, res.scores
 
             self.batcher = GuardedPipelineBatcher(dense.search_first, fallback, self.batcher_cfg,
                                                   first_workers=self.guard_workers)
+        elif mode == "sorted" and self.encode_workers > 1:
+            self.batcher = GuardedPipelineBatcher(self.search_ids, None, self.batcher_cfg,
+                                                  first_workers=self.encode_workers)
         else:
             self.batcher = MicroBatcher(self.search_ids, self.batcher_cfg)
 
@@ -107,6 +112,8 @@ class LocalBackend:
         return {"backend": "local", "method": self.loaded.method, "num_passages": len(self.loaded.corpus),
                 "encoder": (m.get("encoder") or {}).get("model"), "index_factory": m.get("index_factory"),
                 "encoder_mode": encoder.config.mode if encoder is not None else None,
+                "encoder_backend": encoder.config.backend if encoder is not None else None,
+                "encode_workers": self.encode_workers,
                 "guard_eps": encoder.guard_eps if encoder is not None else None, "identity": self.identity,
                 **self.dense_settings()}
 
@@ -173,12 +180,15 @@ def open_backend(cfg: ServerConfig):
         return OnlineBackend(SerperBackend(SerperConfig.from_args(cfg.serper_api_key, url=cfg.serper_url)))
     with module_hidden("sklearn"):
         loaded = open_index(cfg)
+    workers = 1
     if loaded.method != "bm25":
         import torch
 
-        torch.set_num_threads(torch_threads(cfg, retriever_encoder(loaded.retriever).config.mode))
+        mode = retriever_encoder(loaded.retriever).config.mode
+        workers = encode_workers(cfg, mode, loaded.method)
+        torch.set_num_threads(1 if workers > 1 else torch_threads(cfg, mode))
     return LocalBackend(loaded, BatcherConfig(cfg.max_batch_queries, cfg.max_wait_ms, cfg.coalesce),
-                        guard_pipeline=cfg.guard_pipeline, guard_workers=cfg.guard_workers)
+                        guard_pipeline=cfg.guard_pipeline, guard_workers=cfg.guard_workers, encode_workers=workers)
 
 
 @contextlib.contextmanager
@@ -221,6 +231,16 @@ def torch_threads(cfg: ServerConfig, encoder_mode: str) -> int:
     if encoder_mode == "guarded" and cfg.guard_pipeline:
         return 1
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def encode_workers(cfg: ServerConfig, encoder_mode: str, method: str) -> int:
+    """Threads encoding at once for a dense index in `sorted` mode on CPU (1 torch thread each): cfg.encode_workers
+    when > 0 (default 1: one owner thread), else (0, auto) the thread budget torch_threads would give one owner
+    thread, so an explicit --torch_threads or $OMP_NUM_THREADS still bounds the cores the server takes. 1 for every
+    other method, mode and device (hybrid keeps one owner thread: BM25 search is not shared between threads)."""
+    if method != "dense" or encoder_mode != "sorted" or cfg.device != "cpu":
+        return 1
+    return cfg.encode_workers if cfg.encode_workers > 0 else torch_threads(cfg, encoder_mode)
 
 
 # ---------------------------------------------------------------- the service

@@ -192,3 +192,37 @@ def test_pipeline_waits_for_every_chunk_of_a_request_when_chunks_finish_out_of_o
     finally:
         batcher.close()
     assert ids[:, 0].tolist() == [10 * i for i in range(10)]
+
+
+def test_parallel_sorted_path_equals_one_owner_thread():
+    """fallback_fn=None (the parallel `sorted` path): each request gets the rows a single owner thread gives it, and
+    the chunks of one big request run on two worker threads at the same time."""
+    from stepsearch.search.batcher import GuardedPipelineBatcher
+
+    both_running = threading.Barrier(2, timeout=5)
+    met = []
+
+    def search(queries, topk):
+        if queries[0] == "big-0":  # chunk 1 of the big request waits for chunk 2 to start
+            met.append(both_running.wait() is not None)
+        elif queries[0] == "big-8":
+            both_running.wait()
+        return fake_search([])(queries, topk)
+
+    calls = []
+    one_owner = MicroBatcher(fake_search(calls), BatcherConfig(max_wait_ms=1))
+    parallel = GuardedPipelineBatcher(search, None, BatcherConfig(max_wait_ms=1), chunk_queries=8, first_workers=2)
+    try:
+        big = [f"big-{i}" for i in range(20)]
+        got = parallel.submit_future(big, 3).result(timeout=10)
+        want = one_owner.submit_future(big, 3).result(timeout=10)
+        small = asyncio.run(fire(parallel, 12))
+        small_want = asyncio.run(fire(one_owner, 12))
+    finally:
+        parallel.close()
+        one_owner.close()
+    assert met == [True]  # the two chunks overlapped
+    assert got[0].tolist() == want[0].tolist() and got[1].tolist() == want[1].tolist()
+    for (ids, scores), (ids_w, scores_w) in zip(small, small_want):
+        assert ids.tolist() == ids_w.tolist() and scores.tolist() == scores_w.tolist()
+    assert parallel._fallback_thread is None  # no fp32 thread without a fallback

@@ -220,5 +220,5 @@ def test_encoder_backend_flag():
 
     assert parse_args(["--index_dir", "x"])[0].encoder_backend == "auto"
     assert parse_args(["--index_dir", "x", "--encoder_backend", "transformers"])[0].encoder_backend == "transformers"
-    with pytest.raises(ValueError, match="--encoder_backend must be auto, native or transformers"):
+    with pytest.raises(ValueError, match="--encoder_backend must be one of auto, native, transformers"):
         ServerConfig(index_dir="x", encoder_backend="onnx")

@@ -21,10 +21,12 @@ def test_hybrid_method_serves_rrf_scores(wiki_index_dir):
 @pytest.mark.parametrize("kwargs, message", [
     ({}, "exactly one of --index_dir"),
     ({"index_dir": "x", "online": "serper"}, "exactly one of --index_dir"),
-    ({"online": "bing"}, "--online must be 'serper'"),
+    ({"online": "bing"}, "--online must be one of serper, got 'bing'"),
     ({"index_dir": "x", "max_topk": 0}, "--max_topk must be positive"),
     ({"index_dir": "x", "default_topk": 10, "max_topk": 5}, "exceeds --max_topk"),
     ({"index_dir": "x", "torch_threads": -1}, "--torch_threads must be >= 0"),
+    ({"index_dir": "x", "gpu_storage": "int8"}, "--gpu_storage must be one of fp16, bf16, fp32, got 'int8'"),
+    ({"index_dir": "x", "method": "splade"}, "--method must be one of dense, bm25, hybrid, got 'splade'"),
 ])
 def test_server_config_rejects_bad_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -118,3 +118,44 @@ def test_onednn_isa_cap_hides_native_bf16(monkeypatch):
     assert [onednn_allows_bf16(v) for v in ("AVX512_CORE_BF16", "avx512_core_amx", "ALL", "DEFAULT")] == [True] * 4
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
     assert cpu_has_fast_bf16() is False
+
+
+def test_parallel_sorted_backend_returns_exact_results(wiki_index_dir, questions, exact_run, monkeypatch):
+    """--encode_workers 2 (sorted mode on CPU, two encode threads of 1 torch thread each): 30 concurrent requests
+    of real questions get exact fp32's top-3 ids and scores; /health reports the workers; the default is one owner
+    thread, and the thread budget decides the automatic count (--encode_workers 0; an explicit --torch_threads 1
+    keeps one owner thread, hybrid keeps one)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from stepsearch.search.batcher import GuardedPipelineBatcher
+    from stepsearch.search.server import ServerConfig, open_backend
+    from stepsearch.search.service import encode_workers
+
+    before = torch.get_num_threads()
+    backend = open_backend(ServerConfig(index_dir=wiki_index_dir, method="dense", encoder_mode="sorted",
+                                        encode_workers=2, max_wait_ms=3.0))
+    backend.start()
+    try:
+        assert isinstance(backend.batcher, GuardedPipelineBatcher) and torch.get_num_threads() == 1
+        health = backend.health()
+        assert health["encode_workers"] == 2 and health["encoder_mode"] == "sorted"
+        assert health["encoder_backend"] in ("native", "transformers")
+        reqs = [questions[i:i + 10] for i in range(0, 300, 10)]
+        with ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(lambda q: backend.batcher.submit_future(q, 3).result(timeout=300), reqs))
+    finally:
+        backend.batcher.close()
+        torch.set_num_threads(before)
+    _, want_ids, want_scores = exact_run
+    ids, scores = np.concatenate([g[0] for g in got]), np.concatenate([g[1] for g in got])
+    assert top3_agreement(ids, want_ids) == 1.0
+    np.testing.assert_allclose(np.sort(scores, axis=1), np.sort(want_scores, axis=1), atol=1e-5)
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    assert encode_workers(ServerConfig(index_dir="x"), "sorted", "dense") == 1  # the default: one owner thread
+    cfg = ServerConfig(index_dir="x", encode_workers=0)
+    assert encode_workers(cfg, "sorted", "dense") == 3  # auto: one per usable core
+    assert encode_workers(ServerConfig(index_dir="x", torch_threads=1, encode_workers=0), "sorted", "dense") == 1
+    assert encode_workers(cfg, "sorted", "hybrid") == 1 and encode_workers(cfg, "exact", "dense") == 1
+    assert encode_workers(ServerConfig(index_dir="x", device="cuda", encode_workers=0), "sorted", "dense") == 1
