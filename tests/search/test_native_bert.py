@@ -195,7 +195,8 @@ with TestClient(create_app(cfg, backend)) as client:  # the lifespan: batcher, w
     body = client.post("/retrieve", json={"queries": ["Evan Morris", "1972 Caribbean Series"], "topk": 3,
                                           "return_scores": True}).json()
 print(json.dumps({"top1": [hits[0]["document"]["title"] for hits in body["result"]],
-                  "backend": backend.encoder().config.backend, "transformers": "transformers" in sys.modules}))
+                  "backend": backend.encoder().config.backend, "transformers": "transformers" in sys.modules,
+                  "pandas": "pandas" in sys.modules}))
 """
 
 
@@ -205,14 +206,18 @@ print(json.dumps({"top1": [hits[0]["document"]["title"] for hits in body["result
 ])
 def test_server_start_up_does_not_import_transformers(wiki_index_dir, settings, backend, imports_transformers):
     """A fresh process opens the index, starts the app (lifespan and warm-up included) and answers /retrieve,
-    as `python -m stepsearch.search.server` does; `--encoder_backend transformers` still takes the old path."""
+    as `python -m stepsearch.search.server` does; `--encoder_backend transformers` still takes the old path. The
+    default path does not import pandas either (pyarrow's `pa.array(ndarray)` in the corpus lookup did)."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run([sys.executable, "-c", SERVER_SCRIPT, wiki_index_dir, json.dumps(settings)], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
+    imports_pandas = out.pop("pandas")
     assert out == {"top1": ["Evan Morris", "1972 Caribbean Series"], "backend": backend,
                    "transformers": imports_transformers}
+    if backend == "native":
+        assert not imports_pandas
 
 
 def test_encoder_backend_flag():
