@@ -130,29 +130,22 @@ def search_r1_rows(n: int, vocab: int, seed: int, max_response: int) -> list[tup
 
 def real_tokenizer_rows(tokenizer, n: int, vocab: int, max_response: int, seed: int = 0
                         ) -> tuple[list[tuple[list[int], list[int], list[int]]], dict]:
-    """Distribution (c): n MuSiQue trajectories tokenized with the real tokenizer, ids folded into [3, vocab) when
-    the model's vocabulary is smaller than the tokenizer's. Also returns their length statistics."""
-    import random
+    """Distributions (c) and (d): the first n MuSiQue gold trajectories tokenized with the real tokenizer
+    (stepsearch.envs.gold_sft), ids folded into [3, vocab) when the model's vocabulary is smaller than the
+    tokenizer's, responses cut to max_response. Also returns their length statistics (before the cut)."""
+    from stepsearch.envs.gold_sft import gold_trajectories
 
-    from stepsearch.data.io import iter_records
-    from stepsearch.envs.gold_sft import gold_trajectory
-
-    rng = random.Random(seed)
+    gold = gold_trajectories(tokenizer, [str(MUSIQUE_SAMPLE)], REAL_TOPK, REAL_OBS_LENGTH, seed, limit=n)
+    if len(gold) < n:
+        raise SystemExit(f"[packing] {MUSIQUE_SAMPLE} has only {len(gold)} answerable records; {n} rows asked for")
     rows, prompt_lens, response_lens, obs_lens = [], [], [], []
-    for loc in iter_records(MUSIQUE_SAMPLE, show_progress=False):
-        if len(rows) == n:
-            break
-        if loc.record.get("answerable", True) is False:
-            continue
-        prompt, response, mask = gold_trajectory(tokenizer, loc, rng, REAL_TOPK, REAL_OBS_LENGTH)
+    for prompt, response, mask in gold:
         prompt_lens.append(len(prompt))
         response_lens.append(len(response))
         obs_lens.append(len(response) - sum(mask))
         if len(tokenizer) > vocab:
             prompt, response = ([3 + t % (vocab - 3) for t in ids] for ids in (prompt, response))
         rows.append((prompt, response[:max_response], mask[:max_response]))
-    if len(rows) < n:
-        raise SystemExit(f"[packing] {MUSIQUE_SAMPLE} has only {len(rows)} answerable records; --rows_c {n}")
     stats = {"prompt": (min(prompt_lens), sum(prompt_lens) / n, max(prompt_lens)),
              "response": (min(response_lens), sum(response_lens) / n, max(response_lens)),
              "observation_share": sum(obs_lens) / sum(response_lens)}

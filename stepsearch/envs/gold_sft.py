@@ -15,6 +15,7 @@ over a batch and weighted by generated tokens.
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import os
 import random
@@ -67,14 +68,16 @@ def gold_trajectory(tokenizer, loc, rng: random.Random, topk: int, max_obs_lengt
     return prompt, response, mask
 
 
-def gold_trajectories(tokenizer, paths: list[str], topk: int, max_obs_length: int, seed: int = 0) -> list[Trajectory]:
-    """The gold trajectories of every answerable record in `paths` (JSON/JSONL), in file order."""
+def gold_trajectories(tokenizer, paths: list[str], topk: int, max_obs_length: int, seed: int = 0,
+                      limit: int | None = None) -> list[Trajectory]:
+    """The gold trajectories of the answerable records in `paths` (JSON/JSONL), in file order: every one, or the
+    first `limit` (the same trajectories as the first `limit` of all: one seeded generator draws in file order)."""
     from stepsearch.data.io import iter_records
 
     rng = random.Random(seed)
-    return [gold_trajectory(tokenizer, loc, rng, topk, max_obs_length)
-            for path in paths for loc in iter_records(path, show_progress=False)
-            if loc.record.get("answerable", True) is not False]
+    answerable = (loc for path in paths for loc in iter_records(path, show_progress=False)
+                  if loc.record.get("answerable", True) is not False)
+    return [gold_trajectory(tokenizer, loc, rng, topk, max_obs_length) for loc in itertools.islice(answerable, limit)]
 
 
 def sft_on_trajectories(model, rows: list[Trajectory], steps: int, batch_size: int, lr: float, seed: int = 0,
