@@ -12,7 +12,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stepsearch.data.io import write_text_atomic  # noqa: E402
 
-ORDER = ["retrieval", "retrieval_load", "retrieval_scale", "rewards", "rollout", "rollout_real", "rollout_async",
+ORDER = ["retrieval", "retrieval_serve_bf16", "retrieval_serve_avx2cap", "retrieval_serve_avx2strict",
+         "retrieval_serve_avx2", "retrieval_load", "retrieval_scale", "retrieval_scale_xeon", "rewards", "rollout", "rollout_real", "rollout_async",
          "rollout_async_real", "core_algos", "packing", "packing_real", "ppo_step",
          "credit_assignment", "data_pipeline", "gpu_smoke", "gpu_server", "gpu_train_check"]
 

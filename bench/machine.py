@@ -7,11 +7,21 @@ from pathlib import Path
 
 # instruction sets that decide which encoder and kernels are fast (bf16: AVX512-BF16 or AMX)
 _ISA_FLAGS = (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16"), ("avx512f", "AVX512"), ("avx2", "AVX2"))
+# environment variables that hide instructions from one kernel library each: oneDNN (torch's bf16 matmuls), MKL
+# (torch's fp32 matmuls), ATen (torch's own vectorised kernels: GELU, LayerNorm, softmax)
+ISA_CAP_VARS = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")
+
+
+def isa_caps() -> str:
+    """The instruction-set caps set in the environment as `VAR=value` words ("" when none), for a results file's
+    command line."""
+    return " ".join(f"{var}={os.environ[var]}" for var in ISA_CAP_VARS if os.environ.get(var))
 
 
 def cpu_description() -> str:
     """e.g. "AMD EPYC 7B13 (AVX2; no bf16 instructions)" or "Intel Xeon ... (AMX-BF16, AVX512-BF16, AVX512, AVX2)";
-    adds the oneDNN ISA cap when ONEDNN_MAX_CPU_ISA is set (it hides bf16 instructions from torch)."""
+    adds the instruction-set caps set in the environment (`isa_caps`: ONEDNN_MAX_CPU_ISA=AVX2 hides bf16
+    instructions from torch)."""
     model, flags = "unknown CPU", set()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -25,8 +35,7 @@ def cpu_description() -> str:
         pass
     isa = [name for flag, name in _ISA_FLAGS if flag in flags]
     bf16 = "" if {"amx_bf16", "avx512_bf16"} & flags else "; no bf16 instructions"
-    cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
-    capped = f"; ONEDNN_MAX_CPU_ISA={cap}" if cap else ""
+    capped = f"; {isa_caps()}" if isa_caps() else ""
     return f"{model} ({', '.join(isa) or 'no AVX2'}{bf16}{capped})"
 
 

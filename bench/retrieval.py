@@ -732,7 +732,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.serve_naive:
         serve_naive(args.index_dir, args.port)
         return 0
-    cmd = "HF_HUB_OFFLINE=1 .venv/bin/python bench/retrieval.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    from bench.machine import isa_caps
+
+    cmd = " ".join(filter(None, ["HF_HUB_OFFLINE=1", isa_caps(), ".venv/bin/python bench/retrieval.py"] +
+                          (argv if argv is not None else sys.argv[1:])))
     sections = set(args.sections.split(","))
     if "calibrate" in sections:
         text = calibrate_markdown(calibrate_section(args), cmd.strip())

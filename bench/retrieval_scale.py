@@ -807,7 +807,7 @@ def targets(res: dict) -> list[dict]:
     return rows
 
 
-def markdown(res: dict) -> str:
+def markdown(res: dict, json_name: str = "bench/results/retrieval_scale.json") -> str:
     n, g = res["n"], res["generation"]
     lines = [f"## Retrieval at scale: {n:,} passages (bench/retrieval_scale.py)", "",
              *([f"Command: `{res['command']}`"] if res.get("starts_command", res["command"]) == res["command"] and
@@ -922,7 +922,7 @@ def markdown(res: dict) -> str:
                       "|---|---|---|---|"]
             lines += [f"| {r['nprobe']} | {r['recall3']:.3f} | {r['planted_top1']:.3f} | {r['search_s']:.1f} |"
                       for r in rec["by_nprobe"]]
-    lines += ["", f"Raw numbers: bench/results/retrieval_scale.json (key \"{n}\")."]
+    lines += ["", f"Raw numbers: {json_name} (key \"{n}\")."]
     return "\n".join(lines) + "\n"
 
 
@@ -1026,7 +1026,8 @@ def report(res: dict, a) -> dict:
     write_json_atomic(json_path, {**old, str(a.n): res})
     if res["starts"] or res.get("rerank"):
         section = a.section or ("retrieval_scale" if a.n == 5_000_000 else f"retrieval_scale_n{a.n}")
-        text = markdown(res)
+        text = markdown(res, str(json_path.resolve().relative_to(REPO)) if json_path.resolve().is_relative_to(REPO)
+                        else str(json_path))
         write_section(Path(a.out), section, text)
         print(text)
     return res

@@ -307,6 +307,8 @@ class Encoder:
         # truncation/padding settings are applied); the guarded pipeline's two owner threads share this one
         self._tokenizer_lock = threading.Lock()
         self._with_token_type_ids = "token_type_ids" in self.tokenizer.model_input_names
+        # texts -> unpadded token ids: native_bert's tokenizer truncates to max_length by itself (set at load)
+        self._tokenize = self.tokenizer.token_ids if self.config.backend == "native" else self._transformers_token_ids
 
     @property
     def guard_eps(self) -> float | None:
@@ -390,11 +392,11 @@ class Encoder:
         if not texts:
             return []
         with self._tokenizer_lock:
-            if self.config.backend == "native":  # truncation to max_length is set once, at load
-                return self.tokenizer.token_ids(texts)
-            enc = self.tokenizer(texts, truncation=True, max_length=self.config.max_length, padding=False,
-                                 return_attention_mask=False, return_token_type_ids=False)
-        return enc["input_ids"]
+            return self._tokenize(texts)
+
+    def _transformers_token_ids(self, texts: list[str]) -> list[list[int]]:
+        return self.tokenizer(texts, truncation=True, max_length=self.config.max_length, padding=False,
+                              return_attention_mask=False, return_token_type_ids=False)["input_ids"]
 
     def pad(self, ids: list[list[int]], multiple: int = 1) -> dict[str, torch.Tensor]:
         """Right-pad one micro-batch: tensors (B, T) with T = its longest text (rounded up to `multiple`)."""

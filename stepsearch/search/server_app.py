@@ -73,11 +73,9 @@ def create_app(cfg: ServerConfig, backend) -> FastAPI:
         service = RetrievalService(cfg, backend)
         app.state.service = service
         if isinstance(backend, LocalBackend):
-            encoder = backend.encoder()
-            if cfg.warm_up and encoder is not None:  # bf16 kernels for the common shapes (guarded mode), ~2-5 s
-                shapes = await asyncio.to_thread(encoder.warm_up_bf16)
-                logger.info("warmed up %d bf16 batch shapes", shapes)
             await asyncio.to_thread(backend.warm_up)  # first encode allocates; keep it off the first request
+            if cfg.warm_up:  # guarded mode: bf16 kernels for the common shapes, in the background
+                backend.start_bf16_warm_up()
         logger.info("retrieval server ready: %s", backend.health())
         yield
         await backend.aclose()

@@ -95,8 +95,9 @@ class ServerConfig:
     request_timeout_s: float = setting(120.0, "a /retrieve that takes longer answers 504 (the client retries it)")
     fast_lane: bool = setting(True, "answer /retrieve in a plain ASGI handler in front of FastAPI (fast_lane.py); "
                                     "--no_fast_lane: through FastAPI only (slower, same replies)")
-    warm_up: bool = setting(True, "guarded mode: build the bf16 kernels for the common batch shapes at start-up "
-                                  "(--no_warm_up skips it)")
+    warm_up: bool = setting(True, "guarded mode: build the bf16 kernels for the common batch shapes in the "
+                                  "background once the server answers (/health's warm_up: running, then done; "
+                                  "--no_warm_up skips it)")
     max_body_bytes: int = setting(4 << 20, "largest /retrieve body accepted (413 beyond it, refused before it is "
                                            "read); 4 MiB holds the client's largest batch with room to spare")
     body_timeout_s: float = setting(10.0, "the whole /retrieve body must arrive within this time (else 408, "

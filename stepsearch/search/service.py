@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 from collections import deque
 
@@ -48,6 +49,8 @@ class LocalBackend:
         self.guard_pipeline, self.guard_workers = guard_pipeline, guard_workers
         self.encode_workers = encode_workers  # sorted mode: chunks encoded on this many threads at once
         self.batcher: MicroBatcher | None = None
+        self.warm_up_state = "off"  # the bf16 kernel warm-up (start_bf16_warm_up): off | running | done | failed
+        self._warm_up_thread: threading.Thread | None = None
 
     def start(self) -> None:
         dense = self.loaded.retriever
@@ -98,6 +101,30 @@ class LocalBackend:
             retriever.search(["warm-up query"], 1)
         self.loaded.corpus.rows([0])
 
+    def start_bf16_warm_up(self) -> None:
+        """Guarded mode: build the bf16 kernels for the common batch shapes (`Encoder.warm_up_bf16`, 3-5 s of one
+        core) on a daemon thread while the server already answers, so a start is not held up by it; a request
+        meanwhile pays the kernel build of a shape not yet seen (~30% of that batch). /health's `warm_up` says
+        when it is done. No-op in other modes."""
+        encoder = self.encoder()
+        if encoder is None or encoder.fast_model is None:
+            return
+
+        def run() -> None:
+            t0 = time.perf_counter()
+            try:
+                shapes = encoder.warm_up_bf16()
+            except Exception:  # the server keeps serving: an unseen shape is built on its first request
+                self.warm_up_state = "failed"
+                logger.exception("bf16 warm-up failed")
+                return
+            self.warm_up_state = "done"
+            logger.info("warmed up %d bf16 batch shapes in %.1f s", shapes, time.perf_counter() - t0)
+
+        self.warm_up_state = "running"
+        self._warm_up_thread = threading.Thread(target=run, name="bf16-warm-up", daemon=True)
+        self._warm_up_thread.start()
+
     def search_sync(self, queries: list[str], topk: int) -> list[list[dict]]:
         """The same encode+search+lookup, in-process, without HTTP or the batcher (benchmark baseline)."""
         return self.hits(*self.search_ids(queries, topk))
@@ -113,7 +140,7 @@ class LocalBackend:
                 "encoder": (m.get("encoder") or {}).get("model"), "index_factory": m.get("index_factory"),
                 "encoder_mode": encoder.config.mode if encoder is not None else None,
                 "encoder_backend": encoder.config.backend if encoder is not None else None,
-                "encode_workers": self.encode_workers,
+                "encode_workers": self.encode_workers, "warm_up": self.warm_up_state,
                 "guard_eps": encoder.guard_eps if encoder is not None else None, "identity": self.identity,
                 **self.dense_settings()}
 
@@ -147,6 +174,8 @@ class LocalBackend:
                 "max_batch_queries": self.batcher_cfg.max_batch_queries, "max_wait_ms": self.batcher_cfg.max_wait_ms}
 
     async def aclose(self) -> None:
+        if self._warm_up_thread is not None:  # seconds at most; it runs the encoder the batcher shares
+            await asyncio.to_thread(self._warm_up_thread.join)
         if self.batcher is not None:
             await asyncio.to_thread(self.batcher.close)
 

@@ -106,8 +106,9 @@ def start_redis(port: int | None = None, timeout_s: float = 10.0) -> RedisProc:
 def start_retrieval_server(index_dir: str | os.PathLike | None, redis_url: str | None = None, *,
                            extra_args: list[str] = (), env: dict | None = None, port: int | None = None,
                            timeout_s: float = 180.0) -> ServerProc:
-    """`python -m stepsearch.search.server` on a free loopback port; returns once GET /health answers 200.
-    Runs 1 torch thread (cores shared with the caller) unless extra_args or $OMP_NUM_THREADS say otherwise."""
+    """`python -m stepsearch.search.server` on a free loopback port; returns once GET /health answers 200 with the
+    background bf16 warm-up (guarded mode) finished, so measurements start on a warmed server. Runs 1 torch thread
+    (cores shared with the caller) unless extra_args or $OMP_NUM_THREADS say otherwise."""
     port = port or free_port()
     args = [sys.executable, "-m", "stepsearch.search.server", "--host", "127.0.0.1", "--port", str(port)]
     if index_dir is not None:
@@ -130,14 +131,16 @@ def start_retrieval_server(index_dir: str | os.PathLike | None, redis_url: str |
 
 
 def wait_for_health(proc: subprocess.Popen, url: str, timeout_s: float, poll_s: float = 0.1) -> str | None:
-    """Poll `GET {url}/health` until it answers 200. Returns None then, else why not ("exited with N" when the
-    process died first, "did not become healthy within Ts" on timeout); the caller stops the process."""
+    """Poll `GET {url}/health` until it answers 200 and its bf16 `warm_up` is not "running". Returns None then,
+    else why not ("exited with N" when the process died first, "did not become healthy within Ts" on timeout); the
+    caller stops the process."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             return f"exited with {proc.returncode}"
         try:
-            if httpx.get(url + "/health", timeout=1.0).status_code == 200:
+            reply = httpx.get(url + "/health", timeout=1.0)
+            if reply.status_code == 200 and reply.json().get("warm_up") != "running":
                 return None
         except httpx.HTTPError:
             pass

@@ -55,3 +55,33 @@ def test_backend_answers_as_the_index_does_after_warm_up(wiki_index_dir):
     assert [[h["document"]["id"] for h in hits] for hits in got] == \
         [[backend.loaded.corpus.rows([i])[0]["id"] for i in row] for row in ref.ids]
     np.testing.assert_allclose([[h["score"] for h in hits] for hits in got], ref.scores, rtol=0, atol=1e-6)
+
+
+def test_bf16_warm_up_runs_in_the_background_without_changing_answers(wiki_index_dir):
+    """Guarded mode: the bf16 kernel warm-up runs on its own thread once the server answers; /health says running,
+    then done; searches while it runs return what they return after it (the same weights, only kernels built)."""
+    import asyncio
+
+    backend = open_backend(ServerConfig(index_dir=wiki_index_dir, method="dense", encoder_mode="guarded",
+                                        torch_threads=1))
+    backend.start()
+    backend.warm_up()
+    assert backend.health()["warm_up"] == "off"
+    backend.start_bf16_warm_up()
+    assert backend.health()["warm_up"] == "running"
+    queries = ["who wrote the novel dracula", "capital city of australia", "largest moon of saturn"]
+    during = backend.search_sync(queries, 3)
+    asyncio.run(backend.aclose())  # waits for the warm-up thread before closing the batcher
+    assert backend.health()["warm_up"] == "done"
+    after = backend.search_sync(queries, 3)
+    assert [[h["document"]["id"] for h in hits] for hits in during] == \
+        [[h["document"]["id"] for h in hits] for hits in after]
+    np.testing.assert_allclose([[h["score"] for h in hits] for hits in during],
+                               [[h["score"] for h in hits] for hits in after], rtol=0, atol=1e-6)
+
+
+def test_no_bf16_warm_up_outside_guarded_mode(wiki_index_dir):
+    backend = open_backend(ServerConfig(index_dir=wiki_index_dir, method="dense", encoder_mode="sorted",
+                                        torch_threads=1))
+    backend.start_bf16_warm_up()
+    assert backend.health()["warm_up"] == "off"
