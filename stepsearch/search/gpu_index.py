@@ -14,10 +14,16 @@
   queries one chunk of `chunk_rows` rows at a time (a (N, chunk_rows) fp32 score block), keeps a running top-k,
   and the shards' top-k lists are merged on the first device.
 
-Only flat (exhaustive) indexes move to the GPU: `from_faiss` accepts `IndexFlat` and `IndexScalarQuantizer`
-(SQfp16/SQ8: the decoded vectors) with the inner-product metric and refuses IVF/HNSW/PQ with the fix. FAISS's own
-GPU build (faiss-gpu) is not required: its wheels need their own CUDA runtime, and an exact flat search is one GEMM
-plus a top-k, which torch (already needed by the encoder and trainer) does on any CUDA device.
+Only flat (exhaustive) indexes move to the GPU this way: `from_faiss` accepts `IndexFlat` and
+`IndexScalarQuantizer` (SQfp16/SQ8: the decoded vectors) with the inner-product metric and refuses IVF/HNSW/PQ with
+the fix. It needs no FAISS GPU build: an exact flat search is one GEMM plus a top-k, which torch (already needed by
+the encoder and trainer) does on any CUDA device.
+
+With FAISS's GPU build installed (the `faiss-gpu-cu12` wheel, the `gpu` extra) and a GPU visible to it,
+`--faiss_gpu` uses FAISS itself instead (`to_faiss_gpus`): every type FAISS can clone to the GPU (Flat, SQ,
+IVF-Flat, IVF-SQ, IVF-PQ; the first stage of a "+rerank" index), sharded over the GPUs (rows split, results merged:
+Search-R1's setting) or replicated (`--faiss_gpu_replicate`: each GPU holds it all, queries split). `gpu_search_backend`
+says which path a server takes.
 """
 from __future__ import annotations
 
@@ -27,6 +33,47 @@ import torch
 STORAGES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # FAISS's score for a missing hit under the inner-product metric (k > number of vectors)
 MISSING_SCORE = -float(np.finfo(np.float32).max)
+
+
+def faiss_gpu_count() -> int:
+    """GPUs FAISS itself can use: 0 with faiss-cpu (no GPU symbols) or when its CUDA runtime finds no device."""
+    import faiss
+
+    if not hasattr(faiss, "GpuMultipleClonerOptions"):
+        return 0
+    try:
+        return int(faiss.get_num_gpus())
+    except RuntimeError:  # a CUDA runtime that cannot start
+        return 0
+
+
+def gpu_search_backend() -> str:
+    """Who runs `--faiss_gpu` here: "faiss" (FAISS's GPU build sees a GPU) or "torch" (TorchFlatIndex)."""
+    return "faiss" if faiss_gpu_count() > 0 else "torch"
+
+
+def to_faiss_gpus(index, storage: str = "fp16", shard: bool = True):
+    """A FAISS CPU index -> the same index on every GPU FAISS sees (`faiss.index_cpu_to_all_gpus`). storage "fp16":
+    vectors (Flat, IVF-Flat) in fp16 and IVF-PQ's look-up tables in fp16, as Search-R1 sets `useFloat16`; "fp32":
+    full precision (FAISS has no bf16 storage). shard: split the rows over the GPUs (else replicate). IVF nprobe is
+    copied from the CPU index. Raises ValueError naming the index type where FAISS cannot clone it (HNSW, plain
+    PQ)."""
+    import faiss
+
+    if storage not in ("fp16", "fp32"):
+        raise ValueError(f"--gpu_storage {storage!r} has no FAISS GPU equivalent; use fp16 or fp32")
+    if faiss_gpu_count() == 0:  # FAISS's cloner aborts the process when it has no GPU to clone to
+        raise ValueError("FAISS sees no GPU (faiss-cpu, or no CUDA device); --faiss_gpu then needs a flat index, "
+                         "searched through torch")
+    options = faiss.GpuMultipleClonerOptions()
+    options.shard = shard
+    options.useFloat16 = storage == "fp16"
+    try:
+        return faiss.index_cpu_to_all_gpus(index, co=options)
+    except RuntimeError as exc:
+        kind = type(faiss.downcast_index(index)).__name__
+        raise ValueError(f"FAISS cannot move a {kind} to the GPU ({str(exc).splitlines()[0]}); serve it on CPU "
+                         f"(without --faiss_gpu) or build a Flat, SQ or IVF index") from None
 
 
 def visible_gpus() -> list[str]:

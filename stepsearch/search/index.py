@@ -155,32 +155,48 @@ class DenseRetriever:
 
     def __init__(self, index_path: Path, encoder, gpu: bool = False, gpu_storage: str = "fp16",
                  nprobe: int = DEFAULT_NPROBE, rerank_vectors: Path | None = None,
-                 rerank_candidates: int = DEFAULT_RERANK_CANDIDATES, index=None):
+                 rerank_candidates: int = DEFAULT_RERANK_CANDIDATES, index=None, gpu_shard: bool = True):
         self.index = read_faiss(index_path) if index is None else index  # `index`: read_faiss(index_path) already
         self.encoder = encoder
         if self.index.d != encoder.dim:
             raise IndexLoadError(f"{index_path}: index dim {self.index.d} != encoder dim {encoder.dim}")
         self.nprobe = set_nprobe(self.index, nprobe)  # None: not an IVF index
         self.rerank_candidates = None
+        # --faiss_gpu: "faiss" (FAISS's GPU build: any type it clones) or "torch" (flat indexes only); None on CPU
+        self.gpu_search = None
+        if gpu:
+            from stepsearch.search.gpu_index import gpu_search_backend
+
+            self.gpu_search = gpu_search_backend()
         if rerank_vectors is not None:
-            if gpu:
-                raise IndexLoadError(f"{index_path}: --faiss_gpu serves flat indexes; serve this '+rerank' index on "
-                                     "CPU (its compressed stage is small) or build a Flat/SQfp16 one for the GPU")
+            if self.gpu_search == "torch":
+                raise IndexLoadError(f"{index_path}: --faiss_gpu without FAISS's GPU build serves flat indexes only; "
+                                     "install faiss-gpu-cu12 (its first stage then runs on the GPU), serve this "
+                                     "'+rerank' index on CPU (its compressed stage is small) or build a Flat/SQfp16 "
+                                     "one for the GPU")
             try:
                 vectors = open_fp16(rerank_vectors, self.index.ntotal, self.index.d)
-                self.index = RerankIndex(self.index, vectors, rerank_candidates)
+                first = self._to_gpu(self.index, gpu_storage, gpu_shard, index_path) if self.gpu_search else self.index
+                self.index = RerankIndex(first, vectors, rerank_candidates)  # the re-rank stays on CPU
             except ValueError as exc:
                 raise IndexLoadError(str(exc)) from None
             self.rerank_candidates = rerank_candidates
-        if gpu:  # flat index -> every visible GPU, `gpu_storage` vectors (gpu_index.TorchFlatIndex, same search API)
-            from stepsearch.search.gpu_index import TorchFlatIndex
-
-            try:
-                self.index = TorchFlatIndex.from_faiss(self.index, storage=gpu_storage)
-            except ValueError as exc:
-                raise IndexLoadError(f"{index_path}: {exc}") from None
+        elif self.gpu_search:
+            self.index = self._to_gpu(self.index, gpu_storage, gpu_shard, index_path)
         self.guard_queries = self.guard_fallbacks = 0  # mode="guarded": queries seen / re-encoded in fp32
         self._stats_lock = threading.Lock()  # search_first runs on several bf16 worker threads in the server
+
+    def _to_gpu(self, index, storage: str, shard: bool, index_path: Path):
+        """The index on the GPUs: FAISS's GPU build (gpu_index.to_faiss_gpus), else torch for flat indexes
+        (gpu_index.TorchFlatIndex, the same search API); IndexLoadError naming the fix where neither can."""
+        from stepsearch.search.gpu_index import TorchFlatIndex, to_faiss_gpus
+
+        try:
+            if self.gpu_search == "faiss":
+                return to_faiss_gpus(index, storage=storage, shard=shard)
+            return TorchFlatIndex.from_faiss(index, storage=storage)
+        except ValueError as exc:
+            raise IndexLoadError(f"{index_path}: {exc}") from None
 
     def search(self, queries: list[str], topk: int) -> SearchResult:
         if self.encoder.config.mode == "guarded":  # bf16 pass + fp32 fallback (encoders.guarded_search)
@@ -356,7 +372,8 @@ class LoadOptions:
     guard_eps: float | None = None  # encoder_mode guarded/fast: None = the model's calibrated value
     guard_order: bool = False  # guarded: keep the fp32 top-k order too, not only the set
     faiss_gpu: bool = False  # dense index on every visible GPU (flat indexes; Search-R1's --faiss_gpu)
-    gpu_storage: str = "fp16"  # faiss_gpu: vector storage on the GPU (fp16 | bf16 | fp32)
+    gpu_storage: str = "fp16"  # faiss_gpu: vector storage on the GPU (fp16 | bf16 | fp32; bf16: torch path only)
+    gpu_shard: bool = True  # faiss_gpu through FAISS's GPU build: split rows over the GPUs (False: replicate)
     nprobe: int = DEFAULT_NPROBE  # IVF indexes: inverted lists visited per query (0: the value in the index file)
     rerank_candidates: int = DEFAULT_RERANK_CANDIDATES  # "+rerank" indexes: candidates re-scored exactly
     encoder_backend: str = "transformers"  # who runs the query encoder: transformers | native | auto (encoders.py)
@@ -400,6 +417,7 @@ def load_index(index_dir: str | os.PathLike, opts: LoadOptions = LoadOptions()) 
                                         guard_order=opts.guard_order, backend=opts.encoder_backend)
         rerank = manifest.get("rerank")
         dense = DenseRetriever(index_dir / DENSE_INDEX, encoder, gpu=opts.faiss_gpu, gpu_storage=opts.gpu_storage,
+                               gpu_shard=opts.gpu_shard,
                                nprobe=opts.nprobe, rerank_candidates=opts.rerank_candidates,
                                rerank_vectors=index_dir / rerank["embeddings"] if rerank else None, index=faiss_index)
         if dense.index.ntotal != len(corpus):

@@ -54,10 +54,14 @@ class ServerConfig:
                                            "logged), native (refuse to start when unsupported), transformers",
                                    choices=("auto", "native", "transformers"))
     device: str = setting("cpu", "query encoder device: cpu or cuda[:N]")
-    faiss_gpu: bool = setting(False, "put the dense (flat) index on every visible GPU (Search-R1's --faiss_gpu; "
-                                     "gpu_index.TorchFlatIndex)")
+    faiss_gpu: bool = setting(False, "put the dense index on every visible GPU (Search-R1's --faiss_gpu): through "
+                                     "FAISS's GPU build when installed (faiss-gpu-cu12: Flat, SQ, IVF-Flat/SQ/PQ, the "
+                                     "first stage of '+rerank'), else flat indexes through torch (gpu_index.py)")
     gpu_storage: str = setting("fp16", "--faiss_gpu: how the vectors are stored on the GPU (fp16 halves wiki-18/e5 "
-                                       "to 32 GB)", choices=("fp16", "bf16", "fp32"))
+                                       "to 32 GB; bf16 on the torch path only)", choices=("fp16", "bf16", "fp32"))
+    faiss_gpu_replicate: bool = setting(False, "--faiss_gpu through FAISS's GPU build: a full copy of the index on "
+                                               "every GPU, queries split between them, instead of its rows sharded "
+                                               "over the GPUs (Search-R1's setting)")
     corpus: str | None = setting(None, "corpus file; refuse to start unless it matches the manifest's sha256")
     redis_url: str | None = setting(None, "e.g. redis://127.0.0.1:6379/0; omit for the in-process LRU only")
     cache_ttl_s: int = setting(7 * 24 * 3600, "Redis cache entry lifetime (s)")

@@ -153,7 +153,7 @@ class LocalBackend:
         import torch
 
         return {"torch_threads": torch.get_num_threads(), "nprobe": dense.nprobe,
-                "rerank_candidates": dense.rerank_candidates}
+                "rerank_candidates": dense.rerank_candidates, "gpu_search": dense.gpu_search}
 
     def batch_stats(self) -> dict:
         sizes = np.asarray(self.batcher.batch_sizes if self.batcher else [], dtype=np.float64)
@@ -242,7 +242,8 @@ def open_index(cfg: ServerConfig) -> LoadedIndex:
                                                    encoder_mode=cfg.encoder_mode, device=cfg.device,
                                                    corpus=cfg.corpus, guard_eps=cfg.guard_eps,
                                                    guard_order=cfg.guard_order, faiss_gpu=cfg.faiss_gpu,
-                                                   gpu_storage=cfg.gpu_storage, nprobe=cfg.nprobe,
+                                                   gpu_storage=cfg.gpu_storage,
+                                                   gpu_shard=not cfg.faiss_gpu_replicate, nprobe=cfg.nprobe,
                                                    rerank_candidates=cfg.rerank_candidates,
                                                    encoder_backend=cfg.encoder_backend))
 

@@ -143,5 +143,23 @@ def test_server_cli_takes_search_r1_faiss_gpu_flag():
     cfg, _ = parse_args(["--index_dir", "x", "--faiss_gpu", "--gpu_storage", "fp32"])
     assert cfg.faiss_gpu and cfg.gpu_storage == "fp32"
     assert not parse_args(["--index_dir", "x"])[0].faiss_gpu
+    assert parse_args(["--index_dir", "x", "--faiss_gpu", "--faiss_gpu_replicate"])[0].faiss_gpu_replicate
+    assert not cfg.faiss_gpu_replicate  # sharded over the GPUs by default, as Search-R1
     with pytest.raises(ValueError, match="--gpu_storage must be"):
         ServerConfig(index_dir="x", gpu_storage="int8")
+
+
+def test_faiss_gpu_path_is_chosen_only_where_faiss_sees_a_gpu():
+    """faiss-cpu (this machine's build) has no GPU cloner: --faiss_gpu goes through torch; FAISS's own GPU path
+    refuses a storage it has no equivalent for before touching any GPU."""
+    import faiss
+
+    from stepsearch.search.gpu_index import faiss_gpu_count, gpu_search_backend, to_faiss_gpus
+
+    if hasattr(faiss, "GpuMultipleClonerOptions") and faiss.get_num_gpus() > 0:
+        pytest.skip("FAISS sees a GPU here; scripts/gpu_checks.sh covers that path")
+    assert faiss_gpu_count() == 0 and gpu_search_backend() == "torch"
+    with pytest.raises(ValueError, match="--gpu_storage 'bf16' has no FAISS GPU equivalent; use fp16 or fp32"):
+        to_faiss_gpus(faiss.IndexFlatIP(8), storage="bf16")
+    with pytest.raises(ValueError, match="FAISS sees no GPU"):  # never reaches FAISS's cloner, which would abort
+        to_faiss_gpus(faiss.IndexFlatIP(8), storage="fp16")

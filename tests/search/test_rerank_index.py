@@ -141,7 +141,7 @@ def test_rerank_refusals(rerank_dir, tmp_path):
     (broken / RERANK_EMBEDDINGS).unlink()
     with pytest.raises(IndexLoadError, match="emb.fp16 is missing"):
         load_index(broken, LoadOptions(method="dense"))
-    with pytest.raises(IndexLoadError, match="--faiss_gpu serves flat indexes"):
+    with pytest.raises(IndexLoadError, match="--faiss_gpu without FAISS's GPU build serves flat indexes only"):
         load_index(rerank_dir, LoadOptions(method="dense", faiss_gpu=True))
     from stepsearch.search.server_config import ServerConfig
 
