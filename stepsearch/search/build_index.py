@@ -7,7 +7,9 @@ Steps (each resumable or cheap to redo):
 2. print a memory estimate;
 3. dense: encode each passage's text (`corpus.index_text`: a row's `contents` exactly as written, else
    '"Title"\\ntext'; passage prefix added by the encoder) into `emb.memmap` (N, D) float32;
-   `emb.progress.json` records how many rows are done, so an interrupted build resumes where it stopped;
+   `emb.progress.json` records the row intervals done, so an interrupted build resumes where it stopped;
+   `--devices cuda:0,cuda:1` (or `auto`: every visible GPU) encodes on one process per device, each writing its own
+   `emb.progress.w<i>.json`, merged when they finish (or on the next run after an interruption);
 4. dense: `faiss.index_factory(D, factory, inner product)`, train if needed, add, write `dense.faiss`; a factory
    ending in "+rerank" also writes `emb.fp16` (N, D) float16 for the exact second stage (rerank.py);
    with --import_faiss, steps 3-4 are replaced by checking and linking the user's FAISS file (faiss_import.py);
@@ -37,6 +39,7 @@ from stepsearch.search.rerank import RERANK_EMBEDDINGS, split_factory, write_fp1
 from verl.utils.fs import file_sha256
 
 PROGRESS = "emb.progress.json"
+WORKER_PROGRESS = "emb.progress.w{}.json"  # one per --devices process, merged into PROGRESS when it ends
 CORPUS_STATE = "corpus.arrow.json"
 
 
@@ -61,6 +64,9 @@ class BuildConfig:
     # vectors used to train IVF/PQ factories (sampled with `seed`)
     train_size: int = 262144
     device: str = "cpu"
+    # data-parallel encoding: "" = `device` alone; "auto" = every visible GPU (`device` when fewer than 2);
+    # or a comma list such as "cuda:0,cuda:1" (one process per entry)
+    devices: str = ""
     encoder_mode: str = "exact"
     seed: int = 0
     quiet: bool = False
@@ -195,27 +201,143 @@ def progress_identity(sha: str, described: dict, n: int, dim: int) -> dict:
             "passage_text": PASSAGE_TEXT}
 
 
+def merge_intervals(intervals) -> list[list[int]]:
+    """[[start, stop), ...] in any order -> sorted, overlapping or touching ones joined."""
+    merged: list[list[int]] = []
+    for a, b in sorted((int(a), int(b)) for a, b in intervals if b > a):
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    return merged
+
+
+def read_done(out: Path, ident: dict) -> list[list[int]]:
+    """Row intervals already in emb.memmap: `emb.progress.json` ("done", or an older file's "rows_done" prefix) and
+    the per-device files of an interrupted --devices run, each only when its identity matches `ident`."""
+    done = []
+    if (out / EMBEDDINGS).is_file():
+        for path in [out / PROGRESS, *sorted(out.glob(WORKER_PROGRESS.format("*")))]:
+            state = json.loads(path.read_text()) if path.is_file() else {}
+            if state and {k: state.get(k) for k in ident} == ident:
+                done += state.get("done", [[0, state.get("rows_done", 0)]])
+    return merge_intervals(done)
+
+
+def write_done(path: Path, ident: dict, done: list[list[int]], **extra) -> None:
+    done = merge_intervals(done)
+    prefix = done[0][1] if done and done[0][0] == 0 else 0
+    write_json_atomic(path, {**ident, "done": done, "rows_done": prefix, **extra})
+
+
+def todo_chunks(done: list[list[int]], n: int, chunk: int) -> list[tuple[int, int]]:
+    """The rows not in `done`, as [start, stop) pieces of at most `chunk` rows."""
+    out, start = [], 0
+    for a, b in merge_intervals(done) + [[n, n]]:
+        out += [(s, min(s + chunk, a)) for s in range(start, a, chunk)]
+        start = max(start, b)
+    return out
+
+
+def encode_devices(cfg: BuildConfig) -> list[str]:
+    """The devices to encode on, one process each (BuildConfig.devices)."""
+    if cfg.devices == "auto":
+        import torch
+
+        gpus = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+        return gpus if len(gpus) > 1 else [cfg.device]
+    return [d.strip() for d in cfg.devices.split(",") if d.strip()] or [cfg.device]
+
+
+def encode_chunks(encoder, corpus: ArrowCorpus, emb: np.ndarray, chunks, progress: Path, ident: dict,
+                  done: list[list[int]], bar=None) -> list[list[int]]:
+    """Encode each [start, stop) chunk into emb (N, D), flushing and recording it in `progress` after each one (a
+    crash loses at most the chunk in flight). Returns `done` with the chunks added."""
+    done = list(done)
+    for start, stop in chunks:
+        emb[start:stop] = encoder.encode_passages(corpus.index_texts(start, stop))
+        emb.flush()
+        done.append([start, stop])
+        write_done(progress, ident, done)
+        if bar is not None:
+            bar.update(stop - start)
+    return merge_intervals(done)
+
+
+def _device_worker(cfg: BuildConfig, out: str, device: str, worker: int, chunks, ident: dict, cpu_threads: int):
+    """One --devices process: its own encoder on `device`, the shared emb.memmap, its own progress file."""
+    import dataclasses
+
+    import torch
+
+    if device.startswith("cpu"):
+        torch.set_num_threads(cpu_threads)
+    out = Path(out)
+    encoder = make_encoder(dataclasses.replace(cfg, device=device, devices=""))
+    corpus = ArrowCorpus(out / CORPUS_TABLE)
+    emb = np.memmap(out / EMBEDDINGS, dtype=np.float32, mode="r+", shape=tuple(ident["shape"]))
+    t0 = time.perf_counter()
+    done = encode_chunks(encoder, corpus, emb, chunks, out / WORKER_PROGRESS.format(worker), ident, [])
+    rows = sum(b - a for a, b in chunks)
+    write_done(out / WORKER_PROGRESS.format(worker), ident, done, device=device, rows=rows,
+               seconds=time.perf_counter() - t0)
+
+
 def encode_corpus(cfg: BuildConfig, out: Path, corpus: ArrowCorpus, encoder, sha: str) -> np.ndarray:
-    """Fill `emb.memmap` (N, D) float32 with the passages' `index_text`, resuming from `emb.progress.json` when it
-    matches (`progress_identity`)."""
+    """Fill `emb.memmap` (N, D) float32 with the passages' `index_text`, resuming on the rows `emb.progress.json`
+    (and any per-device progress file) records for the same identity (`progress_identity`). With several
+    `encode_devices`, the remaining chunks are split into one contiguous share per device, each encoded by its
+    own process; passages/s are logged per device and in total."""
     n, dim = len(corpus), encoder.dim
     ident = progress_identity(sha, encoder.describe(), n, dim)
-    progress_path, emb_path = out / PROGRESS, out / EMBEDDINGS
-    done = 0
-    if progress_path.is_file() and emb_path.is_file():
-        state = json.loads(progress_path.read_text())
-        if {k: state.get(k) for k in ident} == ident:
-            done = int(state["rows_done"])
-            log(cfg, f"resuming embeddings at row {done}/{n}")
-    mode = "r+" if done else "w+"
-    emb = np.memmap(emb_path, dtype=np.float32, mode=mode, shape=(n, dim))
-    with tqdm(total=n, initial=done, desc="encode passages", unit="psg", disable=cfg.quiet) as bar:
-        for start in range(done, n, cfg.chunk_size):
-            stop = min(start + cfg.chunk_size, n)
-            emb[start:stop] = encoder.encode_passages(corpus.index_texts(start, stop))
-            emb.flush()
-            write_json_atomic(progress_path, {**ident, "rows_done": stop})
-            bar.update(stop - start)
+    done = read_done(out, ident)
+    if done:
+        log(cfg, f"resuming embeddings: {sum(b - a for a, b in done)}/{n} rows done")
+    emb = np.memmap(out / EMBEDDINGS, dtype=np.float32, mode="r+" if done else "w+", shape=(n, dim))
+    chunks = todo_chunks(done, n, cfg.chunk_size)
+    devices = encode_devices(cfg)
+    t0 = time.perf_counter()
+    if len(devices) == 1 or not chunks:
+        with tqdm(total=n, initial=n - sum(b - a for a, b in chunks), desc="encode passages", unit="psg",
+                  disable=cfg.quiet) as bar:
+            done = encode_chunks(encoder, corpus, emb, chunks, out / PROGRESS, ident, done, bar)
+        write_done(out / PROGRESS, ident, done)  # also when nothing was left: it holds the merged intervals
+        for path in out.glob(WORKER_PROGRESS.format("*")):  # an interrupted --devices run's, merged above
+            path.unlink()
+    else:
+        import multiprocessing as mp
+
+        share = -(-len(chunks) // len(devices))  # contiguous shares of the remaining chunks, one per device
+        cpu_threads = max(1, (os.cpu_count() or 1) // max(1, sum(d.startswith("cpu") for d in devices)))
+        procs = [mp.get_context("spawn").Process(
+            target=_device_worker, args=(cfg, str(out), device, i, chunks[i * share:(i + 1) * share], ident,
+                                         cpu_threads)) for i, device in enumerate(devices)]
+        log(cfg, f"encoding {len(chunks)} chunks on {len(devices)} processes: {', '.join(devices)}")
+        write_done(out / PROGRESS, ident, done)  # an earlier run's per-device files are merged, then replaced
+        for path in out.glob(WORKER_PROGRESS.format("*")):
+            path.unlink()
+        for proc in procs:
+            proc.start()
+        for proc in procs:
+            proc.join()
+        done = read_done(out, ident)  # every device's progress, finished or not
+        write_done(out / PROGRESS, ident, done)
+        for i, (device, proc) in enumerate(zip(devices, procs)):
+            path = out / WORKER_PROGRESS.format(i)
+            state = json.loads(path.read_text()) if path.is_file() else {}
+            if state.get("rows"):
+                log(cfg, f"{device}: {state['rows']} passages in {state['seconds']:.1f} s = "
+                         f"{state['rows'] / max(state['seconds'], 1e-9):.1f} passages/s")
+            path.unlink(missing_ok=True)  # merged into emb.progress.json above
+        failed = [f"{d} (exit {p.exitcode})" for d, p in zip(devices, procs) if p.exitcode != 0]
+        if failed:
+            raise RuntimeError(f"[build_index] encoding failed on {', '.join(failed)}; the rows done are recorded in "
+                               f"{out / PROGRESS}: rerun the same command to resume")
+    encoded = sum(b - a for a, b in chunks)
+    if encoded:
+        seconds = time.perf_counter() - t0
+        log(cfg, f"encoded {encoded} passages in {seconds:.1f} s = {encoded / seconds:.1f} passages/s "
+                 f"({len(devices)} device(s))")
     return emb
 
 
@@ -323,6 +445,9 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
     p.add_argument("--chunk_size", type=int, default=1024, help="passages per memmap flush (resume granularity)")
     p.add_argument("--train_size", type=int, default=262144)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--devices", default=d["devices"].default,
+                   help="encode on several devices at once, one process each: a comma list (cuda:0,cuda:1) or "
+                        "auto (every visible GPU); default: --device alone")
     p.add_argument("--encoder_mode", default="exact", help="encoder speed mode (see encoders.py); exact by default")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")

@@ -72,7 +72,7 @@ def test_resume_skips_rows_already_encoded(small_index, small_corpus, tmp_path):
     shutil.copyfile(small_index / EMBEDDINGS, out / EMBEDDINGS)
     state = json.loads((small_index / PROGRESS).read_text())
     # pretend the build died after the first chunk of 8 rows, with row 0 holding a recognizable value
-    state["rows_done"] = 8
+    state["done"], state["rows_done"] = [[0, 8]], 8
     (out / PROGRESS).write_text(json.dumps(state))
     emb = np.memmap(out / EMBEDDINGS, dtype=np.float32, mode="r+", shape=(N_SMALL, 384))
     reference = np.array(emb)
@@ -84,6 +84,70 @@ def test_resume_skips_rows_already_encoded(small_index, small_corpus, tmp_path):
     assert np.all(resumed[0] == 0.5)  # not re-encoded
     np.testing.assert_allclose(resumed[8:], reference[8:], atol=1e-5)  # re-encoded from row 8 on
     assert json.loads((out / PROGRESS).read_text())["rows_done"] == N_SMALL
+
+
+def test_old_progress_file_resumes_from_its_row_count(small_index, small_corpus, tmp_path):
+    """A progress file written before row intervals ("rows_done" only) still resumes from that row."""
+    out = tmp_path / "old"
+    out.mkdir()
+    shutil.copyfile(small_index / EMBEDDINGS, out / EMBEDDINGS)
+    state = json.loads((small_index / PROGRESS).read_text())
+    del state["done"]
+    state["rows_done"] = 16
+    (out / PROGRESS).write_text(json.dumps(state))
+    emb = np.memmap(out / EMBEDDINGS, dtype=np.float32, mode="r+", shape=(N_SMALL, 384))
+    emb[:16] = 0.25  # kept: recorded as done
+    emb.flush()
+    build_index(BuildConfig(corpus=str(small_corpus), out=str(out), method="dense", chunk_size=8, quiet=True))
+    resumed = np.memmap(out / EMBEDDINGS, dtype=np.float32, mode="r", shape=(N_SMALL, 384))
+    assert np.all(resumed[:16] == 0.25)
+    assert json.loads((out / PROGRESS).read_text())["done"] == [[0, N_SMALL]]
+
+
+def test_two_device_processes_encode_what_one_does_and_resume_each_others_rows(small_index, small_corpus,
+                                                                            tmp_path):
+    """--devices cpu,cpu (two real processes, as two GPUs would run): the same embeddings as the one-process build;
+    after an interruption, the rows either process recorded (its own progress file) are not encoded again."""
+    from stepsearch.search.build_index import WORKER_PROGRESS
+
+    reference = np.array(np.memmap(small_index / EMBEDDINGS, dtype=np.float32, mode="r", shape=(N_SMALL, 384)))
+    out = tmp_path / "two"
+    build_index(BuildConfig(corpus=str(small_corpus), out=str(out), method="dense", chunk_size=4, devices="cpu,cpu",
+                            quiet=True))
+    built = np.memmap(out / EMBEDDINGS, dtype=np.float32, mode="r", shape=(N_SMALL, 384))
+    np.testing.assert_allclose(built, reference, atol=1e-5)
+    assert json.loads((out / PROGRESS).read_text())["done"] == [[0, N_SMALL]]
+    assert not list(out.glob(WORKER_PROGRESS.format("*")))  # merged into the main file
+    # interrupted: the main file has rows 0-8, process 1 had finished rows 12-20 before the crash
+    state = json.loads((out / PROGRESS).read_text())
+    (out / PROGRESS).write_text(json.dumps({**state, "done": [[0, 8]], "rows_done": 8}))
+    (out / WORKER_PROGRESS.format(1)).write_text(json.dumps({**state, "done": [[12, 20]], "rows_done": 0}))
+    emb = np.memmap(out / EMBEDDINGS, dtype=np.float32, mode="r+", shape=(N_SMALL, 384))
+    emb[12:20] = 0.5  # recognisable: must survive the resume
+    emb[8:12] = emb[20:] = 0.0
+    emb.flush()
+    build_index(BuildConfig(corpus=str(small_corpus), out=str(out), method="dense", chunk_size=4, devices="cpu,cpu",
+                            quiet=True))
+    resumed = np.memmap(out / EMBEDDINGS, dtype=np.float32, mode="r", shape=(N_SMALL, 384))
+    assert np.all(resumed[12:20] == 0.5)
+    np.testing.assert_allclose(resumed[8:12], reference[8:12], atol=1e-5)
+    np.testing.assert_allclose(resumed[20:], reference[20:], atol=1e-5)
+    assert json.loads((out / PROGRESS).read_text())["done"] == [[0, N_SMALL]]
+    # everything done, but half of it recorded only in a per-device file: a one-device rerun keeps that record
+    (out / PROGRESS).write_text(json.dumps({**state, "done": [[0, 12]], "rows_done": 12}))
+    (out / WORKER_PROGRESS.format(0)).write_text(json.dumps({**state, "done": [[12, N_SMALL]], "rows_done": 0}))
+    build_index(BuildConfig(corpus=str(small_corpus), out=str(out), method="dense", chunk_size=4, quiet=True))
+    assert json.loads((out / PROGRESS).read_text())["done"] == [[0, N_SMALL]]
+    assert not list(out.glob(WORKER_PROGRESS.format("*")))
+
+
+def test_remaining_chunks_skip_done_intervals():
+    from stepsearch.search.build_index import merge_intervals, todo_chunks
+
+    assert merge_intervals([[8, 12], [0, 4], [4, 6], [11, 20], [30, 30]]) == [[0, 6], [8, 20]]
+    assert todo_chunks([[0, 6], [8, 20]], 27, 4) == [(6, 8), (20, 24), (24, 27)]
+    assert todo_chunks([], 5, 4) == [(0, 4), (4, 5)]
+    assert todo_chunks([[0, 5]], 5, 4) == []
 
 
 def test_memory_estimate_formula():
