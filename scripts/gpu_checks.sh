@@ -9,7 +9,8 @@
 #      (about 3 minutes on an H100; killed after TRAIN_CHECK_TIMEOUT_S, default 450 s)
 #   4. bench/faiss_gpu_check.py (when the faiss-gpu-cu12 wheel is in .whl-faiss/, `pip download --no-deps
 #      faiss-gpu-cu12 -d .whl-faiss`, 46 MiB, git-ignored: carry .whl-faiss alone): FAISS's own GPU build behind --faiss_gpu, Flat /
-#      IVF-Flat / IVF-PQ sharded and replicated vs the CPU index; it goes to /tmp/site_faiss, apart from faiss-cpu
+#      IVF-Flat / IVF-PQ sharded and replicated vs the CPU index; it goes to /tmp/site_faiss, apart from faiss-cpu;
+#      it loads the CUDA 12 runtime and cuBLAS from the nvidia-*-cu12 packages, so it needs a torch built for CUDA 12
 #
 #   bash scripts/gpu_checks.sh OUT_DIR        (wheels in .whl/, from scripts/gpu_wheels.sh, go to /tmp/site first)
 #   GPU_CHECKS="train" bash scripts/gpu_checks.sh OUT_DIR     (only some parts: any of retrieval smoke train faiss)

@@ -371,7 +371,7 @@ class LoadOptions:
     corpus: str | None = None  # if given, must match the manifest's corpus sha256
     guard_eps: float | None = None  # encoder_mode guarded/fast: None = the model's calibrated value
     guard_order: bool = False  # guarded: keep the fp32 top-k order too, not only the set
-    faiss_gpu: bool = False  # dense index on every visible GPU (flat indexes; Search-R1's --faiss_gpu)
+    faiss_gpu: bool = False  # dense index on every visible GPU (Search-R1's --faiss_gpu; gpu_index.py)
     gpu_storage: str = "fp16"  # faiss_gpu: vector storage on the GPU (fp16 | bf16 | fp32; bf16: torch path only)
     gpu_shard: bool = True  # faiss_gpu through FAISS's GPU build: split rows over the GPUs (False: replicate)
     nprobe: int = DEFAULT_NPROBE  # IVF indexes: inverted lists visited per query (0: the value in the index file)
