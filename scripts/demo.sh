@@ -76,7 +76,9 @@ OMP_NUM_THREADS=$SOLO_THREADS "$PY" -m stepsearch.search.build_index --corpus "$
 fi
 
 stage "3/8 Redis + retrieval server on loopback" "$OUT/logs/retriever.log"
-start_retriever "$OUT/index" "$OUT/logs"
+# exact fp32 retrieval (deterministic ranks on every CPU): the scripted searcher copies the top-ranked passage, and
+# the guarded bf16 path of `fast` may order near-tied passages differently (docs/demo.md, runs M and N)
+start_retriever "$OUT/index" "$OUT/logs" --encoder_mode sorted
 
 if [ $REUSE = 0 ]; then
   stage "4/8 warm start: tiny Qwen2 + SFT on the scripted searcher (at most $SFT_STEPS steps)" "$OUT/logs/warmstart.log"

