@@ -37,16 +37,11 @@ def timed_search(index, xq: np.ndarray, k: int, repeats: int = 3) -> tuple[np.nd
     return ids, best
 
 
-def agreement(ids: np.ndarray, ref: np.ndarray) -> float:
-    """mean |ids_q ∩ ref_q| / k; ids, ref (Q, k)."""
-    return float(np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(ids.tolist(), ref.tolist())]))
-
-
 def main() -> int:
     import faiss
 
     from stepsearch.search.gpu_index import faiss_gpu_count, gpu_search_backend, to_faiss_gpus
-    from stepsearch.search.rerank import set_nprobe
+    from stepsearch.search.rerank import recall_at_k, set_nprobe
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n", type=int, default=1_000_000)
@@ -75,7 +70,7 @@ def main() -> int:
                 gpu = to_faiss_gpus(cpu, storage=storage, shard=layout == "shard")
                 ids, qps = timed_search(gpu, xq, a.k)
                 row["gpu"].append({"layout": layout, "storage": storage, "qps": qps,
-                                   "agreement_with_cpu": agreement(ids, ref)})
+                                   "agreement_with_cpu": recall_at_k(ids, ref)})
                 del gpu
             except Exception as exc:  # recorded, and the other settings still run
                 row["gpu"].append({"layout": layout, "storage": storage, "error": f"{type(exc).__name__}: {exc}"})

@@ -463,7 +463,7 @@ def index_section(args) -> list[dict]:
     import faiss
 
     from stepsearch.search.rerank import (DEFAULT_NPROBE, DEFAULT_RERANK_CANDIDATES, RerankIndex, index_ram_bytes,
-                                          open_fp16, set_nprobe, split_factory, write_fp16)
+                                          open_fp16, recall_at_k, set_nprobe, split_factory, write_fp16)
 
     faiss.omp_set_num_threads(1)
     paths = [SHARED / f for f in WIKI18_FILES if (SHARED / f).is_file()]
@@ -495,15 +495,14 @@ def index_section(args) -> list[dict]:
         _, idx = index.search(xq, TOPK)
         qps = len(xq) / (time.perf_counter() - t0)
         flat_ids = idx if flat_ids is None else flat_ids
-        recall = float(np.mean([len(set(a) & set(b)) / TOPK for a, b in zip(idx.tolist(), flat_ids.tolist())]))
+        recall = recall_at_k(idx, flat_ids)
         size = index_ram_bytes(index.index if rerank else index)
         row = {"factory": factory, "bytes": size, "bytes_per_vec": size / len(xb), "build_s": build_s, "qps": qps,
                "recall3": recall, "n": len(xb), "d": xb.shape[1], "disk_bytes": xb.size * 2 if rerank else 0}
         if rerank:  # the first stage alone at the same nprobe, for comparison
             _, first_ids = index.index.search(xq, TOPK)
             row.update(nprobe=DEFAULT_NPROBE, candidates=DEFAULT_RERANK_CANDIDATES,
-                       first_stage_recall3=float(np.mean([len(set(a) & set(b)) / TOPK for a, b in
-                                                          zip(first_ids.tolist(), flat_ids.tolist())])))
+                       first_stage_recall3=recall_at_k(first_ids, flat_ids))
         rows.append(row)
         print(f"[bench] {rows[-1]}", flush=True)
     return rows

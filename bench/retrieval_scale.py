@@ -668,7 +668,7 @@ def recall_random(flat_dir: Path, rerank_dir: Path, n_queries: int, seed: int, t
     import faiss
 
     from stepsearch.search.index import LoadOptions, load_index
-    from stepsearch.search.rerank import DEFAULT_NPROBE
+    from stepsearch.search.rerank import DEFAULT_NPROBE, recall_at_k
 
     if threads > 0:
         faiss.omp_set_num_threads(threads)
@@ -681,9 +681,6 @@ def recall_random(flat_dir: Path, rerank_dir: Path, n_queries: int, seed: int, t
     pq = flat.retriever.encoder.encode_queries(planted["queries"])  # (K, D), exact fp32
     del flat
 
-    def recall(ids: np.ndarray) -> float:
-        return float(np.mean([len(set(x) & set(y)) / TOPK for x, y in zip(ids.tolist(), ref.tolist())]))
-
     out = {"queries": n_queries, "flat_search_s": flat_s, "by_nprobe": []}
     for nprobe in dict.fromkeys([DEFAULT_NPROBE, *nprobes]):
         two = load_index(rerank_dir, LoadOptions(method="dense", encoder_mode="exact", nprobe=nprobe))
@@ -691,10 +688,10 @@ def recall_random(flat_dir: Path, rerank_dir: Path, n_queries: int, seed: int, t
         ids = two.retriever.search_embeddings(q, TOPK).ids
         secs = time.perf_counter() - t0
         top1 = two.retriever.search_embeddings(pq, 1).ids[:, 0]
-        row = {"nprobe": two.retriever.nprobe, "recall3": recall(ids), "search_s": secs,
+        row = {"nprobe": two.retriever.nprobe, "recall3": recall_at_k(ids, ref), "search_s": secs,
                "planted_top1": float(np.mean(top1 == np.asarray(planted["rows"])))}
         if nprobe == DEFAULT_NPROBE:  # the compressed first stage alone (IVF-PQ scores, no exact re-rank)
-            out["first_stage_recall3"] = recall(two.retriever.index.index.search(q, TOPK)[1])
+            out["first_stage_recall3"] = recall_at_k(two.retriever.index.index.search(q, TOPK)[1], ref)
             out["recall3"], out["rerank_search_s"] = row["recall3"], secs
         out["by_nprobe"].append(row)
         log(f"  nprobe {row['nprobe']}: recall@3 {row['recall3']:.3f}, planted top-1 {row['planted_top1']:.3f}")

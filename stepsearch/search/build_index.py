@@ -230,6 +230,17 @@ def write_done(path: Path, ident: dict, done: list[list[int]], **extra) -> None:
     write_json_atomic(path, {**ident, "done": done, "rows_done": prefix, **extra})
 
 
+def count_rows(intervals) -> int:
+    return sum(b - a for a, b in intervals)
+
+
+def record_done(out: Path, ident: dict, done: list[list[int]]) -> None:
+    """`done` into emb.progress.json, then the per-device files it has absorbed removed."""
+    write_done(out / PROGRESS, ident, done)
+    for path in out.glob(WORKER_PROGRESS.format("*")):
+        path.unlink()
+
+
 def todo_chunks(done: list[list[int]], n: int, chunk: int) -> list[tuple[int, int]]:
     """The rows not in `done`, as [start, stop) pieces of at most `chunk` rows."""
     out, start = [], 0
@@ -242,9 +253,9 @@ def todo_chunks(done: list[list[int]], n: int, chunk: int) -> list[tuple[int, in
 def encode_devices(cfg: BuildConfig) -> list[str]:
     """The devices to encode on, one process each (BuildConfig.devices)."""
     if cfg.devices == "auto":
-        import torch
+        from stepsearch.search.gpu_index import visible_gpus
 
-        gpus = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+        gpus = visible_gpus()
         return gpus if len(gpus) > 1 else [cfg.device]
     return [d.strip() for d in cfg.devices.split(",") if d.strip()] or [cfg.device]
 
@@ -278,8 +289,7 @@ def _device_worker(cfg: BuildConfig, out: str, device: str, worker: int, chunks,
     emb = np.memmap(out / EMBEDDINGS, dtype=np.float32, mode="r+", shape=tuple(ident["shape"]))
     t0 = time.perf_counter()
     done = encode_chunks(encoder, corpus, emb, chunks, out / WORKER_PROGRESS.format(worker), ident, [])
-    rows = sum(b - a for a, b in chunks)
-    write_done(out / WORKER_PROGRESS.format(worker), ident, done, device=device, rows=rows,
+    write_done(out / WORKER_PROGRESS.format(worker), ident, done, device=device, rows=count_rows(chunks),
                seconds=time.perf_counter() - t0)
 
 
@@ -292,18 +302,16 @@ def encode_corpus(cfg: BuildConfig, out: Path, corpus: ArrowCorpus, encoder, sha
     ident = progress_identity(sha, encoder.describe(), n, dim)
     done = read_done(out, ident)
     if done:
-        log(cfg, f"resuming embeddings: {sum(b - a for a, b in done)}/{n} rows done")
+        log(cfg, f"resuming embeddings: {count_rows(done)}/{n} rows done")
     emb = np.memmap(out / EMBEDDINGS, dtype=np.float32, mode="r+" if done else "w+", shape=(n, dim))
     chunks = todo_chunks(done, n, cfg.chunk_size)
     devices = encode_devices(cfg)
     t0 = time.perf_counter()
     if len(devices) == 1 or not chunks:
-        with tqdm(total=n, initial=n - sum(b - a for a, b in chunks), desc="encode passages", unit="psg",
+        with tqdm(total=n, initial=n - count_rows(chunks), desc="encode passages", unit="psg",
                   disable=cfg.quiet) as bar:
             done = encode_chunks(encoder, corpus, emb, chunks, out / PROGRESS, ident, done, bar)
-        write_done(out / PROGRESS, ident, done)  # also when nothing was left: it holds the merged intervals
-        for path in out.glob(WORKER_PROGRESS.format("*")):  # an interrupted --devices run's, merged above
-            path.unlink()
+        record_done(out, ident, done)  # also when nothing was left: an interrupted --devices run's files merged
     else:
         import multiprocessing as mp
 
@@ -313,27 +321,23 @@ def encode_corpus(cfg: BuildConfig, out: Path, corpus: ArrowCorpus, encoder, sha
             target=_device_worker, args=(cfg, str(out), device, i, chunks[i * share:(i + 1) * share], ident,
                                          cpu_threads)) for i, device in enumerate(devices)]
         log(cfg, f"encoding {len(chunks)} chunks on {len(devices)} processes: {', '.join(devices)}")
-        write_done(out / PROGRESS, ident, done)  # an earlier run's per-device files are merged, then replaced
-        for path in out.glob(WORKER_PROGRESS.format("*")):
-            path.unlink()
+        record_done(out, ident, done)  # an earlier run's per-device files are merged, then replaced
         for proc in procs:
             proc.start()
         for proc in procs:
             proc.join()
-        done = read_done(out, ident)  # every device's progress, finished or not
-        write_done(out / PROGRESS, ident, done)
-        for i, (device, proc) in enumerate(zip(devices, procs)):
+        for i, device in enumerate(devices):
             path = out / WORKER_PROGRESS.format(i)
             state = json.loads(path.read_text()) if path.is_file() else {}
             if state.get("rows"):
                 log(cfg, f"{device}: {state['rows']} passages in {state['seconds']:.1f} s = "
                          f"{state['rows'] / max(state['seconds'], 1e-9):.1f} passages/s")
-            path.unlink(missing_ok=True)  # merged into emb.progress.json above
+        record_done(out, ident, read_done(out, ident))  # every device's progress, finished or not
         failed = [f"{d} (exit {p.exitcode})" for d, p in zip(devices, procs) if p.exitcode != 0]
         if failed:
             raise RuntimeError(f"[build_index] encoding failed on {', '.join(failed)}; the rows done are recorded in "
                                f"{out / PROGRESS}: rerun the same command to resume")
-    encoded = sum(b - a for a, b in chunks)
+    encoded = count_rows(chunks)
     if encoded:
         seconds = time.perf_counter() - t0
         log(cfg, f"encoded {encoded} passages in {seconds:.1f} s = {encoded / seconds:.1f} passages/s "

@@ -37,6 +37,12 @@ RERANK_QUERY_BLOCK = 64
 MISSING_SCORE = -np.finfo(np.float32).max
 
 
+def recall_at_k(ids: np.ndarray, ref: np.ndarray) -> float:
+    """Mean over queries of |ids_q ∩ ref_q| / k: how much of a reference top-k (Flat's) a search returns.
+    ids, ref (Q, k) int64."""
+    return float(np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(ids.tolist(), ref.tolist())]))
+
+
 def split_factory(factory: str) -> tuple[str, bool]:
     """"IVF1024,PQ32+rerank" -> ("IVF1024,PQ32", True); "Flat" -> ("Flat", False). Raises on an empty base."""
     spec = factory.strip()
