@@ -106,6 +106,11 @@ class EncoderConfig:
     bf16_pad_multiple: int = 8
     # who runs the model (module docstring): "transformers", "native", or "auto" (resolved by Encoder)
     backend: str = "transformers"
+    # backend "native", every mode but `exact`: the fp32/fp16 model runs over the real tokens of a padded micro-batch
+    # only (native_bert packed=True: 1.4-1.6x fp32 queries/s at 16-32 real questions). `exact` stays transformers'
+    # padded arithmetic bit for bit; guarded's bf16 pass stays padded (oneDNN builds its bf16 kernels per shape, and
+    # padded shapes are few: bf16_pad_multiple)
+    pack_tokens: bool = True
 
     def __post_init__(self):
         if self.pooling not in POOLINGS:
@@ -266,7 +271,7 @@ class Encoder:
 
     Encoder(model="minilm"|path|hub name, pooling="mean"|"cls", query_prefix=None, passage_prefix=None,
             max_length=256, device="cpu", mode="exact", batch_size=64, query_batch_size=None (32 on CPU, 128 on GPU),
-            normalize=True, backend="transformers"|"native"|"auto")
+            normalize=True, backend="transformers"|"native"|"auto", pack_tokens=True)
 
     Prefixes left as None default to "query: "/"passage: " for e5 and "" otherwise; pass "" to force none.
     `tokenizer`/`model`: the backend's objects (transformers' tokenizer and BertModel, or native_bert's); both
@@ -276,7 +281,8 @@ class Encoder:
     def __init__(self, model: str = "minilm", pooling: str = "mean", query_prefix: str | None = None,
                  passage_prefix: str | None = None, max_length: int = 256, device: str = "cpu",
                  mode: str = "exact", batch_size: int = 64, query_batch_size: int | None = None, normalize: bool = True,
-                 guard_eps: float | None = None, guard_order: bool = False, backend: str = "transformers"):
+                 guard_eps: float | None = None, guard_order: bool = False, backend: str = "transformers",
+                 pack_tokens: bool = EncoderConfig.pack_tokens):
         e5 = is_e5(model)
         query_prefix = (E5_QUERY_PREFIX if e5 else "") if query_prefix is None else query_prefix
         passage_prefix = (E5_PASSAGE_PREFIX if e5 else "") if passage_prefix is None else passage_prefix
@@ -288,7 +294,8 @@ class Encoder:
         self.config = EncoderConfig(model=model, pooling=pooling, query_prefix=query_prefix,
                                     passage_prefix=passage_prefix, max_length=max_length, device=device, mode=mode,
                                     batch_size=batch_size, query_batch_size=query_batch_size, normalize=normalize,
-                                    guard_eps=guard_eps, guard_order=guard_order, backend=backend)
+                                    guard_eps=guard_eps, guard_order=guard_order, backend=backend,
+                                    pack_tokens=pack_tokens)
         if mode == "fp16" and device == "cpu":
             logger.warning("[encoder] mode='fp16' on CPU is correct but slower than fp32; use mode='fast' on CPU")
         if mode == "guarded" and guard_eps is None and self.model_name not in GUARD_EPS:
@@ -307,6 +314,9 @@ class Encoder:
         # truncation/padding settings are applied); the guarded pipeline's two owner threads share this one
         self._tokenizer_lock = threading.Lock()
         self._with_token_type_ids = "token_type_ids" in self.tokenizer.model_input_names
+        # forward(): native_bert's packed forward (EncoderConfig.pack_tokens)
+        self._packed = {"packed": True} if (self.config.pack_tokens and self.config.backend == "native"
+                                            and mode != "exact") else {}
         # texts -> unpadded token ids: native_bert's tokenizer truncates to max_length by itself (set at load)
         self._tokenize = self.tokenizer.token_ids if self.config.backend == "native" else self._transformers_token_ids
 
@@ -407,7 +417,8 @@ class Encoder:
         """Tokenized batch (B, T) -> (B, D) float32 numpy embeddings. bf16 token states are pooled in fp32; fp16
         ones in fp16, as Search-R1 does."""
         batch = {k: v.to(self.config.device) for k, v in batch.items()}
-        hidden = (model or self.model)(**batch).last_hidden_state  # (B, T, D)
+        model = model or self.model
+        hidden = model(**batch, **(self._packed if model is self.model else {})).last_hidden_state  # (B, T, D)
         if hidden.dtype == torch.bfloat16:
             hidden = hidden.float()
         pooled = pool_hidden(hidden, batch["attention_mask"], self.config.pooling)  # (B, D)

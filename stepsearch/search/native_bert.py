@@ -160,12 +160,21 @@ class NativeBertLayer(nn.Module):
         self.ffn_out = nn.Linear(cfg.intermediate_size, D)
         self.ffn_norm = nn.LayerNorm(D, eps=eps)
 
-    def forward(self, h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """h: (B, T, D); mask: (B, 1, 1, T) bool (True = attend) or None (no padding). Returns (B, T, D)."""
-        B, T, D = h.shape
-        q, k, v = self.qkv(h).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, d)
+    def forward(self, h: torch.Tensor, mask: torch.Tensor | None, rows: torch.Tensor | None = None,
+                batch_shape: tuple[int, int] | None = None) -> torch.Tensor:
+        """h: (B, T, D), or packed (N, D): the real tokens only, `rows` (N,) their places in the flattened (B*T)
+        batch of shape `batch_shape` (B, T). mask: (B, 1, 1, T) bool (True = attend) or None (no padding).
+        Returns h's shape. Packed, the linear layers see N rows instead of B*T; attention runs padded."""
+        D = h.shape[-1]
+        B, T = h.shape[:2] if rows is None else batch_shape
+        qkv = self.qkv(h)  # (B, T, 3D) or (N, 3D)
+        if rows is not None:  # pad rows: zero q, k, v (their keys are masked, their outputs dropped below)
+            qkv = qkv.new_zeros(B * T, 3 * D).index_copy_(0, rows, qkv)
+        q, k, v = qkv.view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, d)
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)  # (B, H, T, d)
-        h = self.attn_norm(self.attn_out(a.transpose(1, 2).reshape(B, T, D)) + h)
+        a = a.transpose(1, 2).reshape(B * T, D)
+        a = a.view(B, T, D) if rows is None else a[rows]  # like h
+        h = self.attn_norm(self.attn_out(a) + h)
         return self.ffn_norm(self.ffn_out(F.gelu(self.ffn_in(h))) + h)
 
 
@@ -185,22 +194,34 @@ class NativeBert(nn.Module):
         self.layers = nn.ModuleList(NativeBertLayer(cfg) for _ in range(cfg.num_hidden_layers))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None) -> NativeOutput:
+                token_type_ids: torch.Tensor | None = None, packed: bool = False) -> NativeOutput:
         """input_ids, attention_mask ({0,1}, right-padded), token_type_ids (default 0): (B, T) long.
-        Returns NativeOutput(last_hidden_state (B, T, D)) in the weights' dtype, as BertModel does."""
-        T = input_ids.shape[1]
+        Returns NativeOutput(last_hidden_state (B, T, D)) in the weights' dtype, as BertModel does.
+
+        packed=True (a padded batch only): embeddings, linear layers, GELU and LayerNorms run over the N real tokens
+        ((N, D), N = attention_mask.sum()), attention over the padded (B, H, T, T); pad positions of the output are
+        0. The same arithmetic per token, so the same values up to the GEMMs' rounding (their row count differs);
+        a batch of 32 real questions is ~40% padding, so this saves that share of the FLOPs."""
+        B, T = input_ids.shape
         if T > self.config.max_position_embeddings:
             raise ValueError(f"[encoder] {T} tokens exceed max_position_embeddings "
                              f"{self.config.max_position_embeddings}; lower max_length")
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        h = F.embedding(input_ids, self.word_embeddings) + F.embedding(token_type_ids, self.token_type_embeddings)
-        h = self.embed_norm(h + self.position_embeddings[:T])  # (B, T, D), BertEmbeddings' order of additions
         # no padding: no mask (transformers skips it too, so SDPA takes the same kernel)
-        mask = None if attention_mask is None or bool(attention_mask.all()) else \
-            attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
+        keep = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()  # (B, T)
+        rows = keep.reshape(-1).nonzero().squeeze(1) if packed and keep is not None else None  # (N,)
+        positions = torch.arange(T, device=input_ids.device)  # (T,)
+        if rows is not None:
+            input_ids, token_type_ids = input_ids.reshape(-1)[rows], token_type_ids.reshape(-1)[rows]  # (N,)
+            positions = positions.repeat(B)[rows]  # (N,)
+        h = F.embedding(input_ids, self.word_embeddings) + F.embedding(token_type_ids, self.token_type_embeddings)
+        h = self.embed_norm(h + self.position_embeddings[positions])  # (B, T, D) or (N, D), BertEmbeddings' order
+        mask = None if keep is None else keep[:, None, None, :]  # (B, 1, 1, T)
         for layer in self.layers:
-            h = layer(h, mask)
+            h = layer(h, mask, rows, (B, T))
+        if rows is not None:
+            h = h.new_zeros(B * T, h.shape[-1]).index_copy_(0, rows, h).view(B, T, -1)
         return NativeOutput(h)
 
 

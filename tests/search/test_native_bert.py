@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from stepsearch.search.encoders import Encoder, guarded_search, pad_batch
+from stepsearch.search.encoders import Encoder, guarded_search, l2_normalize, pad_batch, pool_hidden
 from stepsearch.search.native_bert import NativeTokenizer, load_native, unsupported_reason
 
 pytestmark = pytest.mark.timeout(600)
@@ -131,6 +131,50 @@ def test_same_top3_from_a_faiss_index(wiki_index_dir, hf, native):
     _, ids_ref = index.search(hf.encode_queries(qs), 3)
     _, ids_ours = index.search(native.encode_queries(qs), 3)
     np.testing.assert_array_equal(ids_ours, ids_ref)  # same ids, same order
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_packed_forward_equals_the_padded_forward(native, texts, pooling):
+    """packed=True (the sorted/fp16 path) against the padded forward it replaces, on batches that are mostly
+    padding (questions beside passages): every real token state within float rounding, pad states 0, the linear
+    layers fed exactly the real tokens, and a batch without padding run as it is."""
+    model, rows_seen = native.model, []
+    hook = model.layers[0].qkv.register_forward_hook(lambda mod, inp, out: rows_seen.append(inp[0].shape))
+    try:
+        for start in range(0, len(texts), 16):
+            batch = native.pad(native.token_ids(texts[start:start + 16]))  # (B, T)
+            with torch.inference_mode():
+                padded = model(**batch).last_hidden_state
+                rows_seen.clear()
+                packed = model(**batch, packed=True).last_hidden_state
+            valid = batch["attention_mask"].bool()
+            assert packed.shape == padded.shape
+            assert (packed - padded)[valid].abs().max().item() < 1e-5
+            assert not packed[~valid].any()  # pad positions are exactly 0
+            n_real, (B, T) = int(valid.sum()), valid.shape
+            assert rows_seen == ([torch.Size([n_real, 384])] if n_real < B * T else [torch.Size([B, T, 384])])
+            mask = batch["attention_mask"]  # pooled as the encoder pools: the same embeddings
+            a, b = (l2_normalize(pool_hidden(x, mask, pooling)) for x in (padded, packed))  # (B, D) each
+            assert (a - b).abs().max().item() < 1e-6
+        batch = native.pad(native.token_ids([texts[0]] * 4))  # no padding at all: the plain forward, bit for bit
+        with torch.inference_mode():
+            rows_seen.clear()
+            assert torch.equal(model(**batch, packed=True).last_hidden_state, model(**batch).last_hidden_state)
+        assert rows_seen == [torch.Size([4, batch["input_ids"].shape[1], 384])] * 2
+    finally:
+        hook.remove()
+
+
+def test_packed_encoder_gives_the_padded_top3(wiki_index_dir, native):
+    """The server's shape: 400 real questions in micro-batches of 32 (~40% padding), sorted mode, packed vs padded:
+    the same top-3 ids in the same order from the index, and embeddings within float rounding."""
+    index = faiss.read_index(str(Path(wiki_index_dir) / "dense.faiss"))
+    qs = read_questions(134)[:400]
+    on, off = Encoder(mode="sorted", backend="native"), Encoder(mode="sorted", backend="native", pack_tokens=False)
+    assert on._packed and not off._packed and not native._packed  # exact mode never packs
+    a, b = on.encode_queries(qs), off.encode_queries(qs)
+    assert np.abs(a - b).max() < 1e-6
+    np.testing.assert_array_equal(index.search(a, 3)[1], index.search(b, 3)[1])
 
 
 @pytest.mark.slow  # bf16 is emulated (slow) on CPUs without AVX512-BF16/AMX
