@@ -5,6 +5,8 @@
     .venv/bin/python bench/retrieval.py --sections calibrate  # guard_eps of the guarded bf16 path (encoders.py)
     .venv/bin/python bench/retrieval.py --sections workers --out bench/results/retrieval_serve_avx2.md
                                                          # --encode_workers 1 vs 0, idle cores and one core busy
+    .venv/bin/python bench/retrieval.py --sections pack --out bench/results/retrieval_serve_avx2cap.md
+                                                         # packed micro-batches vs --no_pack_tokens
 
 Serving sections, all on the bundled 1000-passage wiki-18 sample, MiniLM, top-3, real questions from
 ../shared/data/*/qa_pairs (every query is sent once per server, so the cache only helps where it is meant to):
@@ -685,32 +687,33 @@ def write_section(path: Path, name: str, text: str) -> None:
     write_text_atomic(path, new)
 
 
-def workers_section(args) -> dict:
-    """--encode_workers 1 (one owner thread, every core as torch threads) against 0 (one encode thread per core, 1
-    torch thread each), two of our servers on the sample index (in-process LRU only; every query distinct), rounds
-    of 32 single-query clients x 8 and 8 clients x 64 interleaved, first on idle cores and then with one core kept
-    busy by another process (a Python busy loop: the trainer or rollout engine on a shared node)."""
+def ab_servers(args, variants: dict[str, list[str]], busy_modes: tuple[bool, ...], tag: str) -> dict:
+    """Our server once per variant (its extra flags) on the sample index (in-process LRU only; every query distinct),
+    `args.reps + 1` rounds of 32 single-query clients x 8 and 8 clients x 64, the variants' order alternating per
+    round; on idle cores, and for busy_modes True with one core kept busy by another process (a Python busy loop:
+    the trainer or rollout engine on a shared node). Returns {"rounds", "runs": [{busy_core, variant, round,
+    single_qps, batch_qps, load_1m}], "cpu"}."""
     questions = load_questions()
-    index_dir = build_sample_index(Path(tempfile.mkdtemp(prefix="bench_workers_")))
+    index_dir = build_sample_index(Path(tempfile.mkdtemp(prefix=f"bench_{tag}_")))
     base = ["--encoder_mode", args.ours_mode, "--log_level", "warning", "--torch_threads", "0"]
     from stepsearch.search.testing import start_retrieval_server
 
-    servers = {w: start_retrieval_server(index_dir, None, extra_args=base + ["--encode_workers", w]) for w in ("1", "0")}
+    servers = {v: start_retrieval_server(index_dir, None, extra_args=base + flags) for v, flags in variants.items()}
     res = {"rounds": args.reps + 1, "runs": []}
     pos = 0
     try:
-        for busy in (False, True):
+        for busy in busy_modes:
             hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
             try:
                 for rnd in range(args.reps + 1):
-                    for w in (("1", "0") if rnd % 2 == 0 else ("0", "1")):
-                        single = run_clients(servers[w].url, split_clients(questions[pos:pos + 256], 32, 1))
-                        batch = run_clients(servers[w].url, split_clients(questions[pos + 256:pos + 768], 8, 64))
+                    for v in (list(variants) if rnd % 2 == 0 else list(variants)[::-1]):
+                        single = run_clients(servers[v].url, split_clients(questions[pos:pos + 256], 32, 1))
+                        batch = run_clients(servers[v].url, split_clients(questions[pos + 256:pos + 768], 8, 64))
                         pos += 768
-                        res["runs"].append({"busy_core": busy, "encode_workers": w, "round": rnd,
+                        res["runs"].append({"busy_core": busy, "variant": v, "round": rnd,
                                             "single_qps": single["qps"], "batch_qps": batch["qps"],
                                             "load_1m": os.getloadavg()[0]})
-                        print(f"[workers] {res['runs'][-1]}", flush=True)
+                        print(f"[{tag}] {res['runs'][-1]}", flush=True)
             finally:
                 if hog is not None:
                     hog.kill()
@@ -722,27 +725,43 @@ def workers_section(args) -> dict:
     return res
 
 
-def workers_markdown(res: dict, cmd: str) -> str:
-    lines = ["## Parallel encode threads in sorted mode (bench/retrieval.py --sections workers)", "",
-             f"Command: `{cmd}`", "", res["cpu"] + ".", "",
-             f"Two of our servers on the 1,000-passage sample (`--encoder_mode fast`, resolved to sorted on a CPU "
-             f"without native bf16; `--torch_threads 0`), `--encode_workers 1` (the default: one owner thread, every "
-             f"core as torch threads) and `--encode_workers 0` (one encode thread per core, 1 torch thread each); "
-             f"{res['rounds']} interleaved rounds of 32 single-query clients x 8 questions and 8 clients x 64 "
-             f"questions, all distinct; first on idle cores, then with one core kept busy by a Python busy loop.", "",
-             "| cores | --encode_workers | 32 x 1, q/s per round | 8 x 64, q/s per round |", "|---|---|---|---|"]
-    for busy in (False, True):
-        for w in ("1", "0"):
-            runs = [r for r in res["runs"] if r["busy_core"] == busy and r["encode_workers"] == w]
-            lines.append(f"| {'one core busy' if busy else 'idle'} | {w} | "
+def ab_markdown(res: dict, title: str, cmd: str, what: str, column: str) -> str:
+    """ab_servers' runs as one row per (cores, variant): q/s per round for 32 x 1 and 8 x 64."""
+    lines = [title, "", f"Command: `{cmd}`", "", res["cpu"] + ".", "",
+             f"{what}; {res['rounds']} interleaved rounds of 32 single-query clients x 8 questions and 8 clients x 64 "
+             f"questions, all distinct.", "",
+             f"| cores | {column} | 32 x 1, q/s per round | 8 x 64, q/s per round |", "|---|---|---|---|"]
+    variants = list(dict.fromkeys(r["variant"] for r in res["runs"]))
+    for busy in dict.fromkeys(r["busy_core"] for r in res["runs"]):
+        for v in variants:
+            runs = [r for r in res["runs"] if r["busy_core"] == busy and r["variant"] == v]
+            lines.append(f"| {'one core busy' if busy else 'idle'} | {v} | "
                          + " / ".join(f"{r['single_qps']:.1f}" for r in runs) + " | "
                          + " / ".join(f"{r['batch_qps']:.1f}" for r in runs) + " |")
     return "\n".join(lines) + "\n"
 
 
+def workers_markdown(res: dict, cmd: str) -> str:
+    return ab_markdown(
+        res, "## Parallel encode threads in sorted mode (bench/retrieval.py --sections workers)", cmd,
+        "Two of our servers on the 1,000-passage sample (`--encoder_mode fast`, resolved to sorted on a CPU without "
+        "native bf16; `--torch_threads 0`), `--encode_workers 1` (the default: one owner thread, every core as torch "
+        "threads) and `--encode_workers 0` (one encode thread per core, 1 torch thread each), first on idle cores, "
+        "then with one core kept busy by a Python busy loop", "--encode_workers")
+
+
+def pack_markdown(res: dict, cmd: str) -> str:
+    return ab_markdown(
+        res, "## Packed micro-batches (bench/retrieval.py --sections pack)", cmd,
+        "Two of our servers on the 1,000-passage sample (`--encoder_mode fast`; the native encoder, `--torch_threads "
+        "0`), at their defaults (`packed`: each micro-batch runs over its real tokens only) and with "
+        "`--no_pack_tokens` (`padded`: each micro-batch padded to its longest question, as before), idle cores",
+        "encoder")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--sections", default="serve", help="comma list of: serve, index, calibrate, workers")
+    p.add_argument("--sections", default="serve", help="comma list of: serve, index, calibrate, workers, pack")
     p.add_argument("--reps", type=int, default=2, help="interleaved repetitions of the serving phases")
     p.add_argument("--single_per_client", type=int, default=8, help="requests per single-query client")
     p.add_argument("--hit_repeats", type=int, default=300)
@@ -775,8 +794,14 @@ def main(argv: list[str] | None = None) -> int:
     if "index" in sections:
         write_section(Path(args.out), "index", index_markdown(index_section(args), args, cmd.strip()))
     if "workers" in sections:
-        text = workers_markdown(workers_section(args), cmd.strip())
+        res = ab_servers(args, {w: ["--encode_workers", w] for w in ("1", "0")}, (False, True), "workers")
+        text = workers_markdown(res, cmd.strip())
         write_section(Path(args.out), "workers", text)
+        print(text)
+    if "pack" in sections:
+        res = ab_servers(args, {"packed": [], "padded": ["--no_pack_tokens"]}, (False,), "pack")
+        text = pack_markdown(res, cmd.strip())
+        write_section(Path(args.out), "pack", text)
         print(text)
     if "serve" in sections:
         load_start = os.getloadavg()

@@ -127,6 +127,12 @@ def agreement_section(d: Path, device: str, qs: list[str]) -> dict:
             "top3_set_agreement": float(np.mean([set(a) == set(b) for a, b in zip(ids, ref)])),
             "same_order": float(np.mean((ids == ref).all(axis=1)))}
         print(f"[gpu] agreement, index {storage}: {res[f'index_{storage}']}", flush=True)
+    # the server's encoder on a GPU: native BERT, fp16, packed micro-batches (EncoderConfig.pack_tokens)
+    native = Encoder(model=str(d / "minilm16"), mode="fp16", device=device, query_batch_size=128, backend="native")
+    _, ids = TorchFlatIndex(passages, [device], storage="fp16").search(native.encode_queries(qs), TOPK)
+    res["native_packed_index_fp16"] = {"top3_set_agreement": float(np.mean([set(a) == set(b) for a, b in zip(ids, ref)])),
+                                       "same_order": float(np.mean((ids == ref).all(axis=1)))}
+    print(f"[gpu] agreement, native packed encoder, index fp16: {res['native_packed_index_fp16']}", flush=True)
     return res
 
 
@@ -152,11 +158,16 @@ def encoder_section(d: Path, device: str, qs: list[str], reps: int, layers: int)
 
     variants = [("fp32 in-order (Search-R1, no --use_fp16)", "exact", {}),
                 ("fp16 in-order (Search-R1 --use_fp16)", "fp16-inorder", {}),
-                *[(f"fp16 length-sorted micro-batches of {mb}", "fp16", {"batch_size": mb}) for mb in (64, 128, 256, 512)]]
+                *[(f"fp16 length-sorted micro-batches of {mb}", "fp16", {"batch_size": mb}) for mb in (64, 128, 256, 512)],
+                *[(f"native encoder (the server's), fp16 sorted batches of 128, {how}", f"native_{how}",
+                   {"batch_size": 128}) for how in ("padded", "packed")]]
     encoders = {"exact": Encoder(model=str(folder), mode="exact", device=device, batch_size=BATCH),
-                "fp16": Encoder(model=str(folder), mode="fp16", device=device, batch_size=BATCH)}
+                "fp16": Encoder(model=str(folder), mode="fp16", device=device, batch_size=BATCH),
+                **{f"native_{how}": Encoder(model=str(folder), mode="fp16", device=device, batch_size=BATCH,
+                                            backend="native", pack_tokens=how == "packed")
+                   for how in ("padded", "packed")}}
     for name, key, kw in variants:
-        enc = encoders["exact" if key == "exact" else "fp16"]
+        enc = encoders["exact" if key == "exact" else key if key.startswith("native") else "fp16"]
         if key == "fp16-inorder":  # Search-R1's fp16 path: the fp16 model, batches in order padded to the longest
             secs, _ = timed(lambda: enc.encode_in_order([enc.config.query_prefix + q for q in batches[0]], BATCH),
                             reps, sync)
@@ -266,7 +277,9 @@ def report(res: dict, cmd: str, path: Path) -> None:
              f"{a['index_fp32']['top3_set_agreement']:.4f} (same order {a['index_fp32']['same_order']:.4f}); "
              f"GPU fp16 encoder + fp16 index (the `--device cuda --faiss_gpu` path) "
              f"{a['index_fp16']['top3_set_agreement']:.4f} (same order {a['index_fp16']['same_order']:.4f}); "
-             f"target >= 0.99.", "",
+             + (f"the server's native encoder, fp16 packed, + fp16 index "
+                f"{a['native_packed_index_fp16']['top3_set_agreement']:.4f}; " if "native_packed_index_fp16" in a else "")
+             + "target >= 0.99.", "",
              f"**e5-sized encoder** ({e['params'] / 1e6:.0f}M parameters, {e['layers']} layers, BERT-base shape of "
              f"e5-base-v2, random "
              f"weights; prefix {e['prefix']!r}; {e['tokens_mean']:.1f} tokens per question on average):", "",

@@ -321,6 +321,11 @@ class Encoder:
         self._tokenize = self.tokenizer.token_ids if self.config.backend == "native" else self._transformers_token_ids
 
     @property
+    def packs_tokens(self) -> bool:
+        """Whether the fp32/fp16 forward runs packed (EncoderConfig.pack_tokens on the native backend, not exact)."""
+        return bool(self._packed)
+
+    @property
     def guard_eps(self) -> float | None:
         """The score-gap threshold of mode="guarded" (given, or the model's calibrated GUARD_EPS); None otherwise."""
         if self.config.mode != "guarded":

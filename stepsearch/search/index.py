@@ -302,16 +302,17 @@ def pad_result(res: SearchResult, topk: int) -> SearchResult:
 
 def encoder_from_manifest(manifest: dict, model: str | None = None, mode: str = "exact", device: str = "cpu",
                           batch_size: int = 64, guard_eps: float | None = None, guard_order: bool = False,
-                          backend: str = "transformers"):
+                          backend: str = "transformers", pack_tokens: bool = True):
     """Build the query encoder the index was built with (or `model`, which must match it) and check identity.
-    `backend`: who runs the model (encoders.BACKENDS); the embedding space is the same."""
+    `backend`: who runs the model (encoders.BACKENDS); `pack_tokens`: EncoderConfig.pack_tokens; the embedding
+    space is the same."""
     from stepsearch.search.encoders import Encoder
 
     built = manifest["encoder"]
     encoder = Encoder(model=model or built["model"], pooling=built["pooling"], query_prefix=built["query_prefix"],
                       passage_prefix=built["passage_prefix"], max_length=built["max_length"], device=device,
                       mode=mode, batch_size=batch_size, normalize=built.get("normalize", True),
-                      guard_eps=guard_eps, guard_order=guard_order, backend=backend)
+                      guard_eps=guard_eps, guard_order=guard_order, backend=backend, pack_tokens=pack_tokens)
     check_encoder(manifest, encoder.describe())
     return encoder
 
@@ -377,6 +378,7 @@ class LoadOptions:
     nprobe: int = DEFAULT_NPROBE  # IVF indexes: inverted lists visited per query (0: the value in the index file)
     rerank_candidates: int = DEFAULT_RERANK_CANDIDATES  # "+rerank" indexes: candidates re-scored exactly
     encoder_backend: str = "transformers"  # who runs the query encoder: transformers | native | auto (encoders.py)
+    pack_tokens: bool = True  # native encoder, modes but exact: skip the padding's FLOPs (EncoderConfig.pack_tokens)
 
 
 @dataclass
@@ -414,7 +416,8 @@ def load_index(index_dir: str | os.PathLike, opts: LoadOptions = LoadOptions()) 
         if not opts.faiss_gpu:
             prefetch_exhaustive(faiss_index, index_dir / DENSE_INDEX)
         encoder = encoder_from_manifest(manifest, opts.encoder, mode, opts.device, guard_eps=opts.guard_eps,
-                                        guard_order=opts.guard_order, backend=opts.encoder_backend)
+                                        guard_order=opts.guard_order, backend=opts.encoder_backend,
+                                        pack_tokens=opts.pack_tokens)
         rerank = manifest.get("rerank")
         dense = DenseRetriever(index_dir / DENSE_INDEX, encoder, gpu=opts.faiss_gpu, gpu_storage=opts.gpu_storage,
                                gpu_shard=opts.gpu_shard,

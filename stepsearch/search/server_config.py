@@ -53,6 +53,9 @@ class ServerConfig:
                                            "transformers and starts ~5 s sooner; else transformers, with the reason "
                                            "logged), native (refuse to start when unsupported), transformers",
                                    choices=("auto", "native", "transformers"))
+    pack_tokens: bool = setting(True, "native encoder, every --encoder_mode but exact: run each micro-batch over its "
+                                      "real tokens only, so padding costs no FLOPs (--no_pack_tokens: padded, as "
+                                      "before; the same top-3, docs/retrieval_speed.md)")
     device: str = setting("cpu", "query encoder device: cpu or cuda[:N]")
     faiss_gpu: bool = setting(False, "put the dense index on every visible GPU (Search-R1's --faiss_gpu): through "
                                      "FAISS's GPU build when installed (faiss-gpu-cu12: Flat, SQ, IVF-Flat/SQ/PQ, the "

@@ -140,6 +140,7 @@ class LocalBackend:
                 "encoder": (m.get("encoder") or {}).get("model"), "index_factory": m.get("index_factory"),
                 "encoder_mode": encoder.config.mode if encoder is not None else None,
                 "encoder_backend": encoder.config.backend if encoder is not None else None,
+                "encoder_packs_tokens": encoder.packs_tokens if encoder is not None else None,
                 "encode_workers": self.encode_workers, "warm_up": self.warm_up_state,
                 "guard_eps": encoder.guard_eps if encoder is not None else None, "identity": self.identity,
                 **self.dense_settings()}
@@ -245,7 +246,8 @@ def open_index(cfg: ServerConfig) -> LoadedIndex:
                                                    gpu_storage=cfg.gpu_storage,
                                                    gpu_shard=not cfg.faiss_gpu_replicate, nprobe=cfg.nprobe,
                                                    rerank_candidates=cfg.rerank_candidates,
-                                                   encoder_backend=cfg.encoder_backend))
+                                                   encoder_backend=cfg.encoder_backend,
+                                                   pack_tokens=cfg.pack_tokens))
 
 
 def torch_threads(cfg: ServerConfig, encoder_mode: str) -> int:

@@ -171,7 +171,7 @@ def test_packed_encoder_gives_the_padded_top3(wiki_index_dir, native):
     index = faiss.read_index(str(Path(wiki_index_dir) / "dense.faiss"))
     qs = read_questions(134)[:400]
     on, off = Encoder(mode="sorted", backend="native"), Encoder(mode="sorted", backend="native", pack_tokens=False)
-    assert on._packed and not off._packed and not native._packed  # exact mode never packs
+    assert on.packs_tokens and not off.packs_tokens and not native.packs_tokens  # exact mode never packs
     a, b = on.encode_queries(qs), off.encode_queries(qs)
     assert np.abs(a - b).max() < 1e-6
     np.testing.assert_array_equal(index.search(a, 3)[1], index.search(b, 3)[1])
