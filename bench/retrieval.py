@@ -750,13 +750,50 @@ def workers_markdown(res: dict, cmd: str) -> str:
         "then with one core kept busy by a Python busy loop", "--encode_workers")
 
 
-def pack_markdown(res: dict, cmd: str) -> str:
+PACK_CALL_SIZES = (1, 8, 16, 32, 64, 256)
+
+
+def pack_in_process(args) -> dict:
+    """MiniLM fp32 `sorted` on the native encoder, packed vs padded (pack_tokens), in-process: 512 real questions
+    encoded in calls of B (PACK_CALL_SIZES), the two encoders alternating, `args.reps` repetitions on fresh
+    questions each. Returns {"qps": {B: {"packed": [...], "padded": [...]}}, "max_abs_diff"}."""
+    from stepsearch.search.encoders import Encoder
+
+    set_ours_threads(args)
+    questions = load_questions()
+    encoders = {name: Encoder("minilm", mode="sorted", backend="native", pack_tokens=name == "packed")
+                for name in ("packed", "padded")}
+    probe = questions[:512]
+    res = {"qps": {b: {name: [] for name in encoders} for b in PACK_CALL_SIZES},
+           "max_abs_diff": float(np.abs(encoders["packed"].encode_queries(probe)
+                                        - encoders["padded"].encode_queries(probe)).max())}
+    for rep in range(args.reps):
+        for b in PACK_CALL_SIZES:
+            qs = questions[512 * (rep + 1):512 * (rep + 2)]
+            for name in (("packed", "padded") if rep % 2 == 0 else ("padded", "packed")):
+                t0 = time.perf_counter()
+                for start in range(0, len(qs), b):
+                    encoders[name].encode_queries(qs[start:start + b])
+                res["qps"][b][name].append(len(qs) / (time.perf_counter() - t0))
+        print(f"[pack] in-process rep {rep}: {res['qps']}", flush=True)
+    return res
+
+
+def pack_markdown(res: dict, inproc: dict, cmd: str) -> str:
+    lines = ["", "In-process (the same encoder without the server; MiniLM fp32 `sorted`, native encoder, 512 real "
+             f"questions per repetition encoded in calls of B, {len(inproc['qps'][1]['packed'])} repetitions "
+             f"alternating the two; embeddings packed vs padded within {inproc['max_abs_diff']:.1e}):", "",
+             "| calls of B questions | padded q/s | packed q/s | packed / padded (median) |", "|---|---|---|---|"]
+    for b, runs in inproc["qps"].items():
+        ratio = med([p / q for p, q in zip(runs["packed"], runs["padded"])])
+        lines.append(f"| {b} | " + " / ".join(f"{x:.0f}" for x in runs["padded"]) + " | "
+                     + " / ".join(f"{x:.0f}" for x in runs["packed"]) + f" | {ratio:.2f}x |")
     return ab_markdown(
         res, "## Packed micro-batches (bench/retrieval.py --sections pack)", cmd,
         "Two of our servers on the 1,000-passage sample (`--encoder_mode fast`; the native encoder, `--torch_threads "
         "0`), at their defaults (`packed`: each micro-batch runs over its real tokens only) and with "
         "`--no_pack_tokens` (`padded`: each micro-batch padded to its longest question, as before), idle cores",
-        "encoder")
+        "encoder") + "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -800,7 +837,7 @@ def main(argv: list[str] | None = None) -> int:
         print(text)
     if "pack" in sections:
         res = ab_servers(args, {"packed": [], "padded": ["--no_pack_tokens"]}, (False,), "pack")
-        text = pack_markdown(res, cmd.strip())
+        text = pack_markdown(res, pack_in_process(args), cmd.strip())
         write_section(Path(args.out), "pack", text)
         print(text)
     if "serve" in sections:

@@ -12,8 +12,10 @@ Modes (choose by measurement: docs/retrieval_speed.md). Every mode other than `e
 with `exact` >= 0.99 on real questions over the wiki-18 sample (tests/search/test_speed_paths.py):
 - `exact`: fp32, batches of `batch_size` in the order given, each padded to its longest text (Search-R1's path).
 - `sorted`: fp32 and the same arithmetic per text, but the texts are tokenized once, de-duplicated, sorted by
-  token length and cut into micro-batches of `query_batch_size`, so almost no compute goes to padding
-  (dynamic padding). Typical question batches are ~46% padding when padded to their longest (bench/retrieval.py).
+  token length and cut into micro-batches of `query_batch_size`, so little compute goes to padding (dynamic
+  padding). Typical question batches are ~46% padding when padded to their longest (bench/retrieval.py). Sorting
+  cannot help a batch no larger than one micro-batch (32 coalesced single questions: ~42% padding), so on the
+  native backend each micro-batch also runs packed, over its real tokens only (`pack_tokens`).
 - `fp16`: `sorted` with fp16 weights and activations; meant for GPU (runs on CPU too, slowly).
 - `guarded`: queries are encoded in bf16 (AMX/AVX512-BF16 CPUs: ~3x fp32) and searched for top-(k+1); only the
   queries whose bf16 gap between the k-th and (k+1)-th score is below `guard_eps` are re-encoded in fp32 (`sorted`)
@@ -107,9 +109,9 @@ class EncoderConfig:
     # who runs the model (module docstring): "transformers", "native", or "auto" (resolved by Encoder)
     backend: str = "transformers"
     # backend "native", every mode but `exact`: the fp32/fp16 model runs over the real tokens of a padded micro-batch
-    # only (native_bert packed=True: 1.4-1.6x fp32 queries/s at 16-32 real questions). `exact` stays transformers'
-    # padded arithmetic bit for bit; guarded's bf16 pass stays padded (oneDNN builds its bf16 kernels per shape, and
-    # padded shapes are few: bf16_pad_multiple)
+    # only (native_bert packed=True: 1.3-1.6x fp32 queries/s at 16-32 real questions per call on AVX2). `exact`
+    # stays transformers' padded arithmetic bit for bit; guarded's bf16 pass stays padded (oneDNN builds its bf16
+    # kernels per shape, and padded shapes are few: bf16_pad_multiple)
     pack_tokens: bool = True
 
     def __post_init__(self):
