@@ -12,10 +12,11 @@ here instead (`Encoder(backend="auto")`, the server's `--encoder_backend`):
 
 The same arithmetic as transformers' `BertModel` (SDPA attention, exact-erf GELU, post-LayerNorm), so embeddings
 equal transformers' (bit for bit on MiniLM in fp32 and bf16) and so do token ids (tests/search/test_native_bert.py);
-pooling and normalisation stay in `encoders.Encoder`. Weights come from `model.safetensors` (or `pytorch_model.bin`),
-the config from `config.json`, tokenisation from `tokenizer.json` with `tokenizer_config.json`'s normalisation, as
-transformers 5's `BertTokenizer` builds it. `unsupported_reason` says why a folder cannot be loaded this way (the
-caller then uses transformers).
+pooling and normalisation stay in `encoders.Encoder`. `forward(packed=True)` runs everything but attention over the
+real tokens of a padded batch only (the encoder's `sorted`/`fp16` modes: EncoderConfig.pack_tokens). Weights come
+from `model.safetensors` (or `pytorch_model.bin`), the config from `config.json`, tokenisation from `tokenizer.json`
+with `tokenizer_config.json`'s normalisation, as transformers 5's `BertTokenizer` builds it. `unsupported_reason`
+says why a folder cannot be loaded this way (the caller then uses transformers).
 """
 from __future__ import annotations
 
