@@ -29,11 +29,13 @@ Also run internally as the naive server: `bench/retrieval.py --serve_naive --ind
 from __future__ import annotations
 
 import argparse
+import atexit
 import hashlib
 import http.client
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -318,6 +320,13 @@ def padding_fraction(queries: list[str], per_request: int) -> float:
 
 
 # ---------------------------------------------------------------- the serving run
+def scratch_dir(prefix: str) -> Path:
+    """A fresh temporary folder for this run's indexes, removed when the process exits."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
 def build_sample_index(tmp: Path) -> str:
     from stepsearch.search.testing import build_test_index
 
@@ -332,7 +341,7 @@ def serving_sections(args) -> dict:
     need = args.reps * (n8 + 32 * args.single_per_client) + 1
     if len(questions) < need:
         raise ValueError(f"need {need} distinct questions, found {len(questions)} under {SHARED}")
-    tmp = Path(tempfile.mkdtemp(prefix="bench_retrieval_"))
+    tmp = scratch_dir("bench_retrieval_")
     index_dir = build_sample_index(tmp)
     ids, _ = read_passages([WIKI_SAMPLE])
     # 0 (default): no thread variables, so our server picks its own thread count, as users run it
@@ -472,12 +481,12 @@ def index_section(args) -> list[dict]:
     _, texts = read_passages(paths)
     xb = cached_embeddings(texts, "passages")
     xq = cached_embeddings(load_questions()[:args.index_queries], "queries")
-    rows, flat_ids, built, tmp = [], None, {}, Path(tempfile.mkdtemp(prefix="bench_index_"))
+    rows, flat_ids, built, tmp = [], None, {}, scratch_dir("bench_index_")
     for factory in INDEX_FACTORIES:
         base, rerank = split_factory(factory)
         t0 = time.perf_counter()
         if rerank:  # stage 1 = the base index as built above; stage 2 = fp16 vectors memory-mapped from disk
-            write_fp16(xb, tmp / "emb.fp16")
+            write_fp16(xb, tmp / "emb.fp16")  # per row, so each row's build time includes writing its fp16 file
             first = built[base]["index"]
             set_nprobe(first, DEFAULT_NPROBE)
             index = RerankIndex(first, open_fp16(tmp / "emb.fp16", *xb.shape), DEFAULT_RERANK_CANDIDATES)
@@ -524,7 +533,7 @@ def calibrate_section(args) -> dict:
     set_ours_threads(args)
     questions = load_questions()
     cal_q, eval_q = questions[-args.calibrate_queries:], questions[:args.agreement_queries]
-    tmp = Path(tempfile.mkdtemp(prefix="bench_retrieval_cal_"))
+    tmp = scratch_dir("bench_retrieval_cal_")
     index = faiss.read_index(str(Path(build_sample_index(tmp)) / "dense.faiss"))
     passages = index.reconstruct_n(0, index.ntotal)  # (1000, 384) exact fp32 passage embeddings
     enc = Encoder(mode="guarded", guard_eps=0.0)  # eps is what we measure here
@@ -694,7 +703,7 @@ def ab_servers(args, variants: dict[str, list[str]], busy_modes: tuple[bool, ...
     the trainer or rollout engine on a shared node). Returns {"rounds", "runs": [{busy_core, variant, round,
     single_qps, batch_qps, load_1m}], "cpu"}."""
     questions = load_questions()
-    index_dir = build_sample_index(Path(tempfile.mkdtemp(prefix=f"bench_{tag}_")))
+    index_dir = build_sample_index(scratch_dir(f"bench_{tag}_"))
     base = ["--encoder_mode", args.ours_mode, "--log_level", "warning", "--torch_threads", "0"]
     from stepsearch.search.testing import start_retrieval_server
 
