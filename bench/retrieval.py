@@ -777,8 +777,8 @@ def pack_in_process(args) -> dict:
            "max_abs_diff": float(np.abs(encoders["packed"].encode_queries(probe)
                                         - encoders["padded"].encode_queries(probe)).max())}
     for rep in range(args.reps):
+        qs = questions[512 * (rep + 1):512 * (rep + 2)]
         for b in PACK_CALL_SIZES:
-            qs = questions[512 * (rep + 1):512 * (rep + 2)]
             for name in (("packed", "padded") if rep % 2 == 0 else ("padded", "packed")):
                 t0 = time.perf_counter()
                 for start in range(0, len(qs), b):

@@ -111,6 +111,13 @@ def timed(fn, reps: int, sync) -> tuple[float, object]:
     return float(np.median(times)), out
 
 
+def agreement(ids: np.ndarray, ref: np.ndarray) -> dict:
+    """Share of queries whose top-k ids (Q, k) are the reference's set, and in its order (the set part is
+    bench.retrieval.top3_agreement, not imported here: the GPU machine lacks that module's dependencies)."""
+    return {"top3_set_agreement": float(np.mean([set(a) == set(b) for a, b in zip(ids, ref)])),
+            "same_order": float(np.mean((ids == ref).all(axis=1)))}
+
+
 def agreement_section(d: Path, device: str, qs: list[str]) -> dict:
     from stepsearch.search.encoders import Encoder
     from stepsearch.search.gpu_index import TorchFlatIndex
@@ -123,15 +130,12 @@ def agreement_section(d: Path, device: str, qs: list[str]) -> dict:
     for storage in ("fp32", "fp16"):
         index = TorchFlatIndex(passages, [device], storage=storage)
         _, ids = index.search(emb, TOPK)
-        res[f"index_{storage}"] = {
-            "top3_set_agreement": float(np.mean([set(a) == set(b) for a, b in zip(ids, ref)])),
-            "same_order": float(np.mean((ids == ref).all(axis=1)))}
+        res[f"index_{storage}"] = agreement(ids, ref)
         print(f"[gpu] agreement, index {storage}: {res[f'index_{storage}']}", flush=True)
     # the server's encoder on a GPU: native BERT, fp16, packed micro-batches (EncoderConfig.pack_tokens)
     native = Encoder(model=str(d / "minilm16"), mode="fp16", device=device, query_batch_size=128, backend="native")
     _, ids = TorchFlatIndex(passages, [device], storage="fp16").search(native.encode_queries(qs), TOPK)
-    res["native_packed_index_fp16"] = {"top3_set_agreement": float(np.mean([set(a) == set(b) for a, b in zip(ids, ref)])),
-                                       "same_order": float(np.mean((ids == ref).all(axis=1)))}
+    res["native_packed_index_fp16"] = agreement(ids, ref)
     print(f"[gpu] agreement, native packed encoder, index fp16: {res['native_packed_index_fp16']}", flush=True)
     return res
 
@@ -167,7 +171,7 @@ def encoder_section(d: Path, device: str, qs: list[str], reps: int, layers: int)
                                             backend="native", pack_tokens=how == "packed")
                    for how in ("padded", "packed")}}
     for name, key, kw in variants:
-        enc = encoders["exact" if key == "exact" else key if key.startswith("native") else "fp16"]
+        enc = encoders.get(key, encoders["fp16"])  # "fp16-inorder": the fp16 encoder, called in order
         if key == "fp16-inorder":  # Search-R1's fp16 path: the fp16 model, batches in order padded to the longest
             secs, _ = timed(lambda: enc.encode_in_order([enc.config.query_prefix + q for q in batches[0]], BATCH),
                             reps, sync)

@@ -316,16 +316,10 @@ class Encoder:
         # truncation/padding settings are applied); the guarded pipeline's two owner threads share this one
         self._tokenizer_lock = threading.Lock()
         self._with_token_type_ids = "token_type_ids" in self.tokenizer.model_input_names
-        # forward(): native_bert's packed forward (EncoderConfig.pack_tokens)
-        self._packed = {"packed": True} if (self.config.pack_tokens and self.config.backend == "native"
-                                            and mode != "exact") else {}
+        # whether forward() runs the fp32/fp16 model packed (EncoderConfig.pack_tokens on native_bert, not `exact`)
+        self.packs_tokens = self.config.pack_tokens and self.config.backend == "native" and mode != "exact"
         # texts -> unpadded token ids: native_bert's tokenizer truncates to max_length by itself (set at load)
         self._tokenize = self.tokenizer.token_ids if self.config.backend == "native" else self._transformers_token_ids
-
-    @property
-    def packs_tokens(self) -> bool:
-        """Whether the fp32/fp16 forward runs packed (EncoderConfig.pack_tokens on the native backend, not exact)."""
-        return bool(self._packed)
 
     @property
     def guard_eps(self) -> float | None:
@@ -425,7 +419,8 @@ class Encoder:
         ones in fp16, as Search-R1 does."""
         batch = {k: v.to(self.config.device) for k, v in batch.items()}
         model = model or self.model
-        hidden = model(**batch, **(self._packed if model is self.model else {})).last_hidden_state  # (B, T, D)
+        packed = {"packed": True} if self.packs_tokens and model is self.model else {}  # not the bf16 pass
+        hidden = model(**batch, **packed).last_hidden_state  # (B, T, D)
         if hidden.dtype == torch.bfloat16:
             hidden = hidden.float()
         pooled = pool_hidden(hidden, batch["attention_mask"], self.config.pooling)  # (B, D)

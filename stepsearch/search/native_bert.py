@@ -146,6 +146,11 @@ class NativeOutput(NamedTuple):
     last_hidden_state: torch.Tensor  # (B, T, D)
 
 
+def scatter_rows(x: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """Packed rows x (N, C) -> (n_rows, C): x at `rows` (N,), zeros elsewhere (the padding)."""
+    return x.new_zeros(n_rows, x.shape[-1]).index_copy_(0, rows, x)
+
+
 class NativeBertLayer(nn.Module):
     """One post-LayerNorm encoder layer: self-attention (Q, K, V in one matmul) and a GELU feed-forward."""
 
@@ -170,7 +175,7 @@ class NativeBertLayer(nn.Module):
         B, T = h.shape[:2] if rows is None else batch_shape
         qkv = self.qkv(h)  # (B, T, 3D) or (N, 3D)
         if rows is not None:  # pad rows: zero q, k, v (their keys are masked, their outputs dropped below)
-            qkv = qkv.new_zeros(B * T, 3 * D).index_copy_(0, rows, qkv)
+            qkv = scatter_rows(qkv, rows, B * T)
         q, k, v = qkv.view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, d)
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)  # (B, H, T, d)
         a = a.transpose(1, 2).reshape(B * T, D)
@@ -212,17 +217,17 @@ class NativeBert(nn.Module):
         # no padding: no mask (transformers skips it too, so SDPA takes the same kernel)
         keep = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()  # (B, T)
         rows = keep.reshape(-1).nonzero().squeeze(1) if packed and keep is not None else None  # (N,)
-        positions = torch.arange(T, device=input_ids.device)  # (T,)
+        position_emb = self.position_embeddings[:T]  # (T, D)
         if rows is not None:
             input_ids, token_type_ids = input_ids.reshape(-1)[rows], token_type_ids.reshape(-1)[rows]  # (N,)
-            positions = positions.repeat(B)[rows]  # (N,)
+            position_emb = self.position_embeddings[rows % T]  # (N, D): flat row b*T + t is position t
         h = F.embedding(input_ids, self.word_embeddings) + F.embedding(token_type_ids, self.token_type_embeddings)
-        h = self.embed_norm(h + self.position_embeddings[positions])  # (B, T, D) or (N, D), BertEmbeddings' order
+        h = self.embed_norm(h + position_emb)  # (B, T, D) or (N, D), BertEmbeddings' order of additions
         mask = None if keep is None else keep[:, None, None, :]  # (B, 1, 1, T)
         for layer in self.layers:
             h = layer(h, mask, rows, (B, T))
         if rows is not None:
-            h = h.new_zeros(B * T, h.shape[-1]).index_copy_(0, rows, h).view(B, T, -1)
+            h = scatter_rows(h, rows, B * T).view(B, T, -1)
         return NativeOutput(h)
 
 
